@@ -1,0 +1,94 @@
+"""spec/ctformat.md as data: dtype codes, tensor names, limits and the rule catalogue.
+
+Nothing else lives here; every constant is defined in the written spec.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "DTYPE_SIZES", "FLOAT_DTYPES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
+    "MIXED_PRECISION", "PARAM_SUFFIXES", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME",
+    "SINGLE_NAME", "RULES", "DENSE", "PADDED", "DENSE_LAYOUT_SINCE", "ZP_PACKED_SINCE",
+    "EMBEDDING_NAMES", "FUSED_SIBLINGS",
+]
+
+# safetensors dtype code -> bytes per element (spec §1.2).
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+HEADER_SIZE_CAP = 100_000_000          # bytes; the cap the safetensors library enforces
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+QUANT_METHOD = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+MIXED_PRECISION = "mixed-precision"
+
+# The two word layouts of pack-quantized (spec §3.3). They agree for 1, 2, 4 and 8 bits.
+DENSE = "dense"        # ceil(n*b/32) words, values may straddle words (CT >= 0.18)
+PADDED = "padded"      # 32//b values per word, top bits unused (CT 0.5 .. 0.17)
+DENSE_LAYOUT_SINCE = (0, 18)
+ZP_PACKED_SINCE = (0, 9, 4)
+
+# Tensors of one quantized Linear, by suffix (spec §2.1).
+QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+PARAM_SUFFIXES = QUANT_PARAMS + ("weight", "bias", "input_global_scale")
+
+# Module names that hold a 2-D `weight` but are embeddings, not Linear (spec §4.3).
+EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "wte", "wpe", "word_embeddings",
+                             "position_embeddings", "tok_embeddings", "embeddings"})
+
+# Sibling projections that inference engines fuse into one matrix (spec §4.4).
+FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+)
+
+# Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the
+# prose; tests check that the two list the same IDs and that each has a fixtures/bad/ case.
+RULES: dict[str, tuple[str, str]] = {
+    "FILE-01": ("error", "MODEL is a folder with config.json and safetensors weights, or one .safetensors file"),
+    "FILE-02": ("error", "weights are safetensors; pickle files are never read"),
+    "FILE-03": ("error", "the index is a JSON object whose weight_map maps tensor names to shard file names"),
+    "FILE-04": ("error", "every shard name in the index is a plain relative path inside the model folder"),
+    "FILE-05": ("error", "every shard the index names exists"),
+    "FILE-06": ("error", "the index and the shard headers list the same tensors, each in exactly one shard"),
+    "HDR-01": ("error", "the header length is at least 2, at most the cap, and fits in the file"),
+    "HDR-02": ("error", "the header is a UTF-8 JSON object"),
+    "HDR-03": ("error", "each header entry has a known dtype, a shape of non-negative ints and two data offsets"),
+    "HDR-04": ("error", "each tensor's byte length equals dtype size times the product of its shape"),
+    "HDR-05": ("error", "tensor byte ranges tile the data buffer from 0 without holes or overlaps"),
+    "HDR-06": ("error", "the data buffer ends exactly at the end of the file"),
+    "CFG-01": ("error", "config.json is a UTF-8 JSON object"),
+    "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors"),
+    "CFG-03": ("error", "the format is pack-quantized, or mixed-precision with pack-quantized groups"),
+    "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
+    "CFG-05": ("error", "weights.type is int and num_bits is an integer in 1..8"),
+    "CFG-06": ("error", "strategy and group_size agree"),
+    "CFG-07": ("error", "actorder is null, false, weight, static or group"),
+    "CFG-08": ("warning", "keys not in the schema are kept and reported"),
+    "CFG-09": ("error", "targets and ignore are lists of strings; re: patterns compile"),
+    "TEN-01": ("error", "a quantized module has weight_packed, weight_scale and weight_shape, plus the zero point and g_idx its scheme needs"),
+    "TEN-02": ("error", "a quantized module has no tensors its scheme does not need"),
+    "TEN-03": ("error", "weight_shape is I64 or I32 of shape [2], or [3] for stacked experts"),
+    "TEN-04": ("error", "weight_packed is I32 with ceil(in*bits/32) words per row (or the padded count)"),
+    "TEN-05": ("error", "weight_scale is a float tensor shaped for the strategy"),
+    "TEN-06": ("error", "weight_zero_point is I32 packed along dim 0, or I8 [out, groups] before CT 0.9.4"),
+    "TEN-07": ("error", "weight_g_idx is I32 with one entry per input column"),
+    "TEN-08": ("error", "group_size divides in_features"),
+    "TEN-09": ("error", "a module matched by ignore carries no quantized tensors"),
+    "TEN-10": ("error", "quantized tensors belong to a module some config group targets"),
+    "TEN-11": ("error", "a module a config group targets is stored quantized, not dense"),
+    "TEN-12": ("warning", "fused siblings (q/k/v, gate/up, w1/w3) share one scheme"),
+    "DATA-01": ("error", "scales are finite and greater than zero"),
+    "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
+    "DATA-03": ("error", "g_idx entries lie in [0, groups)"),
+    "DATA-04": ("error", "padding bits of weight_packed and weight_zero_point are zero"),
+    "DATA-05": ("error", "weight_shape holds the shape the other tensors imply"),
+}
