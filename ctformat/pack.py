@@ -77,9 +77,8 @@ def _check_bits(num_bits: int) -> None:
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    # contiguous() leaves odd strides on size-1 dims, which byte views refuse
-    t = t.contiguous()
-    return t.flatten().view(t.shape) if t.ndim and t.stride(-1) != 1 else t
+    # contiguous() may leave odd strides on size-1 dims, which byte views refuse
+    return t.contiguous().flatten().view(t.shape)
 
 
 def _pad_last(t: torch.Tensor, multiple: int, value: int = 0) -> torch.Tensor:

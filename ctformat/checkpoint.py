@@ -1,0 +1,411 @@
+"""Checkpoint folders: read headers, group tensors into modules, load one tensor at a time;
+write sharded checkpoints atomically (spec §1, §4).
+
+Opening a checkpoint reads config.json, the index and each shard's header, nothing more.
+torch is imported only when tensor data is loaded or written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from .errors import CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError, WriterError
+from .header import TensorInfo, read_header, read_index
+from .scheme import QuantGroup, QuantizationConfig, QuantScheme
+from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, PADDED, PICKLE_SUFFIXES, SINGLE_NAME)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Module", "Checkpoint", "open_checkpoint", "CheckpointWriter", "save_checkpoint",
+           "torch_dtype", "dtype_code"]
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """Tensors that share a prefix (`model.layers.0.mlp.down_proj`), keyed by suffix."""
+
+    prefix: str
+    tensors: Mapping[str, TensorInfo]
+    group: QuantGroup | None = None      # the config group that targets it
+    ignored: bool = False                # matched by `ignore`
+
+    @property
+    def quantized(self) -> bool:
+        return "weight_packed" in self.tensors
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        return None if self.group is None else self.group.weights
+
+    @property
+    def linear(self) -> bool:
+        """Looks like a Linear layer by tensor names alone (spec §4.3)."""
+        if self.quantized:
+            return True
+        w = self.tensors.get("weight")
+        last = self.prefix.rsplit(".", 1)[-1]
+        return (w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES
+                and not last.endswith("norm"))
+
+
+class Checkpoint:
+    """A checkpoint opened by its headers. Use open_checkpoint()."""
+
+    def __init__(self, root: Path, shards: list[str], config: dict[str, Any] | None,
+                 quant: QuantizationConfig | None, tensors: dict[str, TensorInfo],
+                 problems: list[SpecError], index: dict[str, str] | None) -> None:
+        self.root, self.shards, self.config, self.quant = root, shards, config, quant
+        self.tensors, self.problems, self.index = tensors, problems, index
+        self._modules: dict[str, Module] | None = None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.root)!r}, {len(self.shards)} shards, {len(self.tensors)} tensors)"
+
+    def modules(self) -> dict[str, Module]:
+        """Every module, by prefix, with the config group that targets it."""
+        if self._modules is None:
+            by_prefix: dict[str, dict[str, TensorInfo]] = {}
+            for name, info in self.tensors.items():
+                prefix, _, suffix = name.rpartition(".")
+                by_prefix.setdefault(prefix, {})[suffix] = info
+            self._modules = {p: self._module(p, t) for p, t in by_prefix.items()}
+        return self._modules
+
+    def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
+        m = Module(prefix, tensors)
+        if self.quant is None:
+            return m
+        return Module(prefix, tensors, self.quant.group_for(prefix, linear=m.linear), self.quant.is_ignored(prefix))
+
+    def layout(self, module: Module, in_features: int) -> str:
+        """Word layout of a module's values: the packed width decides, else the version (spec §3.3)."""
+        from .pack import packed_width
+        bits = module.scheme.num_bits
+        if 8 % bits == 0:
+            return DENSE                      # both layouts are the same bits
+        width = module.tensors["weight_packed"].shape[-1]
+        dense, padded = packed_width(in_features, bits, DENSE), packed_width(in_features, bits, PADDED)
+        if width == dense != padded:
+            return DENSE
+        if width == padded != dense:
+            return PADDED
+        return self.quant.layout() if self.quant is not None else DENSE
+
+    # -- data ------------------------------------------------------------------------
+    def load(self, name: str, device: str | None = None) -> torch.Tensor:
+        """One tensor, read from its shard into fresh memory (nothing else is touched)."""
+        import torch
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        buf = out.reshape(-1).view(torch.uint8).numpy() if info.nbytes else None
+        if buf is not None:
+            with open(self.root / info.file, "rb") as fh:
+                fh.seek(info.start)
+                got = fh.readinto(buf)
+            if got != info.nbytes:
+                raise HeaderError(f"file is truncated: read {got} of {info.nbytes} bytes", rule="HDR-06",
+                                  file=info.file, where=name)
+        return out if device is None else out.to(device)
+
+    def load_module(self, module: Module, device: str | None = None) -> dict[str, torch.Tensor]:
+        return {suffix: self.load(info.name, device) for suffix, info in module.tensors.items()}
+
+    def dequantize(self, module: Module, *, dtype: torch.dtype | None = None,
+                   device: str | None = None) -> torch.Tensor:
+        """The dense weight of one quantized module, checked against its scheme first."""
+        from .quant import decompress
+        from .validate import check_module
+        if module.scheme is None:
+            raise ConfigError("no config group targets this module", rule="TEN-10", where=module.prefix)
+        for issue in check_module(self, module):
+            if issue.severity == "error":
+                raise issue.as_error()
+        tensors = self.load_module(module, device)
+        shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+        return decompress(tensors, module.scheme, layout=self.layout(module, shape[-1]), dtype=dtype)
+
+
+def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoint:
+    """Open a model folder or one .safetensors file by reading headers only.
+
+    With strict=False, rule violations in the index and shard headers are collected in
+    `.problems` (for validate) instead of raised; an unreadable shard is then skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or folder [FILE-01]")
+    root = path if path.is_dir() else path.parent
+    problems: list[SpecError] = []
+
+    def fail(err: SpecError) -> None:
+        if strict:
+            raise err
+        problems.append(err)
+
+    config = None
+    if (root / "config.json").is_file():
+        try:
+            config = _read_config(root / "config.json")
+        except ConfigError as err:
+            fail(err)
+    quant = None
+    if config is not None and config.get("quantization_config") is not None:
+        try:
+            quant = QuantizationConfig.from_json(config["quantization_config"])
+        except ConfigError as err:
+            err.file = "config.json"
+            fail(err)
+    shards, index = _find_shards(path, root)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        if not (root / shard).is_file():
+            fail(HeaderError("shard named by the index does not exist", rule="FILE-05", file=shard))
+            continue
+        try:
+            found, _ = read_header(root / shard, shard)
+        except HeaderError as err:
+            fail(err)
+            continue
+        for name, info in found.items():
+            if name in tensors:
+                fail(HeaderError(f"tensor also stored in {tensors[name].file}", rule="FILE-06", file=shard, where=name))
+            elif index is not None and index.get(name) != shard:
+                where = "not in the index" if name not in index else f"the index places it in {index[name]}"
+                fail(HeaderError(f"tensor in this shard but {where}", rule="FILE-06", file=shard, where=name))
+            else:
+                tensors[name] = info
+    for name, shard in (index or {}).items():
+        if name not in tensors and (root / shard).is_file() and not any(p.file == shard and p.rule.startswith("HDR") for p in problems):
+            fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
+                             file=INDEX_NAME, where=name))
+    return Checkpoint(root, shards, config, quant, tensors, problems, index)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"not UTF-8 JSON: {err}", rule="CFG-01", file="config.json") from None
+    if not isinstance(obj, dict):
+        raise ConfigError("not a JSON object", rule="CFG-01", file="config.json")
+    return obj
+
+
+def _find_shards(path: Path, root: Path) -> tuple[list[str], dict[str, str] | None]:
+    if path.is_file():
+        if path.name.endswith(".safetensors"):
+            return [path.name], None
+        rule = "FILE-02" if path.name.endswith(PICKLE_SUFFIXES) else "FILE-01"
+        raise HeaderError("not a .safetensors file" + (" (pickle files are never read)" if rule == "FILE-02" else ""),
+                          rule=rule, file=path.name)
+    if (root / INDEX_NAME).is_file():
+        index = read_index(root / INDEX_NAME, INDEX_NAME)
+        return sorted(set(index.values())), index
+    if (root / SINGLE_NAME).is_file():
+        return [SINGLE_NAME], None
+    found = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file())
+    if found:
+        return found, None
+    if any(p.name.endswith(PICKLE_SUFFIXES) for p in root.iterdir()):
+        raise HeaderError("only pickle weights found; ctformat never unpickles (convert them to safetensors "
+                          "with a trusted tool first)", rule="FILE-02", file=str(path))
+    raise CheckpointNotFoundError(f"{path}: no safetensors weights in this folder [FILE-01]")
+
+
+# -- dtypes ------------------------------------------------------------------------------
+_TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+                "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64",
+                "U64": "uint64", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F8_E8M0": "float8_e8m0fnu"}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+    return getattr(torch, _TORCH_NAMES[code])
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    for code, tname in _TORCH_NAMES.items():
+        if tname == name:
+            return code
+    raise ValueError(f"no safetensors dtype for {dtype}")
+
+
+# -- writing -----------------------------------------------------------------------------
+class WriterState(Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class CheckpointWriter:
+    """Write tensors, in the order of a plan given up front, into size-limited shards.
+
+    Knowing every (name, dtype, shape) first lets each shard's header be written before its
+    data, so tensors stream straight to disk and memory holds one tensor at a time. All
+    files go to a temporary folder beside `out`, renamed to `out` by close(); an exception
+    inside the `with` block removes the temporary folder, so a failed run leaves nothing.
+    """
+
+    def __init__(self, out: str | os.PathLike, plan: Iterable[tuple[str, str, tuple[int, ...]]], *,
+                 max_shard_size: int = 5_000_000_000, force: bool = False,
+                 source: str | os.PathLike | None = None) -> None:
+        self.out = Path(out)
+        self.source = None if source is None else Path(source)
+        _check_output(self.out, self.source, force)
+        self.force = force
+        self.plan = [(n, d, tuple(s)) for n, d, s in plan]
+        self.shards = _assign_shards(self.plan, max_shard_size)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=False)
+        self.state = WriterState.OPEN
+        self._next = 0
+        self._fh = None
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.state is WriterState.OPEN:
+            self.abort()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.state is not WriterState.OPEN:
+            raise WriterError(f"write({name!r}) on a writer in state {self.state.value}")
+        if self._next >= len(self.plan):
+            raise WriterError(f"write({name!r}) after the last planned tensor")
+        want = self.plan[self._next]
+        got = (name, dtype_code(tensor.dtype), tuple(tensor.shape))
+        if got != want:
+            raise WriterError(f"expected {want[0]} {want[1]} {list(want[2])}, got {got[0]} {got[1]} {list(got[2])}")
+        shard = self.shards[self._next]
+        if self._fh is None or self._fh_shard != shard:
+            self._open_shard(shard)
+        if tensor.numel():
+            self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(_uint8()).numpy().data)
+        self._next += 1
+
+    def close(self, config: Mapping[str, Any] | None = None) -> Path:
+        """Write config.json and the index, copy the source's other files, publish `out`."""
+        if self.state is not WriterState.OPEN:
+            raise WriterError(f"close() on a writer in state {self.state.value}")
+        if self._next != len(self.plan):
+            raise WriterError(f"close() after {self._next} of {len(self.plan)} planned tensors")
+        self._close_shard()
+        names = self._shard_names()
+        if len(names) > 1:
+            index = {"metadata": {"total_size": sum(DTYPE_SIZES[d] * _numel(s) for _, d, s in self.plan)},
+                     "weight_map": {n: names[k] for (n, _, _), k in zip(self.plan, self.shards)}}
+            (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self.source is not None:
+            _copy_other_files(self.source, self.tmp)
+        if config is not None:
+            (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _publish(self.tmp, self.out, self.force)
+        self.state = WriterState.CLOSED
+        return self.out
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.state = WriterState.FAILED
+
+    # -- shards --
+    def _shard_names(self) -> list[str]:
+        n = (self.shards[-1] + 1) if self.shards else 1
+        return [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    def _open_shard(self, shard: int) -> None:
+        self._close_shard()
+        header, pos = {"__metadata__": {"format": "pt"}}, 0
+        for (n, d, s), k in zip(self.plan, self.shards):
+            if k == shard:
+                size = DTYPE_SIZES[d] * _numel(s)
+                header[n] = {"dtype": d, "shape": list(s), "data_offsets": [pos, pos + size]}
+                pos += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)                  # data starts 8-byte aligned
+        self._fh = open(self.tmp / self._shard_names()[shard], "wb")
+        self._fh_shard = shard
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+
+    def _close_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _uint8():
+    import torch
+    return torch.uint8
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _assign_shards(plan: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[int]:
+    out, shard, used = [], 0, 0
+    for _, d, s in plan:
+        size = DTYPE_SIZES[d] * _numel(s)
+        if used and used + size > max_bytes:
+            shard, used = shard + 1, 0
+        out.append(shard)
+        used += size
+    return out
+
+
+def _check_output(out: Path, source: Path | None, force: bool) -> None:
+    if out.is_symlink():
+        raise OutputExistsError(f"{out}: is a symbolic link; ctformat never writes through links")
+    if source is not None:
+        src = source.resolve()
+        if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
+            raise OutputExistsError(f"{out}: overlaps the input {source}; the input is never touched")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists (use --force to replace it)")
+    if not out.parent.is_dir():
+        raise CheckpointNotFoundError(f"{out.parent}: output folder's parent does not exist")
+
+
+def _copy_other_files(source: Path, dest: Path) -> None:
+    """Tokenizer, generation config, README...: every top-level file that is not weights."""
+    for p in sorted(source.iterdir()):
+        if (p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", INDEX_NAME)
+                and not p.name.endswith((".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES)):
+            shutil.copyfile(p, dest / p.name)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{out}: appeared while writing; output left in {tmp}")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    else:
+        os.rename(tmp, out)
+
+
+def save_checkpoint(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                    config: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
+    """Write a dict of tensors as a (sharded) checkpoint; kwargs go to CheckpointWriter."""
+    plan = [(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+    with CheckpointWriter(out, plan, **kwargs) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+        return w.close(config)

@@ -1,0 +1,151 @@
+"""Scales, zero points and g_idx: quantize and dequantize bit-exactly as compressed-tensors
+does (spec §5), plus compress/decompress of one module's pack-quantized tensor set.
+
+All arithmetic happens in torch with the dtypes compressed-tensors uses (the weight dtype
+for quantize, the scale dtype for dequantize), so results match it bit for bit on any
+device torch runs on.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .errors import TensorError, UnsupportedError
+from .pack import pack_to_int32, unpack_from_int32
+from .scheme import QuantScheme, Strategy
+from .spec import DENSE
+
+__all__ = ["calculate_qparams", "quantize", "dequantize", "compress", "decompress", "int_range"]
+
+_DTYPES = {"torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32,
+           "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """Signed range of num_bits: int4 -> (-8, 7)."""
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+
+
+def _check_supported(scheme: QuantScheme) -> None:
+    if scheme.strategy not in (Strategy.GROUP, Strategy.CHANNEL, Strategy.TENSOR):
+        raise UnsupportedError(f"strategy {scheme.strategy.value!r} is not supported for pack-quantized weights")
+    if scheme.scale_dtype is not None and scheme.scale_dtype not in _DTYPES:
+        raise UnsupportedError(f"scale_dtype {scheme.scale_dtype!r} is not supported")
+
+
+def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """[..., in] -> [..., groups, group_size] for group strategy; unchanged otherwise."""
+    if scheme.strategy is not Strategy.GROUP:
+        return x
+    if x.shape[-1] % scheme.group_size:
+        raise ValueError(f"in_features {x.shape[-1]} is not a multiple of group_size {scheme.group_size}")
+    return x.unflatten(-1, (-1, scheme.group_size))
+
+
+def _per_column(p: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Scale/zero point [..., groups] -> [..., in]: column j uses group g_idx[j]."""
+    return p.index_select(-1, g_idx.to(device=p.device, dtype=torch.long))
+
+
+def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale and zero point as compressed-tensors computes them, in the weight dtype."""
+    _check_supported(scheme)
+    if scheme.strategy is Strategy.TENSOR:
+        lo, hi = weight.amin().reshape(1), weight.amax().reshape(1)
+    else:
+        x = _grouped(weight, scheme)
+        keep = scheme.strategy is Strategy.CHANNEL
+        lo, hi = x.amin(-1, keepdim=keep), x.amax(-1, keepdim=keep)
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)   # 0 must be representable
+    qmin, qmax = (torch.tensor(float(v), device=weight.device) for v in int_range(scheme.num_bits))
+    bit_range = (qmax - qmin).to(lo.dtype)
+    if scheme.symmetric:
+        scale = torch.max(lo.abs(), hi.abs()) / (bit_range / 2)
+        zero_point = None
+    else:
+        scale = (hi - lo) / bit_range
+        zero_point = torch.clamp(qmin - lo / scale, qmin, qmax)
+    if scheme.scale_dtype is not None:
+        scale = scale.to(_DTYPES[scheme.scale_dtype])
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
+                                                 device=scale.device), scale)
+    if zero_point is not None:
+        zero_point = torch.round(torch.clamp(zero_point, -128, 127)).to(torch.int8)
+    return scale, zero_point
+
+
+def quantize(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor | None = None,
+             zero_point: torch.Tensor | None = None, g_idx: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """weight -> (int8 values, scale, zero point), round half to even in the weight dtype."""
+    _check_supported(scheme)
+    if scale is None:
+        scale, zero_point = calculate_qparams(weight, scheme)
+    qmin, qmax = (torch.tensor(float(v), device=weight.device) for v in int_range(scheme.num_bits))
+    if g_idx is not None:
+        x, s, z = weight, _per_column(scale, g_idx), None if zero_point is None else _per_column(zero_point, g_idx)
+    else:
+        x = _grouped(weight, scheme)
+        s = scale.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else scale
+        z = None if zero_point is None else (zero_point.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else zero_point)
+    scaled = x / s
+    if z is not None:
+        scaled += z.to(x.dtype)
+    q = torch.round(torch.clamp(scaled, qmin, qmax)).to(torch.int8)
+    return q.reshape(weight.shape), scale, zero_point
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+               g_idx: torch.Tensor | None = None, *, scheme: QuantScheme,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(q - zero_point) * scale, computed in the scale dtype, then cast to `dtype`."""
+    _check_supported(scheme)
+    if g_idx is not None:
+        x, s, z = q, _per_column(scale, g_idx), None if zero_point is None else _per_column(zero_point, g_idx)
+    else:
+        x = _grouped(q, scheme)
+        s = scale.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else scale
+        z = None if zero_point is None else (zero_point.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else zero_point)
+    w = x.to(s.dtype)
+    if z is not None:
+        w -= z.to(s.dtype)
+    w *= s
+    w = w.reshape(q.shape)
+    return w if dtype is None or dtype == w.dtype else w.to(dtype)
+
+
+def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor | None = None,
+             zero_point: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+             layout: str = DENSE, packed_zero_point: bool = True) -> dict[str, torch.Tensor]:
+    """One module's pack-quantized tensors, keyed by local name (weight_packed, ...).
+
+    `packed_zero_point=False` writes the pre-0.9.4 form (I8 [out, groups]); `layout` picks
+    the word layout of 3/5/6/7-bit values (spec §3.3).
+    """
+    q, scale, zero_point = quantize(weight, scheme, scale, zero_point, g_idx)
+    out = {"weight_packed": pack_to_int32(q, scheme.num_bits, layout=layout),
+           "weight_scale": scale,
+           "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+    if not scheme.symmetric:
+        if packed_zero_point and scheme.strategy in (Strategy.GROUP, Strategy.CHANNEL):
+            out["weight_zero_point"] = pack_to_int32(zero_point, scheme.num_bits, packed_dim=0, layout=layout)
+        else:
+            out["weight_zero_point"] = zero_point.to(torch.int8)
+    if g_idx is not None:
+        out["weight_g_idx"] = g_idx.to(torch.int32)
+    return out
+
+
+def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight of one module from its pack-quantized tensors (local names)."""
+    packed, scale = tensors["weight_packed"], tensors["weight_scale"]
+    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+    q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
+    zp = tensors.get("weight_zero_point")
+    if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
+        zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
+    elif zp is not None and zp.dtype != torch.int8:
+        raise TensorError(f"weight_zero_point dtype {zp.dtype} is neither int32 nor int8", rule="TEN-06")
+    return dequantize(q, scale, zp, tensors.get("weight_g_idx"), scheme=scheme, dtype=dtype)
