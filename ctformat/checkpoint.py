@@ -216,7 +216,7 @@ def _find_shards(path: Path, root: Path) -> tuple[list[str], dict[str, str] | No
     if any(p.name.endswith(PICKLE_SUFFIXES) for p in root.iterdir()):
         raise HeaderError("only pickle weights found; ctformat never unpickles (convert them to safetensors "
                           "with a trusted tool first)", rule="FILE-02", file=str(path))
-    raise CheckpointNotFoundError(f"{path}: no safetensors weights in this folder [FILE-01]")
+    raise HeaderError("no config.json with safetensors weights in this folder", rule="FILE-01", file=str(path))
 
 
 # -- dtypes ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import ConfigError, HeaderError, SpecError, TensorError
+from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError, TensorError
 from .scheme import Strategy
 from .spec import DENSE, FLOAT_DTYPES, FUSED_SIBLINGS, RULES
 
@@ -75,16 +75,21 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False,
         ckpt = open_checkpoint(path, strict=False)
     except SpecError as err:
         return Report(str(path), (Issue.from_error(err),), deep=deep)
+    except CheckpointNotFoundError as err:
+        return Report(str(path), (Issue("FILE-01", "error", None, None, str(err).removesuffix(" [FILE-01]")),), deep=deep)
     issues = [Issue.from_error(p) for p in ckpt.problems]
-    issues += _config_warnings(ckpt)
     modules = ckpt.modules()
     quantized = [m for m in modules.values() if m.quantized]
+    if any(i.rule.startswith("CFG") for i in issues):
+        return Report(str(path), tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
+    issues += _config_warnings(ckpt)
     for m in modules.values():
         issues += check_module(ckpt, m)
     issues += _sibling_issues(ckpt)
     if deep:
-        bad = {i.where for i in issues if i.severity == "error"}
-        todo = [m for m in quantized if m.scheme is not None and m.prefix not in bad]
+        bad = {i.where for i in issues if i.severity == "error" and i.where}
+        todo = [m for m in quantized if m.scheme is not None
+                and not any(w == m.prefix or w.startswith(m.prefix + ".") for w in bad)]
         for k, m in enumerate(todo):
             issues += check_module_data(ckpt, m)
             if progress:
@@ -213,6 +218,8 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
             if leaf != fam[0]:
                 continue
             sibs = [mods.get(f"{parent}.{x}") for x in fam]
+            if any(x is not None and x.quantized and x.scheme is None for x in sibs):
+                continue                      # already TEN-10
             kinds = {(x.quantized, x.scheme if x.quantized else None) for x in sibs if x is not None}
             if len(kinds) > 1:
                 desc = ", ".join(f"{x.prefix.rpartition('.')[2]}={'int%d' % x.scheme.num_bits if x.quantized and x.scheme else 'dense'}"

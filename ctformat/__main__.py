@@ -1,0 +1,3 @@
+from ctformat_cli.main import main
+
+main()
