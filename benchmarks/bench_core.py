@@ -124,10 +124,13 @@ def _check(name: str, ok: bool) -> None:
 # ---------------------------------------------------------------------------- workloads
 
 def _row(results: list, op: str, bits, what: str, ours: list[float], theirs: list[float] | None,
-         weights: int = N, target_key=None) -> dict:
+         weights: int = N, target_key=None, nbytes: int | None = None) -> dict:
     o = _stats(ours)
     row = {"op": op, "bits": bits, "what": what, "ctformat": o,
            "ctformat_mweights_s": weights / (o["median_ms"] * 1e3)}
+    if nbytes is not None:   # a copy: bytes read + bytes written per second
+        row["copy_gb_s"] = 2 * nbytes / (o["median_ms"] * 1e-3) / 1e9
+        row["what"] = f"{what}, {row['copy_gb_s']:.1f} GB/s read+write"
     if theirs is not None:
         t = _stats(theirs)
         row["ct"] = t
@@ -161,7 +164,7 @@ def bench_bits(bits: int, reps: int, results: list) -> None:
     _row(results, "unpack", bits, f"unpack_from_int32 int{bits}", ours, theirs)
     # bandwidth limit: read + write of the packed tensor
     _row(results, "clone", bits, f"torch clone of packed int32 ({packed.numel() * 4 / 2**20:.0f} MiB)",
-         bench_one(packed.clone, reps), None)
+         bench_one(packed.clone, reps), None, nbytes=packed.numel() * 4)
 
 
 def _schemes(label_bits, sym, strat, gs):
@@ -209,7 +212,7 @@ def bench_layer(label: str, bits: int, sym: bool, strat: str, gs, reps: int, res
     _row(results, "compress", bits, f"{label}: quantize + pack, bf16 in", ours, theirs)
     if not clone_done:
         _row(results, "clone", "bf16", f"torch clone of bf16 weight ({w_ours.numel() * 2 / 2**20:.0f} MiB)",
-             bench_one(w_ours.clone, reps), None)
+             bench_one(w_ours.clone, reps), None, nbytes=w_ours.numel() * 2)
         clone_done.append(True)
 
 
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
                     help="comma-separated bit widths for pack/unpack; layer schemes whose bits are "
                          "not listed are skipped (default 4,8,3)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the inputs (default 0)")
     args = ap.parse_args(argv)
     bits_list = [int(b) for b in args.bits.split(",") if b.strip()]
     if args.reps < 1:

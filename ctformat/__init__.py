@@ -16,7 +16,7 @@ from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Strategy
 __version__ = "0.1.0"
 
 _LAZY = {
-    "pack_to_int32": "pack", "unpack_from_int32": "pack", "packed_width": "pack",
+    "pack_to_int32": "pack", "unpack_from_int32": "pack", "packed_width": "scheme",
     "quantize": "quant", "dequantize": "quant", "calculate_qparams": "quant", "compress": "quant",
     "decompress": "quant",
     "open_checkpoint": "checkpoint", "Checkpoint": "checkpoint", "Module": "checkpoint",

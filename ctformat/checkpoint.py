@@ -86,7 +86,7 @@ class Checkpoint:
 
     def layout(self, module: Module, in_features: int) -> str:
         """Word layout of a module's values: the packed width decides, else the version (spec §3.3)."""
-        from .pack import packed_width
+        from .scheme import packed_width
         bits = module.scheme.num_bits
         if 8 % bits == 0:
             return DENSE                      # both layouts are the same bits

@@ -10,23 +10,13 @@ import sys
 
 import torch
 
+from .scheme import packed_width
 from .spec import DENSE, PADDED
 
 __all__ = ["packed_width", "pack_to_int32", "unpack_from_int32"]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian torch build in sight
     raise ImportError("ctformat.pack assumes a little-endian host")
-
-
-def packed_width(n: int, num_bits: int, layout: str = DENSE) -> int:
-    """int32 words that hold n values of num_bits bits in the given layout."""
-    _check_bits(num_bits)
-    if layout == PADDED:
-        per_word = 32 // num_bits
-        return -(-n // per_word)
-    if layout != DENSE:
-        raise ValueError(f"layout must be {DENSE!r} or {PADDED!r}, got {layout!r}")
-    return -(-n * num_bits // 32)
 
 
 def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
@@ -72,8 +62,7 @@ def unpack_from_int32(value: torch.Tensor, num_bits: int, shape, packed_dim: int
 
 
 def _check_bits(num_bits: int) -> None:
-    if not isinstance(num_bits, int) or not 1 <= num_bits <= 8:
-        raise ValueError(f"num_bits must be an integer in 1..8, got {num_bits!r}")
+    packed_width(0, num_bits)
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:

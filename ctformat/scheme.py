@@ -14,7 +14,18 @@ from .errors import ConfigError
 from .spec import (DENSE, DENSE_LAYOUT_SINCE, EMBEDDING_NAMES, MIXED_PRECISION, PACK_QUANTIZED,
                    PADDED, QUANT_METHOD, ZP_PACKED_SINCE)
 
-__all__ = ["Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig", "PRESETS", "parse_version"]
+__all__ = ["packed_width", "Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig", "PRESETS", "parse_version"]
+
+
+def packed_width(n: int, num_bits: int, layout: str = DENSE) -> int:
+    """int32 words that hold n values of num_bits bits in the given layout (spec §3.3)."""
+    if not isinstance(num_bits, int) or isinstance(num_bits, bool) or not 1 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be an integer in 1..8, got {num_bits!r}")
+    if layout == PADDED:
+        return -(-n // (32 // num_bits))
+    if layout != DENSE:
+        raise ValueError(f"layout must be {DENSE!r} or {PADDED!r}, got {layout!r}")
+    return -(-n * num_bits // 32)
 
 
 class Strategy(str, Enum):

@@ -131,7 +131,7 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
 
 
 def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
-    from .pack import packed_width
+    from .scheme import packed_width
     s, t = m.scheme, m.tensors
     need = {"weight_packed", "weight_scale", "weight_shape"}
     need |= {"weight_zero_point"} if not s.symmetric else set()
@@ -190,7 +190,7 @@ def _width_issue(m: Module, width: int, groups: int, in_features: int) -> Issue:
 
 
 def _zero_point_issues(ckpt: Checkpoint, m: Module, lead, out: int, groups: int, in_features) -> Iterator[Issue]:
-    from .pack import packed_width
+    from .scheme import packed_width
     zp, s = m.tensors["weight_zero_point"], m.scheme
     if s.strategy is Strategy.TENSOR:
         want = {("I8", (*lead, 1))}
@@ -231,7 +231,7 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
 def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     import torch
-    from .pack import packed_width
+    from .scheme import packed_width
     from .quant import int_range
     s = m.scheme
     t = ckpt.load_module(m)

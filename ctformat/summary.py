@@ -1,0 +1,127 @@
+"""What a checkpoint holds, from its headers and config alone: the data behind `inspect`."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .checkpoint import Checkpoint, Module
+from .scheme import Strategy
+from .spec import DTYPE_SIZES
+
+__all__ = ["Summary", "summarize", "fold_names"]
+
+_ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
+          "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other"}
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    data: dict[str, Any]          # the --json document (schema ctformat.inspect/1)
+
+
+def fold_names(names: Iterable[str]) -> list[str]:
+    """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
+    groups: dict[tuple[str, ...], list[list[int]]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = tuple("#" if p.isdigit() else p for p in parts)
+        nums = [int(p) for p in parts if p.isdigit()]
+        groups.setdefault(key, []).append(nums)
+    out = []
+    for key, rows in groups.items():
+        cols = [sorted({r[i] for r in rows}) for i in range(len(rows[0]))]
+        it = iter(cols)
+        out.append(".".join(_span(next(it)) if p == "#" else p for p in key))
+    return sorted(out, key=_natural)
+
+
+def _span(values: list[int]) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{{{values[0]}..{values[-1]}}}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _in_features(m: Module) -> int:
+    """Exact for group strategy; the packed upper bound otherwise (no data is read)."""
+    s, packed = m.scheme, m.tensors["weight_packed"]
+    if s is not None and s.strategy is Strategy.GROUP and len(m.tensors["weight_scale"].shape) >= 2:
+        return m.tensors["weight_scale"].shape[-1] * s.group_size
+    bits = s.num_bits if s is not None else 4
+    return packed.shape[-1] * 32 // bits
+
+
+def summarize(ckpt: Checkpoint) -> Summary:
+    cfg, q = ckpt.config or {}, ckpt.quant
+    mods = ckpt.modules()
+    by_role, by_dtype = defaultdict(int), defaultdict(int)
+    for t in ckpt.tensors.values():
+        suffix = t.name.rpartition(".")[2]
+        by_role[_ROLES.get(suffix, "other") if suffix in _ROLES else "other"] += t.nbytes
+        by_dtype[t.dtype] += t.nbytes
+    quantized = [m for m in mods.values() if m.quantized]
+    q_params = sum(_numel(m.tensors["weight_packed"].shape[:-1]) * _in_features(m) for m in quantized)
+    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
+    other_params = sum(t.numel for t in ckpt.tensors.values()
+                       if t.name.rpartition(".")[2] not in _ROLES or t.name.endswith(".weight"))
+    groups = []
+    for g in (q.groups if q else ()):
+        members = [m.prefix for m in quantized if m.group is g]
+        w = g.weights
+        groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
+                       "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
+                       "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
+                       "actorder": w.actorder if w else None, "modules": len(members),
+                       "modules_folded": fold_names(members)})
+    ignored = [m.prefix for m in mods.values() if m.ignored]
+    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.linear]
+    total = sum(t.nbytes for t in ckpt.tensors.values())
+    shard_sizes = defaultdict(int)
+    for t in ckpt.tensors.values():
+        shard_sizes[t.file] += t.nbytes
+    data = {
+        "schema": "ctformat.inspect/1",
+        "path": str(ckpt.root),
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "model_type": cfg.get("model_type"),
+        "quant_method": "compressed-tensors" if q else None,
+        "format": q.format if q else None,
+        "producer_version": q.version if q else None,
+        "quantization_status": q.quantization_status if q else None,
+        "config_groups": groups,
+        "ignore": list(q.ignore) if q else [],
+        "ignored_modules": fold_names(ignored),
+        "dense_linear_modules": fold_names(dense_linear),
+        "parameters": {"total": q_params + other_params, "quantized": q_params, "dense": other_params},
+        "bytes": {"total": total, "by_role": dict(sorted(by_role.items())), "by_dtype": dict(sorted(by_dtype.items()))},
+        "bits_per_quantized_weight": round(8 * q_bytes / q_params, 3) if q_params else None,
+        "dense_equivalent_bytes": 2 * (q_params + other_params),
+        "load_bytes": total,
+        "shards": [{"file": f, "bytes": shard_sizes.get(f, 0)} for f in ckpt.shards],
+        "tensors": len(ckpt.tensors),
+        "modules_quantized": len(quantized),
+    }
+    return Summary(data)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
+    rx = re.compile(pattern) if pattern else None
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
+            for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name)) if rx is None or rx.search(t.name)]
+
+
+assert set(DTYPE_SIZES)  # table shared with header parsing

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+BAD = FIXTURES / "bad"
+REAL = ROOT.parent / "shared" / "real-checkpoints"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def tree_snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under path with its bytes: to prove something was not touched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

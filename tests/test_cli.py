@@ -1,0 +1,88 @@
+"""The command line: exit codes, messages on stderr, --json documents, no tracebacks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BAD, FIXTURES, ROOT
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctformat", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, **(env or {})), timeout=120)
+
+
+def test_inspect_json_reports_true_parameter_count_and_groups():
+    r = run("inspect", str(FIXTURES / "tiny-mixtral"), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "ctformat.inspect/1"
+    # 2 layers x (4 attention projections + 4 experts x 3 projections) quantized
+    assert doc["modules_quantized"] == 32
+    h, i, kv, e = 64, 96, 32, 4
+    per_layer = h * h * 2 + kv * h * 2 + e * 3 * h * i
+    assert doc["parameters"]["quantized"] == 2 * per_layer      # not the packed word count
+    assert doc["config_groups"][0]["modules_folded"][0] == "model.layers.{0..1}.block_sparse_moe.experts.{0..3}.w1"
+    assert doc["ignored_modules"] == ["lm_head", "model.layers.{0..1}.block_sparse_moe.gate"]
+    assert doc["bits_per_quantized_weight"] == 4.5                # 4 bits + bf16 scale per 32 weights
+    assert len(doc["shards"]) == 2
+
+
+def test_inspect_tensors_filter():
+    r = run("inspect", str(FIXTURES / "int4-g32"), "--json", "--tensors", r"q_proj\.weight_")
+    names = [t["name"] for t in json.loads(r.stdout)["tensor_list"]]
+    assert names == [f"model.layers.0.self_attn.q_proj.weight_{s}" for s in ("packed", "scale", "shape")]
+
+
+def test_inspect_human_output_names_the_scheme():
+    r = run("inspect", str(FIXTURES / "tiny-mixtral"), "--tensors")
+    assert r.returncode == 0
+    assert "MixtralForCausalLM" in r.stdout and "group_0" in r.stdout and "weight_packed" in r.stdout
+
+
+def test_validate_human_output_and_exit_codes():
+    ok = run("validate", str(FIXTURES / "tiny-mixtral"), "--deep")
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = run("validate", str(BAD / "TEN-09"))
+    assert bad.returncode == 1 and "TEN-09" in bad.stdout
+
+
+@pytest.mark.parametrize("rule", ["HDR-01", "HDR-06", "FILE-04", "CFG-01", "FILE-02"])
+def test_inspect_bad_input_one_line_error_no_traceback(rule):
+    r = run("inspect", str(BAD / rule))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.startswith("Error: ") and f"[{rule}]" in r.stderr
+
+
+def test_debug_shows_traceback():
+    r = run("--debug", "inspect", str(BAD / "HDR-01"))
+    assert r.returncode == 1 and "Traceback" in r.stderr and "HeaderError" in r.stderr
+
+
+def test_usage_error_exits_2():
+    assert run("inspect", "--no-such-option", "x").returncode == 2
+    assert run("frobnicate").returncode == 2
+
+
+def test_missing_model_is_a_clear_error():
+    r = run("inspect", "does/not/exist")
+    assert r.returncode == 1 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_documents_exit_codes():
+    r = run("validate", "--help")
+    assert "Exit codes" in r.stdout and "2  usage error" in r.stdout
+
+
+def test_inspect_and_validate_do_not_import_torch():
+    code = ("import sys; from ctformat_cli.main import main\n"
+            "try:\n main(['validate', sys.argv[1], '--json'])\nexcept SystemExit: pass\n"
+            "main(['inspect', sys.argv[1], '--json'])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "tiny-mixtral")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

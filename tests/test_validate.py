@@ -1,0 +1,58 @@
+"""Every rule has a broken fixture that yields exactly that rule, and spec, code and fixtures
+list the same rule IDs."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import BAD, FIXTURES, ROOT, tree_snapshot
+from ctformat.spec import RULES
+from ctformat.validate import validate_checkpoint
+from ctformat_cli.main import main
+
+GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name != "bad")
+
+
+def test_every_rule_has_a_bad_fixture_and_nothing_else():
+    assert sorted(p.name for p in BAD.iterdir()) == sorted(RULES)
+
+
+def test_spec_lists_exactly_the_rules_of_the_code():
+    text = (ROOT / "spec" / "ctformat.md").read_text()
+    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA)-\d\d)`?\s*\|", text, re.M))
+    assert table_ids == set(RULES)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_bad_fixture_yields_exactly_its_rule(rule):
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"))
+    assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
+    assert report.ok == (RULES[rule][0] == "warning")
+    for issue in report.issues:
+        assert issue.message and str(issue).endswith(f"[{rule}]")
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
+    before = tree_snapshot(BAD / rule)
+    args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith("DATA") else [])
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = json.loads(capsys.readouterr().out)
+    assert {i["rule"] for i in out["issues"]} == {rule}
+    assert exc.value.code == (0 if RULES[rule][0] == "warning" else 1)
+    assert tree_snapshot(BAD / rule) == before
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_fixtures_validate_clean_deep(path):
+    report = validate_checkpoint(path, deep=True)
+    assert report.issues == () and report.modules_checked > 0
+
+
+def test_deep_reports_progress_per_module():
+    seen = []
+    validate_checkpoint(FIXTURES / "int4-g32", deep=True, progress=lambda k, n: seen.append((k, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
