@@ -15,7 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError, WriterError
+from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError, TensorError,
+                     WriterError)
 from .header import TensorInfo, read_header, read_index
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme
 from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, PADDED, PICKLE_SUFFIXES, SINGLE_NAME)
@@ -129,6 +130,10 @@ class Checkpoint:
                 raise issue.as_error()
         tensors = self.load_module(module, device)
         shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+        gs = module.scheme.group_size
+        if gs and shape and shape[-1] % gs:
+            raise TensorError(f"in_features {shape[-1]} is not a multiple of group_size {gs}", rule="TEN-08",
+                              file=module.tensors["weight_shape"].file, where=f"{module.prefix}.weight_shape")
         return decompress(tensors, module.scheme, layout=self.layout(module, shape[-1]), dtype=dtype)
 
 
@@ -392,7 +397,7 @@ def _copy_other_files(source: Path, dest: Path) -> None:
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
-            raise OutputExistsError(f"{out}: appeared while writing; output left in {tmp}")
+            raise OutputExistsError(f"{out}: appeared while writing; nothing was written there")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         os.rename(tmp, out)

@@ -66,9 +66,12 @@ def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.
     else:
         scale = (hi - lo) / bit_range
         zero_point = torch.clamp(qmin - lo / scale, qmin, qmax)
-    if scheme.scale_dtype is not None:
-        scale = scale.to(_DTYPES[scheme.scale_dtype])
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
+    eps_dtype = scale.dtype
+    if scheme.scale_dtype is not None:   # rounded through scale_dtype, kept in the weight dtype
+        eps_dtype = _DTYPES[scheme.scale_dtype]
+        info = torch.finfo(eps_dtype)
+        scale = torch.clamp(scale, info.min, info.max).to(eps_dtype).to(scale.dtype)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(eps_dtype).eps, dtype=scale.dtype,
                                                  device=scale.device), scale)
     if zero_point is not None:
         zero_point = torch.round(torch.clamp(zero_point, -128, 127)).to(torch.int8)

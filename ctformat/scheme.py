@@ -44,7 +44,9 @@ _GROUP_KEYS = {"targets", "weights", "input_activations", "output_activations", 
 _TOP_KEYS = {"config_groups", "format", "global_compression_ratio", "ignore", "kv_cache_scheme",
              "quant_method", "quantization_status", "version", "sparsity_config", "transform_config",
              "moe_sparsity_config", "run_compressed", "dequantize", "use_optimized_inference"}
-_ACTORDER = {None: None, False: None, "weight": "weight", "static": "static", "group": "group"}
+# True and "dynamic" are the spellings of "group" older compressed-tensors wrote (g_idx stored)
+_ACTORDER = {None: None, False: None, "weight": "weight", "static": "static", "group": "group", True: "group",
+             "dynamic": "group"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,7 @@ class QuantScheme:
         strategy, group_size = _strategy(obj, where)
         actorder = obj.get("actorder")
         if actorder not in _ACTORDER:
-            raise ConfigError(f"actorder {actorder!r} is not null, false, weight, static or group",
+            raise ConfigError(f"actorder {actorder!r} is not null, false, weight, static, group (or true/dynamic)",
                               rule="CFG-07", where=f"{where}.actorder")
         symmetric = obj.get("symmetric", True)
         if not isinstance(symmetric, bool):

@@ -53,7 +53,7 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
 # Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the
 # prose; tests check that the two list the same IDs and that each has a fixtures/bad/ case.
 RULES: dict[str, tuple[str, str]] = {
-    "FILE-01": ("error", "MODEL is a folder with config.json and safetensors weights, or one .safetensors file"),
+    "FILE-01": ("error", "MODEL is a folder with safetensors weights (and normally config.json), or one .safetensors file"),
     "FILE-02": ("error", "weights are safetensors; pickle files are never read"),
     "FILE-03": ("error", "the index is a JSON object whose weight_map maps tensor names to shard file names"),
     "FILE-04": ("error", "every shard name in the index is a plain relative path inside the model folder"),
@@ -71,7 +71,7 @@ RULES: dict[str, tuple[str, str]] = {
     "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
     "CFG-05": ("error", "weights.type is int and num_bits is an integer in 1..8"),
     "CFG-06": ("error", "strategy and group_size agree"),
-    "CFG-07": ("error", "actorder is null, false, weight, static or group"),
+    "CFG-07": ("error", "actorder is null, false, weight, static or group (true and dynamic read as group)"),
     "CFG-08": ("warning", "keys not in the schema are kept and reported"),
     "CFG-09": ("error", "targets and ignore are lists of strings; re: patterns compile"),
     "TEN-01": ("error", "a quantized module has weight_packed, weight_scale and weight_shape, plus the zero point and g_idx its scheme needs"),

@@ -282,3 +282,52 @@ def test_decompress_reads_legacy_int8_zero_points():
     assert legacy["weight_zero_point"].dtype == torch.int8
     assert legacy["weight_zero_point"].shape == (24, 3)
     assert torch.equal(decompress(legacy, scheme), decompress(modern, scheme))
+
+
+# -- scale_dtype ---------------------------------------------------------------------
+# CT 0.20 rounds (and clamps) the scale through scale_dtype but keeps it in the weight
+# dtype, which is also the dtype of the weight_scale parameter it initializes.
+
+SCALE_DTYPE_CASES = [pytest.param(wd, sd, sym, id=f"{wn}-scale_{sn}-{'sym' if sym else 'asym'}")
+                     for wn, wd in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+                     for sn, sd in (("fp16", torch.float16), ("bf16", torch.bfloat16))
+                     for sym in (True, False)]
+
+
+@pytest.mark.parametrize("weight_dtype,scale_dtype,symmetric", SCALE_DTYPE_CASES)
+def test_calculate_qparams_matches_compressed_tensors_when_scale_dtype_set(weight_dtype, scale_dtype, symmetric):
+    args = QuantizationArgs(num_bits=4, symmetric=symmetric, strategy="group", group_size=32,
+                            scale_dtype=scale_dtype)
+    weight = _weight((24, 96), weight_dtype, seed=20)
+    ct_scale, ct_zp = _ct_qparams(weight, args)
+    scale, zp = calculate_qparams(weight, _scheme(args))
+    assert scale.dtype == ct_scale.dtype == weight_dtype
+    assert torch.equal(scale, ct_scale)
+    if not symmetric:
+        assert torch.equal(zp, ct_zp)
+
+
+@pytest.mark.parametrize("weight_dtype,scale_dtype,symmetric", SCALE_DTYPE_CASES)
+def test_compress_matches_compressed_tensors_when_scale_dtype_set(weight_dtype, scale_dtype, symmetric):
+    args = QuantizationArgs(num_bits=4, symmetric=symmetric, strategy="group", group_size=32,
+                            scale_dtype=scale_dtype)
+    weight = _weight((64, 256), weight_dtype, seed=21)
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    theirs = CT_PACKED.compress(_ct_state_dict(weight, args), ct_scheme)
+    ours = compress(weight, _scheme(args))
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype, name
+        assert torch.equal(ours[name], theirs[name]), name
+    assert torch.equal(decompress(theirs, _scheme(args)), CT_PACKED.decompress(theirs, ct_scheme)["weight"])
+
+
+def test_calculate_qparams_clamps_scale_to_scale_dtype_range():
+    # 1e6 / 7.5 overflows fp16: CT clamps to 65504 before rounding instead of giving inf
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="channel", scale_dtype=torch.float16)
+    weight = torch.full((2, 32), 1e6)
+    ct_scale, _ = _ct_qparams(weight, args)
+    scale, _ = calculate_qparams(weight, _scheme(args))
+    assert ct_scale.flatten().tolist() == [65504.0, 65504.0]
+    assert scale.dtype == ct_scale.dtype
+    assert torch.equal(scale, ct_scale)
