@@ -126,7 +126,7 @@ def _check(name: str, ok: bool) -> None:
 def _row(results: list, op: str, bits, what: str, ours: list[float], theirs: list[float] | None,
          weights: int = N, target_key=None, nbytes: int | None = None) -> dict:
     o = _stats(ours)
-    row = {"op": op, "bits": bits, "what": what, "ctformat": o,
+    row = {"op": op, "bits": bits, "what": what, "loadavg_1min": os.getloadavg()[0], "ctformat": o,
            "ctformat_mweights_s": weights / (o["median_ms"] * 1e3)}
     if nbytes is not None:   # a copy: bytes read + bytes written per second
         row["copy_gb_s"] = 2 * nbytes / (o["median_ms"] * 1e-3) / 1e9

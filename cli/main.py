@@ -24,24 +24,29 @@ Exit codes:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Inspect, validate and convert compressed-tensors quantized checkpoints.
 
-    MODEL is a checkpoint folder (config.json + safetensors shards) or one .safetensors file.
+    MODEL is a checkpoint folder (config.json + safetensors shards), one .safetensors file,
+    or a Hugging Face Hub repo id (org/name; only config, index and headers are fetched).
     """
     ctx.obj = {"debug": debug}
 
 
+REVISION = click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a repo id MODEL.")
+
+
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=str))
+@REVISION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema ctformat.inspect/1).")
 @click.option("--tensors", "tensor_regex", is_flag=False, flag_value="", default=None, metavar="[REGEX]",
               help="Also list tensors (those whose name matches REGEX, if given).")
-def inspect(model: str, as_json: bool, tensor_regex: str | None) -> None:
+def inspect(model: str, revision: str | None, as_json: bool, tensor_regex: str | None) -> None:
     """Show what a checkpoint holds, from headers only (no tensor data is read).
 
     Example: ctformat inspect fixtures/tiny-mixtral --tensors 'layers\\.0\\..*q_proj'
     """
-    from ctformat.checkpoint import open_checkpoint
+    from ctformat.hub import open_model
     from ctformat.summary import summarize, tensor_rows
-    ckpt = open_checkpoint(model)
+    ckpt = open_model(model, revision)
     doc = summarize(ckpt).data
     rows = tensor_rows(ckpt, tensor_regex or None) if tensor_regex is not None else None
     if as_json:
@@ -54,9 +59,10 @@ def inspect(model: str, as_json: bool, tensor_regex: str | None) -> None:
 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=str))
+@REVISION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema ctformat.validate/1).")
 @click.option("--deep", is_flag=True, help="Also read tensor data: scales, zero points, g_idx, padding bits.")
-def validate(model: str, as_json: bool, deep: bool) -> None:
+def validate(model: str, revision: str | None, as_json: bool, deep: bool) -> None:
     """Check a checkpoint against every rule of the format spec (rule IDs in spec/ctformat.md).
 
     Example: ctformat validate fixtures/tiny-mixtral --deep
@@ -65,7 +71,7 @@ def validate(model: str, as_json: bool, deep: bool) -> None:
     progress = None
     if deep and not as_json and render.err.is_terminal:
         progress = _progress("checking tensor data")
-    report = validate_checkpoint(model, deep=deep, progress=progress).to_json()
+    report = validate_checkpoint(model, deep=deep, revision=revision, progress=progress).to_json()
     render.emit_json(report) if as_json else render.report(report)
     sys.exit(0 if report["ok"] else 1)
 

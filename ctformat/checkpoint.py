@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError, TensorError,
                      WriterError)
-from .header import TensorInfo, read_header, read_index
+from .header import TensorInfo, parse_index, read_header
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme
 from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, PADDED, PICKLE_SUFFIXES, SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Module", "Checkpoint", "open_checkpoint", "CheckpointWriter", "save_checkpoint",
+__all__ = ["Module", "Checkpoint", "LocalFiles", "open_checkpoint", "read_checkpoint", "CheckpointWriter", "save_checkpoint",
            "torch_dtype", "dtype_code"]
 
 
@@ -56,18 +56,45 @@ class Module:
                 and not last.endswith("norm"))
 
 
+class LocalFiles:
+    """The files of a checkpoint folder (symlinks followed, as in a Hugging Face cache snapshot)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.label = str(root)
+
+    def is_file(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def header(self, name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        return read_header(self.root / name, name)
+
+    def readinto(self, name: str, start: int, buf) -> int:
+        with open(self.root / name, "rb") as fh:
+            fh.seek(start)
+            return fh.readinto(buf)
+
+
 class Checkpoint:
     """A checkpoint opened by its headers. Use open_checkpoint()."""
 
-    def __init__(self, root: Path, shards: list[str], config: dict[str, Any] | None,
+    def __init__(self, files, shards: list[str], config: dict[str, Any] | None,
                  quant: QuantizationConfig | None, tensors: dict[str, TensorInfo],
                  problems: list[SpecError], index: dict[str, str] | None) -> None:
-        self.root, self.shards, self.config, self.quant = root, shards, config, quant
+        self.files, self.shards, self.config, self.quant = files, shards, config, quant
         self.tensors, self.problems, self.index = tensors, problems, index
+        self.root = getattr(files, "root", None)     # None for a Hub repo
+        self.label = files.label
         self._modules: dict[str, Module] | None = None
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.root)!r}, {len(self.shards)} shards, {len(self.tensors)} tensors)"
+        return f"Checkpoint({self.label!r}, {len(self.shards)} shards, {len(self.tensors)} tensors)"
 
     def modules(self) -> dict[str, Module]:
         """Every module, by prefix, with the config group that targets it."""
@@ -105,11 +132,8 @@ class Checkpoint:
         import torch
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        buf = out.reshape(-1).view(torch.uint8).numpy() if info.nbytes else None
-        if buf is not None:
-            with open(self.root / info.file, "rb") as fh:
-                fh.seek(info.start)
-                got = fh.readinto(buf)
+        if info.nbytes:
+            got = self.files.readinto(info.file, info.start, out.reshape(-1).view(torch.uint8).numpy())
             if got != info.nbytes:
                 raise HeaderError(f"file is truncated: read {got} of {info.nbytes} bytes", rule="HDR-06",
                                   file=info.file, where=name)
@@ -146,7 +170,17 @@ def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoi
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder [FILE-01]")
-    root = path if path.is_dir() else path.parent
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            rule = "FILE-02" if path.name.endswith(PICKLE_SUFFIXES) else "FILE-01"
+            raise HeaderError("not a .safetensors file" + (" (pickle files are never read)" if rule == "FILE-02"
+                                                             else ""), rule=rule, file=path.name)
+        return read_checkpoint(LocalFiles(path.parent), strict=strict, single=path.name)
+    return read_checkpoint(LocalFiles(path), strict=strict)
+
+
+def read_checkpoint(files, *, strict: bool = True, single: str | None = None) -> Checkpoint:
+    """Open a checkpoint through a file-access object (LocalFiles, or hub.HubFiles)."""
     problems: list[SpecError] = []
 
     def fail(err: SpecError) -> None:
@@ -155,9 +189,9 @@ def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoi
         problems.append(err)
 
     config = None
-    if (root / "config.json").is_file():
+    if files.is_file("config.json"):
         try:
-            config = _read_config(root / "config.json")
+            config = _read_config(files.read_bytes("config.json"))
         except ConfigError as err:
             fail(err)
     quant = None
@@ -167,14 +201,14 @@ def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoi
         except ConfigError as err:
             err.file = "config.json"
             fail(err)
-    shards, index = _find_shards(path, root)
+    shards, index = ([single], None) if single else _find_shards(files)
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
-        if not (root / shard).is_file():
+        if not files.is_file(shard):
             fail(HeaderError("shard named by the index does not exist", rule="FILE-05", file=shard))
             continue
         try:
-            found, _ = read_header(root / shard, shard)
+            found, _ = files.header(shard)
         except HeaderError as err:
             fail(err)
             continue
@@ -186,16 +220,17 @@ def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoi
                 fail(HeaderError(f"tensor in this shard but {where}", rule="FILE-06", file=shard, where=name))
             else:
                 tensors[name] = info
+    unread = {p.file for p in problems if p.rule.startswith(("HDR", "FILE-05"))}
     for name, shard in (index or {}).items():
-        if name not in tensors and (root / shard).is_file() and not any(p.file == shard and p.rule.startswith("HDR") for p in problems):
+        if name not in tensors and shard not in unread:
             fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
                              file=INDEX_NAME, where=name))
-    return Checkpoint(root, shards, config, quant, tensors, problems, index)
+    return Checkpoint(files, shards, config, quant, tensors, problems, index)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(raw: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise ConfigError(f"not UTF-8 JSON: {err}", rule="CFG-01", file="config.json") from None
     if not isinstance(obj, dict):
@@ -203,25 +238,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _find_shards(path: Path, root: Path) -> tuple[list[str], dict[str, str] | None]:
-    if path.is_file():
-        if path.name.endswith(".safetensors"):
-            return [path.name], None
-        rule = "FILE-02" if path.name.endswith(PICKLE_SUFFIXES) else "FILE-01"
-        raise HeaderError("not a .safetensors file" + (" (pickle files are never read)" if rule == "FILE-02" else ""),
-                          rule=rule, file=path.name)
-    if (root / INDEX_NAME).is_file():
-        index = read_index(root / INDEX_NAME, INDEX_NAME)
+def _find_shards(files) -> tuple[list[str], dict[str, str] | None]:
+    if files.is_file(INDEX_NAME):
+        index = parse_index(files.read_bytes(INDEX_NAME), INDEX_NAME)
         return sorted(set(index.values())), index
-    if (root / SINGLE_NAME).is_file():
+    if files.is_file(SINGLE_NAME):
         return [SINGLE_NAME], None
-    found = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file())
+    names = files.names()
+    found = [n for n in names if n.endswith(".safetensors")]
     if found:
         return found, None
-    if any(p.name.endswith(PICKLE_SUFFIXES) for p in root.iterdir()):
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
         raise HeaderError("only pickle weights found; ctformat never unpickles (convert them to safetensors "
-                          "with a trusted tool first)", rule="FILE-02", file=str(path))
-    raise HeaderError("no config.json with safetensors weights in this folder", rule="FILE-01", file=str(path))
+                          "with a trusted tool first)", rule="FILE-02", file=files.label)
+    raise HeaderError("no safetensors weights here", rule="FILE-01", file=files.label)
 
 
 # -- dtypes ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import HeaderError
 from .spec import DTYPE_SIZES, HEADER_SIZE_CAP
 
-__all__ = ["TensorInfo", "read_header", "parse_header", "read_index", "check_shard_name"]
+__all__ = ["TensorInfo", "header_length", "read_header", "parse_header", "parse_index", "check_shard_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +34,23 @@ class TensorInfo:
         return prod(self.shape)
 
 
+def header_length(prefix: bytes, size: int, file: str) -> int:
+    """The header length N from a file's first 8 bytes, checked against the file size (HDR-01)."""
+    if size < 8 or len(prefix) < 8:
+        raise HeaderError(f"file is {size} bytes, too short for a safetensors header", rule="HDR-01", file=file)
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n < 2 or n > HEADER_SIZE_CAP or n > size - 8:
+        raise HeaderError(f"header length {n} is impossible for a file of {size} bytes "
+                          f"(cap {HEADER_SIZE_CAP})", rule="HDR-01", file=file)
+    return n
+
+
 def read_header(path: Path, file: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and check one shard's header (HDR-01..06); `file` is the name used in messages."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise HeaderError(f"file is {size} bytes, too short for a safetensors header",
-                                  rule="HDR-01", file=file)
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n < 2 or n > HEADER_SIZE_CAP or n > size - 8:
-                raise HeaderError(f"header length {n} is impossible for a file of {size} bytes "
-                                  f"(cap {HEADER_SIZE_CAP})", rule="HDR-01", file=file)
+            n = header_length(fh.read(8), size, file)
             raw = fh.read(n)
     except OSError as err:
         raise HeaderError(f"cannot read: {err.strerror or err}", rule="FILE-05", file=file) from err
@@ -130,14 +135,12 @@ def check_shard_name(name: Any, index_file: str) -> str:
     return name
 
 
-def read_index(path: Path, file: str) -> dict[str, str]:
-    """Read model.safetensors.index.json and return its weight_map (FILE-03, FILE-04)."""
+def parse_index(raw: bytes, file: str) -> dict[str, str]:
+    """model.safetensors.index.json -> its weight_map, every shard name checked (FILE-03, FILE-04)."""
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise HeaderError(f"not UTF-8 JSON: {err}", rule="FILE-03", file=file) from None
-    except OSError as err:
-        raise HeaderError(f"cannot read: {err.strerror or err}", rule="FILE-03", file=file) from err
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise HeaderError("no weight_map object", rule="FILE-03", file=file)

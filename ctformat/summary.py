@@ -88,7 +88,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
         shard_sizes[t.file] += t.nbytes
     data = {
         "schema": "ctformat.inspect/1",
-        "path": str(ckpt.root),
+        "path": ckpt.label,
         "architecture": (cfg.get("architectures") or [None])[0],
         "model_type": cfg.get("model_type"),
         "quant_method": "compressed-tensors" if q else None,

@@ -67,12 +67,13 @@ class Report:
                 "warnings": len(self.warnings), "issues": [asdict(i) for i in self.issues]}
 
 
-def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False,
+def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
                         progress: Callable[[int, int], None] | None = None) -> Report:
-    """Check a checkpoint against every rule; never raises for what it finds in the files."""
-    from .checkpoint import open_checkpoint
+    """Check a checkpoint (local path or Hub repo id) against every rule; never raises for
+    what it finds in the files."""
+    from .hub import open_model
     try:
-        ckpt = open_checkpoint(path, strict=False)
+        ckpt = open_model(str(path), revision, strict=False)
     except SpecError as err:
         return Report(str(path), (Issue.from_error(err),), deep=deep)
     except CheckpointNotFoundError as err:

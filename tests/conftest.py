@@ -1,6 +1,15 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
+
+# huggingface_hub reads these at import time: keep every test hermetic (no telemetry, no
+# token, a private cache), before any test module imports it.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="ctformat-hf-home-")
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
 
 import pytest
 

@@ -29,7 +29,7 @@ def _random_q(shape, bits, seed=0):
 
 # -- hand-computed layouts -------------------------------------------------------------
 
-def test_pack_int4_minus8_to_7_gives_documented_words():
+def test_pack_gives_documented_words_for_int4_minus8_to_7():
     q = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
     words = pack_to_int32(q, 4)
     assert words.dtype == torch.int32
@@ -37,14 +37,14 @@ def test_pack_int4_minus8_to_7_gives_documented_words():
     assert torch.equal(unpack_from_int32(words, 4, (1, 16)), q)
 
 
-def test_pack_int4_bytes_are_low_nibble_first():
+def test_pack_writes_low_nibble_first_for_int4():
     # byte k holds element 2k in bits 0-3 and 2k+1 in bits 4-7 (offset +8)
     q = torch.tensor([[-8, 7, 0, -1, 3, -5, 1, 2]], dtype=torch.int8)
     raw = pack_to_int32(q, 4).view(torch.uint8).tolist()
     assert raw == [[0xF0, 0x78, 0x3B, 0xA9]]
 
 
-def test_pack_int8_row_is_bytes_q_plus_128():
+def test_pack_writes_bytes_q_plus_128_for_int8():
     q = torch.tensor([[-128, -1, 0, 1, 127, 5, -7, 64]], dtype=torch.int8)
     words = pack_to_int32(q, 8)
     assert words.shape == (1, 2)
@@ -52,7 +52,7 @@ def test_pack_int8_row_is_bytes_q_plus_128():
     assert torch.equal(unpack_from_int32(words, 8, (1, 8)), q)
 
 
-def test_pack_int3_element10_straddles_words_dense():
+def test_pack_straddles_words_for_int3_element10_dense():
     # offset-binary codes u = q + 4: u = [0,1,2,3,4,5,6,7,0,1,5]
     q = torch.tensor([[-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, 1]], dtype=torch.int8)
     # element i sits at stream bits [3i, 3i+3). Element 10 (u=0b101) spans bits 30..32:
@@ -67,7 +67,7 @@ def test_pack_int3_element10_straddles_words_dense():
     assert torch.equal(unpack_from_int32(words, 3, (1, 11), layout=DENSE), q)
 
 
-def test_pack_int3_padded_keeps_element10_in_word1():
+def test_pack_starts_word1_with_element10_for_int3_padded():
     # padded layout: 10 values per word in bits 0..29; element 10 is alone in word 1
     q = torch.tensor([[-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, 1]], dtype=torch.int8)
     word0 = 0b00_001_000_111_110_101_100_011_010_001_000
@@ -135,7 +135,7 @@ def test_unpack_matches_compressed_tensors_for_every_bit_width(bits, packed_dim,
     assert torch.equal(ours, theirs)
 
 
-def test_ct_unpack_quirk_is_still_present():
+def test_ct_unpack_crashes_when_packed_dim0_fits_one_word():
     """Documents the CT 0.20 crash the oracle tests skip; if CT fixes it, drop the skip."""
     helpers = _ct_helpers()
     zp = _random_q((5, 3), 4)
@@ -189,7 +189,7 @@ def _ref_unpack_padded(words: list[list[int]], bits: int, n: int) -> list[list[i
 
 @pytest.mark.parametrize("n", [1, 9, 10, 11, 31, 64, 67])
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_padded_matches_python_reference(bits, n):
+def test_pack_matches_python_reference_for_padded_layout(bits, n):
     q = _random_q((3, n), bits, seed=bits + n)
     words = pack_to_int32(q, bits, layout=PADDED)
     expected = _ref_pack_padded(q.tolist(), bits)
@@ -200,7 +200,7 @@ def test_pack_padded_matches_python_reference(bits, n):
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
-def test_unpack_padded_reads_python_reference_words(bits):
+def test_unpack_reads_python_reference_words_for_padded_layout(bits):
     q = _random_q((4, 23), bits, seed=bits)
     ref = _ref_pack_padded(q.tolist(), bits)
     words = torch.tensor(ref, dtype=torch.int64).to(torch.int32)   # < 2^30: fits int32
@@ -246,7 +246,7 @@ def test_unpack_inverts_pack_for_random_inputs(bits, packed_dim, layout, shape, 
     assert torch.equal(back, q)
 
 
-def test_unpack_inverts_pack_for_noncontiguous_input():
+def test_unpack_inverts_pack_when_input_noncontiguous():
     q = _random_q((40, 30), 4).t()                     # [30, 40], transposed strides
     assert torch.equal(unpack_from_int32(pack_to_int32(q, 4), 4, q.shape), q)
 
@@ -255,7 +255,7 @@ def test_unpack_inverts_pack_for_noncontiguous_input():
 
 @pytest.mark.parametrize("n", [1, 5, 13, 31, 33, 50])
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_padding_bits_are_zero_dense(bits, n):
+def test_padding_bits_are_zero_for_dense_layout(bits, n):
     q = torch.full((2, n), (1 << (bits - 1)) - 1, dtype=torch.int8)   # every code all ones
     for row in _u32(pack_to_int32(q, bits, layout=DENSE)):
         stream = sum(w << (32 * k) for k, w in enumerate(row))
@@ -264,7 +264,7 @@ def test_padding_bits_are_zero_dense(bits, n):
 
 @pytest.mark.parametrize("n", [1, 5, 13, 33])
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
-def test_padding_bits_are_zero_padded(bits, n):
+def test_padding_bits_are_zero_for_padded_layout(bits, n):
     per = 32 // bits
     q = torch.full((2, n), (1 << (bits - 1)) - 1, dtype=torch.int8)
     for row in _u32(pack_to_int32(q, bits, layout=PADDED)):
@@ -273,7 +273,7 @@ def test_padding_bits_are_zero_padded(bits, n):
 
 
 @pytest.mark.parametrize("packed_dim", [0, 1])
-def test_padding_bits_are_zero_packed_dim0_int4(packed_dim):
+def test_padding_bits_are_zero_for_int4_either_packed_dim(packed_dim):
     q = torch.full((5, 5), 7, dtype=torch.int8)
     w = _u32(pack_to_int32(q, 4, packed_dim=packed_dim))
     assert all(word == 0xFFFFF for row in w for word in row)
@@ -321,7 +321,7 @@ def test_unpack_raises_when_words_not_int32():
         unpack_from_int32(torch.zeros((2, 1), dtype=torch.int64), 4, (2, 8))
 
 
-def test_unpack_3bit_dense_width_rejected_as_padded():
+def test_unpack_raises_when_dense_width_read_as_padded():
     # in=4096 at 3 bits: 384 dense words must not be read as the 410-word padded layout
     words = torch.zeros((1, 384), dtype=torch.int32)
     with pytest.raises(ValueError):

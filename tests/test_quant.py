@@ -117,7 +117,7 @@ def test_decompress_matches_compressed_tensors(bits, symmetric, strategy, dtype)
     assert torch.equal(ours, theirs)
 
 
-def test_compress_rejects_group_size_not_dividing_in_features():
+def test_compress_raises_when_group_size_does_not_divide_in_features():
     args = QuantizationArgs(num_bits=4, strategy="group", group_size=32)
     with pytest.raises(ValueError):
         compress(_weight((8, 48), torch.bfloat16), _scheme(args))
@@ -179,7 +179,7 @@ def test_quantize_with_g_idx_matches_compressed_tensors_per_column(symmetric):
     assert torch.equal(ours, theirs)
 
 
-def test_compress_decompress_with_g_idx_round_trips_stored_ints():
+def test_compress_round_trips_ints_with_g_idx():
     q, scale, zp, g_idx, scheme = _g_idx_case(False, torch.bfloat16, seed=4)
     weight = dequantize(q, scale, zp, g_idx, scheme=scheme)
     stored = compress(weight, scheme, scale=scale, zero_point=zp, g_idx=g_idx)
@@ -191,7 +191,7 @@ def test_compress_decompress_with_g_idx_round_trips_stored_ints():
 
 # -- rounding ------------------------------------------------------------------------
 
-def test_quantize_rounds_half_to_even():
+def test_quantize_rounds_half_to_even_when_quotient_is_exact_half():
     # row 0 has absmax 7.5, so the symmetric int4 scale is 7.5 / 7.5 = 1 and x/scale == x
     row = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -7.5, 7.5, 6.5]
     weight = torch.tensor([row, [v / 4 for v in row]], dtype=torch.bfloat16)   # row 1: scale 0.25
@@ -212,7 +212,7 @@ def test_quantize_rounds_half_to_even_with_zero_point():
     assert q.tolist() == [[2, 2, 4, 0, -2]]    # 1.5, 2.5, 3.5, 0.5, -1.5 half to even
 
 
-def test_quantize_divides_in_weight_dtype():
+def test_quantize_divides_in_weight_dtype_for_bf16():
     """bf16 / bf16 rounds the quotient to bf16 before the integer rounding, as CT does on CPU."""
     w = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.5]], dtype=torch.bfloat16) * 0.0123
     w = w.to(torch.bfloat16)
@@ -261,18 +261,24 @@ def test_compress_stacked_experts_matches_compressed_tensors(symmetric):
 # -- output dtype ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_dequantize_float32_equals_bf16_result_cast(symmetric):
+def test_dequantize_equals_bf16_result_cast_when_dtype_float32(symmetric):
     args = _args(4, symmetric, "group32")
     scheme = _scheme(args)
-    stored = compress(_weight((24, 96), torch.bfloat16, seed=7), scheme)
-    as_bf16 = decompress(stored, scheme)
-    as_f32 = decompress(stored, scheme, dtype=torch.float32)
+    q, scale, zp = quantize(_weight((24, 96), torch.bfloat16, seed=7), scheme)
+    as_bf16 = dequantize(q, scale, zp, scheme=scheme)
+    as_f32 = dequantize(q, scale, zp, scheme=scheme, dtype=torch.float32)
     assert as_bf16.dtype == torch.bfloat16
     assert as_f32.dtype == torch.float32
     assert torch.equal(as_f32, as_bf16.to(torch.float32))
+    # the cast happens after the bf16 arithmetic, not instead of it
+    exact = q.float() * scale.float().repeat_interleave(32, -1) if zp is None else \
+        (q.float() - zp.float().repeat_interleave(32, -1)) * scale.float().repeat_interleave(32, -1)
+    assert not torch.equal(as_f32, exact)
+    stored = compress(_weight((24, 96), torch.bfloat16, seed=7), scheme)
+    assert torch.equal(decompress(stored, scheme, dtype=torch.float32), decompress(stored, scheme).float())
 
 
-def test_decompress_reads_legacy_int8_zero_points():
+def test_decompress_reads_int8_zero_points_when_legacy():
     """Before CT 0.9.4 asymmetric zero points were stored unpacked, I8 [out, groups]."""
     args = _args(4, False, "group32")
     scheme = _scheme(args)

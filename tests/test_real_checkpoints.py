@@ -172,7 +172,7 @@ def test_compress_reproduces_llmc014_round_to_nearest_checkpoint(name):
 
 
 @pytest.mark.skipif(not DENSE.is_dir(), reason="llmcompressor-0.14/dense is absent")
-def test_compress_differs_from_gptq_checkpoint():
+def test_compress_differs_when_checkpoint_is_gptq():
     """Guard for the test above: GPTQ changes the ints, so RTN must not reproduce them."""
     folder = REAL / "llmcompressor-0.14" / "w4a16-gptq-g128"
     if not folder.is_dir():
