@@ -62,7 +62,9 @@ def inspect(model: str, revision: str | None, as_json: bool, tensor_regex: str |
 @REVISION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema ctformat.validate/1).")
 @click.option("--deep", is_flag=True, help="Also read tensor data: scales, zero points, g_idx, padding bits.")
-def validate(model: str, revision: str | None, as_json: bool, deep: bool) -> None:
+@click.option("--target", type=click.Choice(["vllm"]), default=None,
+              help="Also warn about what this engine refuses (vllm: vLLM 0.33), quoting its messages.")
+def validate(model: str, revision: str | None, as_json: bool, deep: bool, target: str | None) -> None:
     """Check a checkpoint against every rule of the format spec (rule IDs in spec/ctformat.md).
 
     Example: ctformat validate fixtures/tiny-mixtral --deep
@@ -71,7 +73,7 @@ def validate(model: str, revision: str | None, as_json: bool, deep: bool) -> Non
     progress = None
     if deep and not as_json and render.err.is_terminal:
         progress = _progress("checking tensor data")
-    report = validate_checkpoint(model, deep=deep, revision=revision, progress=progress).to_json()
+    report = validate_checkpoint(model, deep=deep, revision=revision, target=target, progress=progress).to_json()
     render.emit_json(report) if as_json else render.report(report)
     sys.exit(0 if report["ok"] else 1)
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Issue", "Report", "validate_checkpoint", "check_module", "check_module_data"]
 
-_ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError}
+_ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
+                "VLLM": ConfigError}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Report:
 
 
 def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
+                        target: str | None = None,
                         progress: Callable[[int, int], None] | None = None) -> Report:
     """Check a checkpoint (local path or Hub repo id) against every rule; never raises for
     what it finds in the files."""
@@ -87,6 +89,11 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision
     for m in modules.values():
         issues += check_module(ckpt, m)
     issues += _sibling_issues(ckpt)
+    if target == "vllm":
+        from .vllm import vllm_issues
+        issues += vllm_issues(ckpt)
+    elif target is not None:
+        raise ValueError(f"unknown target {target!r}; known: vllm")
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
         todo = [m for m in quantized if m.scheme is not None

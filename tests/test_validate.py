@@ -21,13 +21,14 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 def test_spec_lists_exactly_the_rules_of_the_code():
     text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA)-\d\d)`?\s*\|", text, re.M))
+    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM)-\d\d)`?\s*\|", text, re.M))
     assert table_ids == set(RULES)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"))
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"),
+                                 target="vllm" if rule.startswith("VLLM") else None)
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -37,7 +38,8 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
-    args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith("DATA") else [])
+    args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith("DATA") else []) + (
+        ["--target", "vllm"] if rule.startswith("VLLM") else [])
     with pytest.raises(SystemExit) as exc:
         main(args)
     out = json.loads(capsys.readouterr().out)
@@ -56,3 +58,17 @@ def test_deep_reports_progress_per_module():
     seen = []
     validate_checkpoint(FIXTURES / "int4-g32", deep=True, progress=lambda k, n: seen.append((k, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_vllm_profile_is_silent_on_loadable_real_checkpoints():
+    from conftest import REAL
+    if not REAL.is_dir():
+        pytest.skip("shared/real-checkpoints not present")
+    for path in sorted(REAL.glob("llmcompressor-0.14/*")):
+        assert validate_checkpoint(path, target="vllm").issues == (), path.name
+    old = validate_checkpoint(REAL / "llmcompressor-0.4.1" / "w4a16-gptq-actorder-group-g128", target="vllm")
+    assert {i.rule for i in old.issues} == {"VLLM-01"} and old.ok      # a warning: ctformat still reads it
+
+
+def test_vllm_profile_off_by_default():
+    assert validate_checkpoint(BAD / "VLLM-01").issues == ()

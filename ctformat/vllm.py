@@ -1,0 +1,123 @@
+"""The `--target vllm` profile: what vLLM 0.33 will refuse to load, in vLLM's own words
+(spec §6.1). Judged from config and headers only; one finding per cause, not per module."""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from .scheme import QuantScheme, Strategy
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .validate import Issue
+
+__all__ = ["vllm_issues", "LINEAR_KERNELS"]
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+_GATE_UP, _DOWN = ({"w1", "w3", "gate_proj", "up_proj"}, {"w2", "down_proj"})
+_MARLIN_GROUPS = (-1, 32, 64, 128)
+
+# CUDA WNA16 kernels for Linear layers (vLLM model_executor/kernels/linear/mixed_precision/*):
+# name -> predicate over (num_bits, symmetric, group_size or -1 for channel).
+LINEAR_KERNELS = {
+    "Marlin": lambda b, sym, g: (b in (4, 8) if sym else b == 4) and g in _MARLIN_GROUPS,
+    "Machete (SM90 only)": lambda b, sym, g: b in (4, 8) and g in (-1, 64, 128),
+    "TritonW4A16": lambda b, sym, g: b == 4 and g in (-1, 32, 64, 128, 256),
+}
+
+
+def _issue(rule: str, where: str, message: str) -> Issue:
+    from .validate import Issue
+    return Issue(rule, "warning", "config.json", where, message)
+
+
+def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
+    if ckpt.quant is None:
+        return []
+    out: list[Issue] = []
+    for g in ckpt.quant.groups:
+        s, where = g.weights, f"quantization_config.config_groups.{g.name}"
+        if s is None:
+            continue
+        if s.dynamic or g.input_activations is not None:
+            out.append(_issue("VLLM-04", where, "weights must be static with no input_activations for the "
+                              "WNA16 scheme; vLLM: \"No compressed-tensors compatible scheme was found\""))
+            continue
+        if s.has_g_idx:
+            out.append(_issue("VLLM-01", f"{where}.weights.actorder", "vLLM >= 0.30: \"Compressed-tensors "
+                              "group/dynamic activation ordering (actorder=group) is no longer supported. Use a "
+                              "checkpoint with static/weight activation ordering or without activation ordering.\""))
+        out += _linear_issues(s, where)
+    out += _moe_issues(ckpt)
+    return _dedupe(out)
+
+
+def _linear_issues(s: QuantScheme, where: str) -> list[Issue]:
+    if s.strategy not in (Strategy.GROUP, Strategy.CHANNEL):
+        return [_issue("VLLM-02", where, "vLLM: \"Pack-quantized format requires group quantization or channelwise "
+                       "quantization, but found no group size and strategy is not channelwise.\"")]
+    if not 2 <= s.num_bits <= 8:
+        return [_issue("VLLM-02", where, f"vLLM: \"Unsupported num_bits = {s.num_bits}. Supported num_bits = "
+                       "[2, 3, 4, 5, 6, 7, 8]\"")]
+    g = s.group_size or -1
+    kernels = [k for k, ok in LINEAR_KERNELS.items() if ok(s.num_bits, s.symmetric, g)]
+    sym = "symmetric" if s.symmetric else "asymmetric"
+    if not kernels:
+        return [_issue("VLLM-02", where, f"int{s.num_bits} {sym} group_size {g}: no CUDA kernel but the optional "
+                       "Humming package; vLLM: \"Failed to find a kernel that can implement the WNA16 linear layer\"")]
+    if kernels == ["Machete (SM90 only)"]:
+        return [_issue("VLLM-02", where, f"int{s.num_bits} {sym} group_size {g}: only the Machete kernel, "
+                       "so only on H100/H200 (SM90)")]
+    return []
+
+
+def _moe_issues(ckpt: Checkpoint) -> list[Issue]:
+    """vLLM resolves the scheme of expert 0's projections and picks one fused-MoE backend."""
+    mods = ckpt.modules()
+    out = []
+    for prefix, m in mods.items():
+        hit = _EXPERT.match(prefix)
+        if not hit or hit.group(2) != "0" or hit.group(3) not in _GATE_UP - {"w3", "up_proj"}:
+            continue
+        base = f"{hit.group(1)}.0"
+        projs = [mods[f"{base}.{n}"] for n in sorted(_GATE_UP | _DOWN) if f"{base}.{n}" in mods]
+        kinds = {(p.quantized, p.scheme) for p in projs}
+        if len(kinds) > 1:
+            out.append(_issue("VLLM-03", base, "vLLM: \"All MoE projections need to have same quantization scheme "
+                              "but found multiple\""))
+            continue
+        if m.quantized and m.scheme is not None:
+            out += _moe_backend(m, hit.group(1))
+    return out
+
+
+def _moe_backend(m, where: str) -> list[Issue]:
+    s = m.scheme
+    inter = m.tensors["weight_packed"].shape[-2]                                   # I: out of w1/gate_proj
+    hidden = (m.tensors["weight_scale"].shape[-1] * s.group_size if s.strategy is Strategy.GROUP
+              else m.tensors["weight_packed"].shape[-1] * 32 // s.num_bits)       # H: in of w1/gate_proj
+    gs = s.group_size or -1
+    if s.strategy is Strategy.GROUP and hidden % gs:
+        return [_issue("VLLM-03", where, "vLLM: \"CompressedTensors WNA16 MoE requires hidden_size (H) to be "
+                       f"divisible by group_size (G).\" (H={hidden}, G={gs})")]
+    if s.strategy is Strategy.GROUP and inter % gs:
+        return [_issue("VLLM-03", where, "vLLM: \"CompressedTensors WNA16 MoE requires the MoE intermediate size "
+                       f"per tensor-parallel partition (I) to be divisible by group_size (G)\" (I={inter}, G={gs})")]
+    kinds_ok = s.num_bits == 4 or (s.num_bits == 8 and s.symmetric)
+    marlin = kinds_ok and gs in _MARLIN_GROUPS and hidden % 128 == 0 and (gs < 0 or inter % gs == 0)
+    triton = kinds_ok and s.strategy is Strategy.GROUP
+    if not (marlin or triton):
+        return [_issue("VLLM-03", where, f"int{s.num_bits} {'sym' if s.symmetric else 'asym'} {s.strategy.value} "
+                       f"(H={hidden}, I={inter}): neither Marlin nor Triton fused MoE fits; vLLM: \"No WNA16 MoE "
+                       "backend supports the deployment configuration.\"")]
+    return []
+
+
+def _dedupe(issues: list[Issue]) -> list[Issue]:
+    seen, out = set(), []
+    for i in issues:
+        key = (i.rule, re.sub(r"\d+", "#", i.where or ""), i.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
