@@ -38,6 +38,10 @@ def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
             raise ValueError(f"values span [{int(vmin)}, {int(vmax)}], outside the int{num_bits} "
                              f"range [{lo}, {hi}]")
     rows = value.transpose(-1, -2) if packed_dim == 0 else value
+    if rows.numel() == 0:
+        words = torch.zeros(*rows.shape[:-1], packed_width(rows.shape[-1], num_bits, layout), dtype=torch.int32,
+                            device=value.device)
+        return words.transpose(-1, -2).contiguous() if packed_dim == 0 else words
     words = _pack_rows(_rowmajor(rows).view(torch.uint8), num_bits, layout)
     return words.transpose(-1, -2).contiguous() if packed_dim == 0 else words
 
@@ -57,7 +61,10 @@ def unpack_from_int32(value: torch.Tensor, num_bits: int, shape, packed_dim: int
     if words.shape[-1] != need:
         raise ValueError(f"{n} values of {num_bits} bits need {need} words ({layout} layout), "
                          f"got {words.shape[-1]}")
-    q = _unpack_rows(_rowmajor(words), num_bits, n, layout)
+    if words.numel() == 0 or n == 0:
+        q = torch.zeros(*words.shape[:-1], n, dtype=torch.int8, device=value.device)
+    else:
+        q = _unpack_rows(_rowmajor(words), num_bits, n, layout)
     return q.transpose(-1, -2) if packed_dim == 0 else q
 
 

@@ -141,14 +141,45 @@ def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor |
 
 
 def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense weight of one module from its pack-quantized tensors (local names)."""
+               dtype: torch.dtype | None = None, kernel: str = "auto") -> torch.Tensor:
+    """Dense weight of one module from its pack-quantized tensors (local names).
+
+    kernel: "torch" (any device, the reference), "triton" (the fused kernel: CUDA, or the
+    CPU under TRITON_INTERPRET=1), or "auto" (triton for CUDA tensors when it can, else torch).
+    Both give the same bits.
+    """
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
     shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
-    q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
     zp = tensors.get("weight_zero_point")
     if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
         zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
     elif zp is not None and zp.dtype != torch.int8:
         raise TensorError(f"weight_zero_point dtype {zp.dtype} is neither int32 nor int8", rule="TEN-06")
-    return dequantize(q, scale, zp, tensors.get("weight_g_idx"), scheme=scheme, dtype=dtype)
+    g_idx = tensors.get("weight_g_idx")
+    if _use_triton(kernel, packed, scheme):
+        from .kernels import dequantize_packed
+        _check_supported(scheme)
+        gs = scheme.group_size if scheme.strategy is Strategy.GROUP else shape[-1]
+        if scheme.strategy is Strategy.GROUP and shape[-1] % gs:
+            raise ValueError(f"in_features {shape[-1]} is not a multiple of group_size {gs}")
+        return dequantize_packed(packed, scale, zp, g_idx, num_bits=scheme.num_bits, in_features=shape[-1],
+                                 group_size=gs, dtype=dtype)
+    q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
+    return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
+
+
+def _use_triton(kernel: str, packed: torch.Tensor, scheme: QuantScheme) -> bool:
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
+    fits = scheme.num_bits in (1, 2, 4, 8)
+    if kernel == "triton":
+        if not fits:
+            raise UnsupportedError(f"the triton kernel handles 1, 2, 4 and 8 bits, not {scheme.num_bits}")
+        return True
+    if kernel == "torch" or not fits or packed.device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -11,6 +11,14 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="ctformat-hf-home-")
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter on the CPU (set before any import
+# of triton): the kernel code itself is tested in CI, not only its torch twin.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +28,6 @@ REAL = ROOT.parent / "shared" / "real-checkpoints"
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -1,0 +1,128 @@
+"""GPU dequantization, side by side in one run: ctformat's Triton kernel, its torch path,
+torch.compile of a naive unpack-and-scale, compressed-tensors' decompress, and a plain device
+copy (the bandwidth limit). Workload: eight stacked Mixtral-8x22B experts, 16384 x 6144.
+
+    python benchmarks/bench_dequant_gpu.py [--reps 20] [--json out.json]
+
+Bandwidth counts bytes read plus bytes written; "copy" is torch's clone of a bf16 tensor the
+size of the output. Every implementation's output is checked equal to ctformat's torch path
+(proven equal to compressed-tensors) before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctformat.quant import compress, decompress  # noqa: E402
+from ctformat.scheme import QuantScheme  # noqa: E402
+
+E, N, K = 8, 16384, 6144
+
+
+def timed(fn, reps: int) -> float:
+    """Median milliseconds of fn() over reps, CUDA events, after two warm-ups."""
+    fn(), fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def naive(bits: int, gs: int):
+    shifts = torch.arange(0, 32, bits, device="cuda", dtype=torch.int32)
+
+    def f(packed, scale):
+        q = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2) - (1 << (bits - 1))
+        return (q.to(scale.dtype).unflatten(-1, (-1, gs)) * scale.unsqueeze(-1)).flatten(-2)
+    return f
+
+
+def case(name: str, args: dict, reps: int, ct) -> dict:
+    s = QuantScheme.from_json(args, where=name)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(E, N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    g_idx = (torch.arange(K, device="cuda") % (K // 128)).int() if s.has_g_idx else None
+    t = compress(w, s, g_idx=g_idx)
+    del w
+    ref = decompress(t, s, kernel="torch")
+    read = sum(v.numel() * v.element_size() for v in t.values())
+    moved = read + ref.numel() * ref.element_size()
+    out = {"case": name, "bytes_moved": moved}
+    impls = {"ctformat triton": lambda: decompress(t, s, kernel="triton"),
+             "ctformat torch": lambda: decompress(t, s, kernel="torch")}
+    if not s.has_g_idx and s.symmetric:
+        impls["torch.compile naive"] = lambda f=torch.compile(naive(s.num_bits, s.group_size)): f(
+            t["weight_packed"], t["weight_scale"])
+    if ct is not None and not s.has_g_idx:
+        comp, ct_scheme = ct(args)
+        impls["compressed-tensors"] = lambda: comp.decompress(t, ct_scheme)["weight"]
+    for impl, fn in impls.items():
+        got = fn()
+        assert torch.equal(got, ref), (name, impl)
+        del got
+        ms = timed(fn, reps)
+        out[impl] = {"ms": ms, "GBps": moved / ms / 1e6}
+    copy_src = torch.empty_like(ref)
+    ms = timed(lambda: copy_src.clone(), reps)
+    out["copy"] = {"ms": ms, "GBps": 2 * ref.numel() * ref.element_size() / ms / 1e6}
+    return out
+
+
+def load_ct():
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    except ImportError:
+        return None
+    comp = BaseCompressor.get_value_from_registry("pack-quantized")
+
+    def make(args):
+        a = {k: v for k, v in args.items() if k != "actorder"}
+        return comp, QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**a))
+    return make
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    ct = load_ct()
+    g = {"strategy": "group", "group_size": 128}
+    cases = [("int4 sym g128", {"num_bits": 4, "symmetric": True, **g}),
+             ("int8 sym g128", {"num_bits": 8, "symmetric": True, **g}),
+             ("int4 asym g128", {"num_bits": 4, "symmetric": False, **g}),
+             ("int4 sym g128 g_idx", {"num_bits": 4, "symmetric": True, "actorder": "group", **g})]
+    print(f"{date.today()}  {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"compressed-tensors {'yes' if ct else 'not installed'}")
+    print(f"{E} stacked experts {N}x{K}, bf16 out; GB/s = (bytes read + written) / time")
+    results = []
+    for name, args in cases:
+        r = case(name, args, a.reps, ct)
+        results.append(r)
+        tri = r["ctformat triton"]
+        print(f"\n{name}: {r['bytes_moved'] / 1e9:.2f} GB moved; copy {r['copy']['GBps']:.0f} GB/s")
+        for impl in [k for k in r if isinstance(r[k], dict)]:
+            x = r[impl]
+            print(f"  {impl:22s} {x['ms']:8.3f} ms {x['GBps']:8.0f} GB/s  {x['GBps'] / r['copy']['GBps']:5.2f}x copy"
+                  f"  triton is {x['ms'] / tri['ms']:6.2f}x faster")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"date": str(date.today()), "device": torch.cuda.get_device_name(),
+                                            "torch": torch.__version__, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Triton kernel for pack-quantized dequantization (spec §5): one pass from int32 words,
+scales, zero points and g_idx to dense weights, for 1, 2, 4 and 8 bits (where a value never
+straddles a word; both layouts agree). Imported only where it runs: on a CUDA device, or on
+the CPU under TRITON_INTERPRET=1 (how CI tests the kernel itself).
+
+Bit-exactness with the torch path (quant.dequantize): (q - zp) * scale is exact in fp32 for
+8-bit integers times a bf16/fp16 scale, so rounding that product once to the scale dtype, then
+to the output dtype, gives the same bits torch computes. bf16 rounding is done with integer
+operations (round to nearest even) so the interpreter, which truncates, agrees with the GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dequantize_packed"]
+
+_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+@triton.jit
+def _round(v, KIND: tl.constexpr):
+    """fp32 -> the value of dtype KIND nearest to it (ties to even), still as fp32."""
+    if KIND == 0:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))     # keep NaN a NaN
+    elif KIND == 1:
+        out = v.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
+                    R, K, GS, stride_p, stride_s, stride_z, stride_o,
+                    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
+                    SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask, cmask = rows < R, cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    PER: tl.constexpr = 32 // BITS
+    words = tl.load(packed_ptr + rows64 * stride_p + (cols // PER)[None, :], mask=mask, other=0)
+    code = (words >> ((cols % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+    q = code - (1 << (BITS - 1))
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + cols, mask=cmask, other=0)
+    else:
+        g = cols // GS
+    s_at = scale_ptr + rows64 * stride_s + g[None, :]
+    if SCALE_KIND == 0:     # bf16 arrives as int16 bits: widen to fp32 exactly
+        s = (tl.load(s_at, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
+            tl.float32, bitcast=True)
+    else:
+        s = tl.load(s_at, mask=mask, other=1).to(tl.float32)
+    if HAS_ZP:
+        q = q - tl.load(zp_ptr + rows64 * stride_z + g[None, :], mask=mask, other=0).to(tl.int32)
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
+    o_at = out_ptr + rows64 * stride_o + cols[None, :]
+    if OUT_KIND == 0:
+        tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(o_at, w.to(tl.float16), mask=mask)
+    else:
+        tl.store(o_at, w, mask=mask)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      g_idx: torch.Tensor | None, *, num_bits: int, in_features: int, group_size: int,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense [..., out, in] from packed [..., out, words] and scale [..., out, groups] (or [1]).
+
+    `zero_point` is unpacked int8 shaped like the scale; `group_size` is in_features for
+    channel and tensor strategies.
+    """
+    if num_bits not in (1, 2, 4, 8):
+        raise ValueError(f"the kernel handles 1, 2, 4 and 8 bits, got {num_bits}")
+    lead, rows = packed.shape[:-2], packed.shape[-2]
+    n = rows
+    for d in lead:
+        n *= d
+    dtype = dtype or scale.dtype
+    out = torch.empty(*lead, rows, in_features, dtype=dtype, device=packed.device)
+    if out.numel() == 0:
+        return out
+    p2 = packed.reshape(n, packed.shape[-1]).contiguous()
+    if scale.numel() == 1:                        # tensor strategy: one scale for all
+        s2, stride_s = scale.reshape(1, 1).contiguous(), 0
+    else:
+        s2 = scale.reshape(n, scale.shape[-1]).contiguous()
+        stride_s = s2.stride(0)
+    z2 = zero_point.reshape(s2.shape).contiguous() if zero_point is not None else None
+    g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
+    o2 = out.view(n, in_features)
+    block_r, block_k = 16, 256
+    grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
+    _dequant_kernel[grid](
+        p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
+        g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
+        n, in_features, group_size, p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0, o2.stride(0),
+        BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
+        OUT_KIND=_KIND[dtype], BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    return out
