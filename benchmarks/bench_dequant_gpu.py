@@ -64,7 +64,7 @@ def case(name: str, args: dict, reps: int, ct) -> dict:
     impls = {"ctformat triton": lambda: decompress(t, s, kernel="triton"),
              "ctformat torch": lambda: decompress(t, s, kernel="torch")}
     if not s.has_g_idx and s.symmetric:
-        impls["torch.compile naive"] = lambda f=torch.compile(naive(s.num_bits, s.group_size)): f(
+        impls["torch.compile naive"] = lambda f=torch.compile(naive(s.num_bits, s.group_size), dynamic=False): f(
             t["weight_packed"], t["weight_scale"])
     if ct is not None and not s.has_g_idx:
         comp, ct_scheme = ct(args)
@@ -79,6 +79,27 @@ def case(name: str, args: dict, reps: int, ct) -> dict:
     ms = timed(lambda: copy_src.clone(), reps)
     out["copy"] = {"ms": ms, "GBps": 2 * ref.numel() * ref.element_size() / ms / 1e6}
     return out
+
+
+def sweep(reps: int) -> None:
+    """Try (rows, words, warps) tiles on the int4 case; install the fastest for the run."""
+    from ctformat import kernels
+    s = QuantScheme.from_json({"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 128}, where="sweep")
+    w = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
+    t = compress(w, s)
+    del w
+    best = None
+    for rows in (8, 16, 32, 64):
+        for words in (16, 32, 64):
+            for warps in (4, 8):
+                kernels._BLOCKS[4], kernels._WARPS = (rows, words), warps
+                ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
+                print(f"  tile rows={rows:3d} words={words:3d} warps={warps}: {ms:.3f} ms")
+                if best is None or ms < best[0]:
+                    best = (ms, rows, words, warps)
+    _, rows, words, warps = best
+    kernels._BLOCKS[4], kernels._WARPS = (rows, words), warps
+    print(f"fastest int4 tile: rows={rows} words={words} warps={warps} ({best[0]:.3f} ms)")
 
 
 def load_ct():
@@ -99,7 +120,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="first time int4 tile shapes and keep the fastest")
     a = ap.parse_args()
+    if a.sweep:
+        sweep(a.reps)
     ct = load_ct()
     g = {"strategy": "group", "group_size": 128}
     cases = [("int4 sym g128", {"num_bits": 4, "symmetric": True, **g}),

@@ -17,6 +17,10 @@ import triton.language as tl
 __all__ = ["dequantize_packed"]
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# (rows, words) per program, by bits: 128 columns per program, 32 rows. Tuned on an H100
+# (benchmarks/bench_dequant_gpu.py --sweep).
+_BLOCKS = {1: (32, 4), 2: (32, 8), 4: (32, 16), 8: (32, 32)}
+_WARPS = 4
 
 
 @triton.jit
@@ -35,31 +39,43 @@ def _round(v, KIND: tl.constexpr):
 
 @triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
-                    R, K, GS, stride_p, stride_s, stride_z, stride_o,
+                    R, K, W, GS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                    SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask, cmask = rows < R, cols < K
-    mask = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+                    SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ROW_SCALE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
-    words = tl.load(packed_ptr + rows64 * stride_p + (cols // PER)[None, :], mask=mask, other=0)
-    code = (words >> ((cols % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
-    q = code - (1 << (BITS - 1))
-    if HAS_GIDX:
-        g = tl.load(gidx_ptr + cols, mask=cmask, other=0)
+    BLOCK_K: tl.constexpr = BLOCK_W * PER
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)[:, None]
+    words = tl.load(packed_ptr + rows64 * stride_p + wcols[None, :], mask=rmask[:, None] & (wcols < W)[None, :],
+                    other=0)
+    # [R, W] words -> [R, W, PER] codes -> [R, K] in column order (word-major, low bits first)
+    code = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    q = tl.reshape(code, (BLOCK_R, BLOCK_K)) - (1 << (BITS - 1))
+    mask = rmask[:, None] & (cols < K)[None, :]
+    if ROW_SCALE:           # one group covers this block's columns: one scale per row
+        g = (tl.program_id(1) * BLOCK_K) // GS
+        s_at = scale_ptr + rows64 * stride_s + g
+        z_at = zp_ptr + rows64 * stride_z + g
+        smask = rmask[:, None]
     else:
-        g = cols // GS
-    s_at = scale_ptr + rows64 * stride_s + g[None, :]
+        if HAS_GIDX:
+            g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
+        else:
+            g = cols // GS
+        s_at = scale_ptr + rows64 * stride_s + g[None, :]
+        z_at = zp_ptr + rows64 * stride_z + g[None, :]
+        smask = mask
     if SCALE_KIND == 0:     # bf16 arrives as int16 bits: widen to fp32 exactly
-        s = (tl.load(s_at, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
+        s = (tl.load(s_at, mask=smask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
             tl.float32, bitcast=True)
     else:
-        s = tl.load(s_at, mask=mask, other=1).to(tl.float32)
+        s = tl.load(s_at, mask=smask, other=1).to(tl.float32)
     if HAS_ZP:
-        q = q - tl.load(zp_ptr + rows64 * stride_z + g[None, :], mask=mask, other=0).to(tl.int32)
+        q = q - tl.load(z_at, mask=smask, other=0).to(tl.int32)
     w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
     o_at = out_ptr + rows64 * stride_o + cols[None, :]
     if OUT_KIND == 0:
@@ -97,12 +113,15 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     z2 = zero_point.reshape(s2.shape).contiguous() if zero_point is not None else None
     g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
     o2 = out.view(n, in_features)
-    block_r, block_k = 16, 256
+    per = 32 // num_bits
+    block_r, block_w = _BLOCKS.get(num_bits, (32, 16))
+    block_k = block_w * per
+    row_scale = g is None and (scale.numel() == 1 or group_size % block_k == 0)
     grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
     _dequant_kernel[grid](
         p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
         g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
-        n, in_features, group_size, p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0, o2.stride(0),
-        BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+        n, in_features, p2.shape[-1], group_size, p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
+        o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_WARPS)
     return out
