@@ -89,8 +89,8 @@ def sweep(reps: int) -> None:
     t = compress(w, s)
     del w
     best = None
-    for rows in (8, 16, 32, 64):
-        for words in (16, 32, 64):
+    for rows in (16, 32, 64, 128):
+        for words in (8, 16, 32):
             for warps in (4, 8):
                 kernels._BLOCKS[4], kernels._WARPS = (rows, words), warps
                 ms = timed(lambda: decompress(t, s, kernel="triton"), reps)

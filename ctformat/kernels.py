@@ -39,45 +39,47 @@ def _round(v, KIND: tl.constexpr):
 
 @triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
-                    R, K, W, GS, stride_p, stride_s, stride_z, stride_o,
+                    R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ROW_SCALE: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                    ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    # A program covers BLOCK_R rows x BLOCK_W words; values stay [rows, words, PER] so each
+    # word's PER values are written next to each other (no reshuffle between registers).
     PER: tl.constexpr = 32 // BITS
-    BLOCK_K: tl.constexpr = BLOCK_W * PER
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < R
-    rows64 = rows.to(tl.int64)[:, None]
-    words = tl.load(packed_ptr + rows64 * stride_p + wcols[None, :], mask=rmask[:, None] & (wcols < W)[None, :],
-                    other=0)
-    # [R, W] words -> [R, W, PER] codes -> [R, K] in column order (word-major, low bits first)
-    code = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-    q = tl.reshape(code, (BLOCK_R, BLOCK_K)) - (1 << (BITS - 1))
-    mask = rmask[:, None] & (cols < K)[None, :]
+    r3 = rows.to(tl.int64)[:, None, None]
+    words = tl.load(packed_ptr + r3 * stride_p + wcols[None, :, None],
+                    mask=rmask[:, None, None] & (wcols < W)[None, :, None], other=0)
+    lane = tl.arange(0, PER)[None, None, :]
+    q = ((words >> (lane * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+    cols = wcols[None, :, None] * PER + lane                       # [1, W, PER]
+    mask = rmask[:, None, None] & (cols < K)
     if ROW_SCALE:           # one group covers this block's columns: one scale per row
-        g = (tl.program_id(1) * BLOCK_K) // GS
-        s_at = scale_ptr + rows64 * stride_s + g
-        z_at = zp_ptr + rows64 * stride_z + g
-        smask = rmask[:, None]
+        g = (tl.program_id(1) * BLOCK_W * PER) // GS
+        smask = rmask[:, None, None]
     else:
         if HAS_GIDX:
             g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
         else:
             g = cols // GS
-        s_at = scale_ptr + rows64 * stride_s + g[None, :]
-        z_at = zp_ptr + rows64 * stride_z + g[None, :]
         smask = mask
+    s_at = scale_ptr + r3 * stride_s + g
     if SCALE_KIND == 0:     # bf16 arrives as int16 bits: widen to fp32 exactly
         s = (tl.load(s_at, mask=smask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
             tl.float32, bitcast=True)
     else:
         s = tl.load(s_at, mask=smask, other=1).to(tl.float32)
     if HAS_ZP:
-        q = q - tl.load(z_at, mask=smask, other=0).to(tl.int32)
+        if ZP_PACKED:       # int32 words along each expert's rows (dim -2), as stored since CT 0.9.4
+            local = r3 % ROWS
+            zw = tl.load(zp_ptr + ((r3 // ROWS) * ZROWS + local // PER) * stride_z + g, mask=smask, other=0)
+            q = q - (((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1)))
+        else:
+            q = q - tl.load(zp_ptr + r3 * stride_z + g, mask=smask, other=0).to(tl.int32)
     w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
-    o_at = out_ptr + rows64 * stride_o + cols[None, :]
+    o_at = out_ptr + r3 * stride_o + cols
     if OUT_KIND == 0:
         tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     elif OUT_KIND == 1:
@@ -91,8 +93,8 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense [..., out, in] from packed [..., out, words] and scale [..., out, groups] (or [1]).
 
-    `zero_point` is unpacked int8 shaped like the scale; `group_size` is in_features for
-    channel and tensor strategies.
+    `zero_point` is int8 shaped like the scale, or int32 packed along rows (as stored);
+    `group_size` is in_features for channel and tensor strategies.
     """
     if num_bits not in (1, 2, 4, 8):
         raise ValueError(f"the kernel handles 1, 2, 4 and 8 bits, got {num_bits}")
@@ -110,7 +112,11 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     else:
         s2 = scale.reshape(n, scale.shape[-1]).contiguous()
         stride_s = s2.stride(0)
-    z2 = zero_point.reshape(s2.shape).contiguous() if zero_point is not None else None
+    zp_packed = zero_point is not None and zero_point.dtype == torch.int32
+    if zp_packed:
+        z2 = zero_point.reshape(-1, zero_point.shape[-1]).contiguous()      # [experts * words, groups]
+    else:
+        z2 = None if zero_point is None else zero_point.reshape(s2.shape).contiguous()
     g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
     o2 = out.view(n, in_features)
     per = 32 // num_bits
@@ -121,7 +127,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     _dequant_kernel[grid](
         p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
         g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
-        n, in_features, p2.shape[-1], group_size, p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
+        n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_WARPS)
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_WARPS)
     return out

@@ -151,12 +151,10 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
     shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
     zp = tensors.get("weight_zero_point")
-    if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
-        zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
-    elif zp is not None and zp.dtype != torch.int8:
+    if zp is not None and zp.dtype not in (torch.int32, torch.int8):
         raise TensorError(f"weight_zero_point dtype {zp.dtype} is neither int32 nor int8", rule="TEN-06")
     g_idx = tensors.get("weight_g_idx")
-    if _use_triton(kernel, packed, scheme):
+    if _use_triton(kernel, packed, scheme):    # reads packed zero points itself
         from .kernels import dequantize_packed
         _check_supported(scheme)
         gs = scheme.group_size if scheme.strategy is Strategy.GROUP else shape[-1]
@@ -164,6 +162,8 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
             raise ValueError(f"in_features {shape[-1]} is not a multiple of group_size {gs}")
         return dequantize_packed(packed, scale, zp, g_idx, num_bits=scheme.num_bits, in_features=shape[-1],
                                  group_size=gs, dtype=dtype)
+    if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
+        zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
     q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
     return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
 
