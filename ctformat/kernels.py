@@ -88,6 +88,54 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         tl.store(o_at, w, mask=mask)
 
 
+@triton.jit
+def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
+                         TOTAL, K, GS, ROWS, ZROWS, stride_p, stride_s, stride_z,
+                         BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
+                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ZP_PACKED: tl.constexpr,
+                         TENSOR_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    # One program writes BLOCK consecutive outputs of the row-major [rows, K] result: stores
+    # are contiguous, and each word, scale and zero point is read from cache after its first use.
+    PER: tl.constexpr = 32 // BITS
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    row = offs // K
+    col = (offs - row * K).to(tl.int32)
+    word = tl.load(packed_ptr + row * stride_p + col // PER, mask=mask, other=0)
+    q = ((word >> ((col % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + col, mask=mask, other=0)
+    else:
+        g = col // GS
+    if TENSOR_SCALE:
+        s_at = scale_ptr + g * 0
+    else:
+        s_at = scale_ptr + row * stride_s + g
+    if SCALE_KIND == 0:
+        s = (tl.load(s_at, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
+            tl.float32, bitcast=True)
+    else:
+        s = tl.load(s_at, mask=mask, other=1).to(tl.float32)
+    if HAS_ZP:
+        if ZP_PACKED:
+            local = row % ROWS
+            zw = tl.load(zp_ptr + ((row // ROWS) * ZROWS + local // PER) * stride_z + g, mask=mask, other=0)
+            q = q - (((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1)))
+        else:
+            q = q - tl.load(zp_ptr + row * stride_z + g, mask=mask, other=0).to(tl.int32)
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
+    if OUT_KIND == 0:
+        tl.store(out_ptr + offs, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True),
+                 mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(out_ptr + offs, w.to(tl.float16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, w, mask=mask)
+
+
+FLAT = {"on": True, "block": 2048, "warps": 8}
+
+
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       g_idx: torch.Tensor | None, *, num_bits: int, in_features: int, group_size: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -120,6 +168,16 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
     o2 = out.view(n, in_features)
     per = 32 // num_bits
+    if FLAT["on"]:
+        block = FLAT["block"]
+        _dequant_flat_kernel[(triton.cdiv(n * in_features, block),)](
+            p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
+            g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
+            n * in_features, in_features, group_size, rows, -(-rows // per), p2.stride(0), stride_s,
+            z2.stride(0) if z2 is not None else 0, BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None,
+            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], ZP_PACKED=zp_packed, TENSOR_SCALE=scale.numel() == 1,
+            BLOCK=block, num_warps=FLAT["warps"])
+        return out
     block_r, block_w = _BLOCKS.get(num_bits, (32, 16))
     block_k = block_w * per
     row_scale = g is None and (scale.numel() == 1 or group_size % block_k == 0)
