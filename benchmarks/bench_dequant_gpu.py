@@ -102,27 +102,29 @@ def sweep(reps: int) -> None:
     print(f"fastest int4 tile: rows={rows} words={words} warps={warps} ({best[0]:.3f} ms)")
 
 
-def sweep_flat(reps: int) -> None:
-    """Time the flat kernel's (block, warps) and the tiled kernel on every case; keep the best."""
+def sweep_rows(reps: int) -> None:
+    """Time tiles of the row-scale kernel on int4, int8 and asym int4; install the best."""
     from ctformat import kernels
     g = {"strategy": "group", "group_size": 128}
+    total = {}
     for args in ({"num_bits": 4, "symmetric": True, **g}, {"num_bits": 8, "symmetric": True, **g},
                  {"num_bits": 4, "symmetric": False, **g}):
         s = QuantScheme.from_json(args, where="sweep")
         w = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
         t = compress(w, s)
         del w
-        kernels.FLAT["on"] = False
-        print(f"  {args['num_bits']}-bit sym={args['symmetric']} tiled: "
-              f"{timed(lambda: decompress(t, s, kernel='triton'), reps):.3f} ms")
-        kernels.FLAT["on"] = True
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                kernels.FLAT["block"], kernels.FLAT["warps"] = block, warps
-                ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                print(f"  {args['num_bits']}-bit sym={args['symmetric']} flat block={block} warps={warps}: {ms:.3f} ms")
+        for rows in (8, 16, 32, 64):
+            for words in (8, 16, 32):
+                for warps in (2, 4, 8):
+                    kernels.ROWK.update(rows=rows, words=words, warps=warps)
+                    ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
+                    total[(rows, words, warps)] = total.get((rows, words, warps), 0) + ms
+                    print(f"  int{args['num_bits']} sym={args['symmetric']} rows={rows} words={words} "
+                          f"warps={warps}: {ms:.3f} ms")
         del t
-    kernels.FLAT["block"], kernels.FLAT["warps"] = 2048, 8
+    rows, words, warps = min(total, key=total.get)
+    kernels.ROWK.update(rows=rows, words=words, warps=warps)
+    print(f"best tile over the three cases: rows={rows} words={words} warps={warps}")
 
 
 def load_ct():
@@ -146,7 +148,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="first time int4 tile shapes and keep the fastest")
     a = ap.parse_args()
     if a.sweep:
-        sweep_flat(a.reps)
+        sweep_rows(a.reps)
     ct = load_ct()
     g = {"strategy": "group", "group_size": 128}
     cases = [("int4 sym g128", {"num_bits": 4, "symmetric": True, **g}),
