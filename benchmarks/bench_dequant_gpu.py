@@ -82,49 +82,27 @@ def case(name: str, args: dict, reps: int, ct) -> dict:
 
 
 def sweep(reps: int) -> None:
-    """Try (rows, words, warps) tiles on the int4 case; install the fastest for the run."""
+    """Time (rows, words, warps) tiles for int4 and int8; install the fastest of each."""
     from ctformat import kernels
-    s = QuantScheme.from_json({"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 128}, where="sweep")
-    w = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
-    t = compress(w, s)
-    del w
-    best = None
-    for rows in (16, 32, 64, 128):
-        for words in (8, 16, 32):
-            for warps in (4, 8):
-                kernels._BLOCKS[4], kernels._WARPS = (rows, words), warps
-                ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                print(f"  tile rows={rows:3d} words={words:3d} warps={warps}: {ms:.3f} ms")
-                if best is None or ms < best[0]:
-                    best = (ms, rows, words, warps)
-    _, rows, words, warps = best
-    kernels._BLOCKS[4], kernels._WARPS = (rows, words), warps
-    print(f"fastest int4 tile: rows={rows} words={words} warps={warps} ({best[0]:.3f} ms)")
-
-
-def sweep_rows(reps: int) -> None:
-    """Time tiles of the row-scale kernel on int4, int8 and asym int4; install the best."""
-    from ctformat import kernels
-    g = {"strategy": "group", "group_size": 128}
-    total = {}
-    for args in ({"num_bits": 4, "symmetric": True, **g}, {"num_bits": 8, "symmetric": True, **g},
-                 {"num_bits": 4, "symmetric": False, **g}):
-        s = QuantScheme.from_json(args, where="sweep")
+    for bits in (4, 8):
+        s = QuantScheme.from_json({"num_bits": bits, "symmetric": True, "strategy": "group", "group_size": 128},
+                                  where="sweep")
         w = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
         t = compress(w, s)
         del w
-        for rows in (8, 16, 32, 64):
-            for words in (8, 16, 32):
-                for warps in (2, 4, 8):
-                    kernels.ROWK.update(rows=rows, words=words, warps=warps)
+        best = None
+        for rows in (8, 16, 32):
+            for words in (16, 32, 64, 128):
+                for warps in (4, 8):
+                    kernels._BLOCKS[bits] = (rows, words, warps)
                     ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                    total[(rows, words, warps)] = total.get((rows, words, warps), 0) + ms
-                    print(f"  int{args['num_bits']} sym={args['symmetric']} rows={rows} words={words} "
-                          f"warps={warps}: {ms:.3f} ms")
+                    print(f"  int{bits} rows={rows:3d} words={words:3d} warps={warps}: {ms:.3f} ms")
+                    if best is None or ms < best[0]:
+                        best = (ms, rows, words, warps)
         del t
-    rows, words, warps = min(total, key=total.get)
-    kernels.ROWK.update(rows=rows, words=words, warps=warps)
-    print(f"best tile over the three cases: rows={rows} words={words} warps={warps}")
+        ms, rows, words, warps = best
+        kernels._BLOCKS[bits] = (rows, words, warps)
+        print(f"fastest int{bits} tile: rows={rows} words={words} warps={warps} ({ms:.3f} ms)")
 
 
 def load_ct():
@@ -148,7 +126,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="first time int4 tile shapes and keep the fastest")
     a = ap.parse_args()
     if a.sweep:
-        sweep_rows(a.reps)
+        sweep(a.reps)
     ct = load_ct()
     g = {"strategy": "group", "group_size": 128}
     cases = [("int4 sym g128", {"num_bits": 4, "symmetric": True, **g}),

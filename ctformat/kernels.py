@@ -17,10 +17,9 @@ import triton.language as tl
 __all__ = ["dequantize_packed"]
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-# (rows, words) per program, by bits: 128 columns per program, 32 rows. Tuned on an H100
+# (rows, words, warps) per program, by bits: 128 columns per program, 32 rows. Tuned on an H100
 # (benchmarks/bench_dequant_gpu.py --sweep).
-_BLOCKS = {1: (32, 4), 2: (32, 8), 4: (32, 16), 8: (32, 32)}
-_WARPS = 4
+_BLOCKS = {1: (16, 8, 4), 2: (16, 16, 4), 4: (16, 32, 4), 8: (16, 64, 4)}
 
 
 @triton.jit
@@ -88,126 +87,6 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         tl.store(o_at, w, mask=mask)
 
 
-@triton.jit
-def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
-                         TOTAL, K, GS, ROWS, ZROWS, stride_p, stride_s, stride_z,
-                         BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ZP_PACKED: tl.constexpr,
-                         TENSOR_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    # One program writes BLOCK consecutive outputs of the row-major [rows, K] result: stores
-    # are contiguous, and each word, scale and zero point is read from cache after its first use.
-    PER: tl.constexpr = 32 // BITS
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < TOTAL
-    row = offs // K
-    col = (offs - row * K).to(tl.int32)
-    word = tl.load(packed_ptr + row * stride_p + col // PER, mask=mask, other=0)
-    q = ((word >> ((col % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    if HAS_GIDX:
-        g = tl.load(gidx_ptr + col, mask=mask, other=0)
-    else:
-        g = col // GS
-    if TENSOR_SCALE:
-        s_at = scale_ptr + g * 0
-    else:
-        s_at = scale_ptr + row * stride_s + g
-    if SCALE_KIND == 0:
-        s = (tl.load(s_at, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
-            tl.float32, bitcast=True)
-    else:
-        s = tl.load(s_at, mask=mask, other=1).to(tl.float32)
-    if HAS_ZP:
-        if ZP_PACKED:
-            local = row % ROWS
-            zw = tl.load(zp_ptr + ((row // ROWS) * ZROWS + local // PER) * stride_z + g, mask=mask, other=0)
-            q = q - (((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1)))
-        else:
-            q = q - tl.load(zp_ptr + row * stride_z + g, mask=mask, other=0).to(tl.int32)
-    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
-    if OUT_KIND == 0:
-        tl.store(out_ptr + offs, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True),
-                 mask=mask)
-    elif OUT_KIND == 1:
-        tl.store(out_ptr + offs, w.to(tl.float16), mask=mask)
-    else:
-        tl.store(out_ptr + offs, w, mask=mask)
-
-
-@triton.jit
-def _value(words, j: tl.constexpr, BITS: tl.constexpr, s, z, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-           HAS_ZP: tl.constexpr):
-    """Value j of every word, as output bits (int16 for 16-bit outputs, fp32 otherwise)."""
-    q = ((words >> (j * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    if HAS_ZP:
-        q = q - z
-    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
-    if OUT_KIND == 0:
-        w = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-    elif OUT_KIND == 1:
-        w = w.to(tl.float16)
-    return w
-
-
-@triton.jit
-def _dequant_rows_kernel(packed_ptr, scale_ptr, zp_ptr, out_ptr,
-                         R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
-                         BITS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_KIND: tl.constexpr,
-                         OUT_KIND: tl.constexpr, ZP_PACKED: tl.constexpr, TENSOR_SCALE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    # 4 and 8 bits, one scale per row per block (no g_idx). The values of each word are
-    # interleaved in registers (tl.interleave keeps pairs in one thread), so each thread
-    # writes a word's PER outputs as one contiguous vector.
-    PER: tl.constexpr = 32 // BITS
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    rmask = rows < R
-    r2 = rows.to(tl.int64)[:, None]
-    words = tl.load(packed_ptr + r2 * stride_p + wcols[None, :], mask=rmask[:, None] & (wcols < W)[None, :], other=0)
-    g = (tl.program_id(1) * BLOCK_W * PER) // GS
-    if TENSOR_SCALE:
-        s_at = scale_ptr + r2 * 0
-    else:
-        s_at = scale_ptr + r2 * stride_s + g
-    if SCALE_KIND == 0:
-        s = (tl.load(s_at, mask=rmask[:, None], other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
-            tl.float32, bitcast=True)
-    else:
-        s = tl.load(s_at, mask=rmask[:, None], other=1).to(tl.float32)
-    z = 0
-    if HAS_ZP:
-        if ZP_PACKED:
-            local = r2 % ROWS
-            zw = tl.load(zp_ptr + ((r2 // ROWS) * ZROWS + local // PER) * stride_z + g, mask=rmask[:, None], other=0)
-            z = ((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-        else:
-            z = tl.load(zp_ptr + r2 * stride_z + g, mask=rmask[:, None], other=0).to(tl.int32)
-    c0 = wcols[None, :] * PER
-    # interleave(v[k], v[k + n/2]) level by level puts value j of word w at column w*PER + j
-    if BITS == 8:
-        v = tl.interleave(tl.interleave(_value(words, 0, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                                        _value(words, 2, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP)),
-                          tl.interleave(_value(words, 1, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                                        _value(words, 3, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP)))
-        c = tl.interleave(tl.interleave(c0, c0 + 2), tl.interleave(c0 + 1, c0 + 3))
-    else:
-        a0 = tl.interleave(_value(words, 0, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                           _value(words, 4, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP))
-        a1 = tl.interleave(_value(words, 1, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                           _value(words, 5, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP))
-        a2 = tl.interleave(_value(words, 2, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                           _value(words, 6, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP))
-        a3 = tl.interleave(_value(words, 3, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP),
-                           _value(words, 7, BITS, s, z, SCALE_KIND, OUT_KIND, HAS_ZP))
-        v = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
-        c = tl.interleave(tl.interleave(tl.interleave(c0, c0 + 4), tl.interleave(c0 + 2, c0 + 6)),
-                          tl.interleave(tl.interleave(c0 + 1, c0 + 5), tl.interleave(c0 + 3, c0 + 7)))
-    tl.store(out_ptr + r2 * stride_o + c, v, mask=rmask[:, None] & (c < K))
-
-
-FLAT = {"on": False, "block": 2048, "warps": 8}
-ROWK = {"on": True, "rows": 16, "words": 32, "warps": 4}
-
-
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       g_idx: torch.Tensor | None, *, num_bits: int, in_features: int, group_size: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -240,32 +119,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
     o2 = out.view(n, in_features)
     per = 32 // num_bits
-    block_w = ROWK["words"]
-    if s2.shape[-1] > 1:        # several groups: a block's columns must stay inside one group
-        while block_w > 1 and group_size % (block_w * per):
-            block_w //= 2
-    if ROWK["on"] and num_bits in (4, 8) and g is None and group_size % (block_w * per) in (0, group_size) \
-            and (s2.shape[-1] == 1 or group_size % (block_w * per) == 0):
-        block_r = ROWK["rows"]
-        _dequant_rows_kernel[(triton.cdiv(n, block_r), triton.cdiv(p2.shape[-1], block_w))](
-            p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
-            o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
-            n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s,
-            z2.stride(0) if z2 is not None else 0, o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None,
-            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], ZP_PACKED=zp_packed, TENSOR_SCALE=scale.numel() == 1,
-            BLOCK_R=block_r, BLOCK_W=block_w, num_warps=ROWK["warps"])
-        return out
-    if FLAT["on"]:
-        block = FLAT["block"]
-        _dequant_flat_kernel[(triton.cdiv(n * in_features, block),)](
-            p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
-            g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
-            n * in_features, in_features, group_size, rows, -(-rows // per), p2.stride(0), stride_s,
-            z2.stride(0) if z2 is not None else 0, BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None,
-            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], ZP_PACKED=zp_packed, TENSOR_SCALE=scale.numel() == 1,
-            BLOCK=block, num_warps=FLAT["warps"])
-        return out
-    block_r, block_w = _BLOCKS.get(num_bits, (32, 16))
+    block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
     row_scale = g is None and (scale.numel() == 1 or group_size % block_k == 0)
     grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
@@ -274,5 +128,5 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
         n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_WARPS)
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     return out
