@@ -78,6 +78,73 @@ def validate(model: str, revision: str | None, as_json: bool, deep: bool, target
     sys.exit(0 if report["ok"] else 1)
 
 
+def _size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(i?)B?\s*", text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MiB")
+    power = " kMGT".index(m.group(2).replace("K", "k") or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--to", "target", type=click.Choice(["dense"]), required=True, help="Output layout.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Dtype of the dense weights (computed in the scale dtype, then cast).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MiB...).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--keep-names", is_flag=True, help="Keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def convert(model: str, out: str, target: str, dtype: str, device: str, max_shard_size: str, force: bool,
+            keep_names: bool, as_json: bool) -> None:
+    """Convert a checkpoint to another layout; OUT appears only when complete.
+
+    --to dense: every quantized module M becomes M.weight; all other tensors and files are
+    copied; quantization_config is removed from config.json.
+
+    Example: ctformat convert fixtures/tiny-mixtral /tmp/tiny-dense --to dense
+    """
+    import time
+
+    from ctformat.convert import DTYPES, convert_to_dense
+    limit = _size(max_shard_size)
+    t0 = time.perf_counter()
+    with _bytes_progress(f"convert → {target}", disable=as_json) as progress:
+        stats = convert_to_dense(model, out, dtype=DTYPES[dtype], device=device, max_shard_size=limit,
+                                 force=force, keep_names=keep_names, progress=progress)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    if as_json:
+        render.emit_json(stats)
+    else:
+        render.out.print(f"wrote {out}: {stats['modules_dequantized']} modules dequantized, "
+                         f"{stats['tensors_copied']} tensors copied, {render.size(stats['bytes_read'])} read in "
+                         f"{stats['seconds']:.1f} s on {stats['device']}"
+                         + (f" ({stats['cpu_fallbacks']} on the CPU after GPU out-of-memory)"
+                            if stats["cpu_fallbacks"] else ""))
+
+
+class _bytes_progress:
+    """A rich progress bar on stderr (bytes, speed, ETA), as a progress(done, total) callback."""
+
+    def __init__(self, label: str, disable: bool) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        self.bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=render.err, disable=disable or not render.err.is_terminal)
+        self.task = self.bar.add_task(label, total=None)
+
+    def __enter__(self):
+        self.bar.start()
+        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
 def _progress(label: str):
     from rich.progress import Progress
     bar = Progress(console=render.err, transient=True)

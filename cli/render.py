@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def size(n: int | None) -> str:

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError, TensorError,
+from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError,
                      WriterError)
 from .header import TensorInfo, parse_index, read_header
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme
@@ -154,10 +154,10 @@ class Checkpoint:
                 raise issue.as_error()
         tensors = self.load_module(module, device)
         shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
-        gs = module.scheme.group_size
-        if gs and shape and shape[-1] % gs:
-            raise TensorError(f"in_features {shape[-1]} is not a multiple of group_size {gs}", rule="TEN-08",
-                              file=module.tensors["weight_shape"].file, where=f"{module.prefix}.weight_shape")
+        from .validate import shape_issue
+        bad = shape_issue(self, module, shape)
+        if bad is not None:
+            raise bad.as_error()
         return decompress(tensors, module.scheme, layout=self.layout(module, shape[-1]), dtype=dtype)
 
 

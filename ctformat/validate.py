@@ -236,6 +236,22 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
     return out
 
 
+def shape_issue(ckpt: Checkpoint, m: Module, shape: tuple[int, ...]) -> Issue | None:
+    """DATA-05 / TEN-08 for the weight_shape values of a module, judged against its headers."""
+    from .scheme import packed_width
+    s, packed, scale = m.scheme, m.tensors["weight_packed"], m.tensors["weight_scale"]
+    in_features = shape[-1] if shape else 0
+    groups_ok = s.strategy is not Strategy.GROUP or -(-in_features // s.group_size) == scale.shape[-1]
+    if (not shape or shape[:-1] != tuple(packed.shape[:-1]) or not groups_ok
+            or packed_width(in_features, s.num_bits, ckpt.layout(m, in_features)) != packed.shape[-1]):
+        return _issue("DATA-05", m, "weight_shape", f"says {list(shape)}, but weight_packed is "
+                      f"{list(packed.shape)} and weight_scale {list(scale.shape)}")
+    if s.strategy is Strategy.GROUP and in_features % s.group_size:
+        return _issue("TEN-08", m, "weight_shape", f"in_features {in_features} is not a multiple of "
+                      f"group_size {s.group_size}")
+    return None
+
+
 def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     import torch
@@ -248,13 +264,10 @@ def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     packed = t["weight_packed"]
     in_features = shape[-1] if shape else 0
     layout = ckpt.layout(m, in_features)
-    if shape[:-1] != tuple(packed.shape[:-1]) or packed_width(in_features, s.num_bits, layout) != packed.shape[-1] \
-            or (s.strategy is Strategy.GROUP and -(-in_features // s.group_size) != t["weight_scale"].shape[-1]):
-        return [_issue("DATA-05", m, "weight_shape", f"says {list(shape)}, but weight_packed is "
-                       f"{list(packed.shape)} and weight_scale {list(t['weight_scale'].shape)}")]
-    if s.strategy is Strategy.GROUP and in_features % s.group_size:
-        out.append(_issue("TEN-08", m, "weight_shape", f"in_features {in_features} is not a multiple of "
-                          f"group_size {s.group_size}"))
+    bad_shape = shape_issue(ckpt, m, shape)
+    if bad_shape is not None and bad_shape.rule == "DATA-05":
+        return [bad_shape]
+    out += [bad_shape] if bad_shape is not None else []
     scale = t["weight_scale"].float()
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bad.any():

@@ -112,8 +112,8 @@ class FakeHub:
             with open(f, "rb") as fh:
                 fh.seek(start)
                 body = fh.read(end - start + 1)
+            self.sent[f"{repo}/{name}"] += len(body)    # counted before sending: the client may act at once
             h.wfile.write(body)
-            self.sent[f"{repo}/{name}"] += len(body)
 
     def _json(self, h, doc, head):
         body = json.dumps(doc).encode()
