@@ -114,8 +114,8 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
 
 def _pipeline(ckpt, plan, writer, dev, dtype, stats, progress, total) -> None:
     """read (thread) -> dequantize (this thread) -> write (thread); queues bound memory."""
-    loaded: queue.Queue = queue.Queue(maxsize=2)
-    computed: queue.Queue = queue.Queue(maxsize=2)
+    loaded: queue.Queue = queue.Queue(maxsize=1)      # one module read ahead
+    computed: queue.Queue = queue.Queue(maxsize=1)    # one result waiting while another is written
     errors: list[BaseException] = []
     stop = threading.Event()
 

@@ -164,8 +164,24 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
                                  group_size=gs, dtype=dtype)
     if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
         zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
-    q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
-    return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
+    rows = packed.numel() // max(packed.shape[-1], 1)
+    if packed.device.type != "cpu" or rows * shape[-1] <= _ROW_BLOCK_ELEMENTS or scale.numel() == 1:
+        q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
+        return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
+    # Large CPU tensors go by blocks of rows into one output: temporaries stay small, so
+    # peak memory is about the output itself (every row's values are independent).
+    p2, s2 = packed.reshape(rows, packed.shape[-1]), scale.reshape(rows, scale.shape[-1])
+    z2 = None if zp is None else zp.reshape(rows, zp.shape[-1])
+    out = torch.empty(rows, shape[-1], dtype=dtype or scale.dtype)
+    step = max(1, _ROW_BLOCK_ELEMENTS // shape[-1])
+    for r in range(0, rows, step):
+        q = unpack_from_int32(p2[r:r + step], scheme.num_bits, (min(step, rows - r), shape[-1]), layout=layout)
+        out[r:r + step] = dequantize(q, s2[r:r + step], None if z2 is None else z2[r:r + step], g_idx,
+                                     scheme=scheme, dtype=dtype)
+    return out.reshape(shape)
+
+
+_ROW_BLOCK_ELEMENTS = 1 << 22     # values per block of rows on the CPU path (8 MiB of bf16)
 
 
 def _use_triton(kernel: str, packed: torch.Tensor, scheme: QuantScheme) -> bool:
