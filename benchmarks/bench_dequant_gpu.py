@@ -91,8 +91,8 @@ def sweep(reps: int) -> None:
         t = compress(w, s)
         del w
         best = None
-        for rows in (8, 16, 32):
-            for words in (16, 32, 64, 128):
+        for rows in (4, 8, 16, 32):
+            for words in (64, 128, 256):
                 for warps in (4, 8):
                     kernels._BLOCKS[bits] = (rows, words, warps)
                     ms = timed(lambda: decompress(t, s, kernel="triton"), reps)

@@ -58,11 +58,14 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
     if ROW_SCALE:           # one group covers this block's columns: one scale per row
         g = (tl.program_id(1) * BLOCK_W * PER) // GS
         smask = rmask[:, None, None]
+    elif HAS_GIDX:          # any column may use any group
+        g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
+        smask = mask
+    elif GS % PER == 0:     # a word's values share one group: one scale per row and word
+        g = (wcols[None, :, None] * PER) // GS
+        smask = rmask[:, None, None] & (wcols < W)[None, :, None]
     else:
-        if HAS_GIDX:
-            g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
-        else:
-            g = cols // GS
+        g = cols // GS
         smask = mask
     s_at = scale_ptr + r3 * stride_s + g
     if SCALE_KIND == 0:     # bf16 arrives as int16 bits: widen to fp32 exactly
