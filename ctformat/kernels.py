@@ -124,7 +124,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     per = 32 // num_bits
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
-    row_scale = g is None and (scale.numel() == 1 or group_size % block_k == 0)
+    row_scale = g is None and (s2.shape[-1] == 1 or group_size % block_k == 0)
     grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
     _dequant_kernel[grid](
         p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
