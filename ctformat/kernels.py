@@ -41,7 +41,7 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
                     R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ROW_SCALE: tl.constexpr,
-                    ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                    WORD_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # A program covers BLOCK_R rows x BLOCK_W words; values stay [rows, words, PER] so each
     # word's PER values are written next to each other (no reshuffle between registers).
     PER: tl.constexpr = 32 // BITS
@@ -61,7 +61,7 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
     elif HAS_GIDX:          # any column may use any group
         g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
         smask = mask
-    elif GS % PER == 0:     # a word's values share one group: one scale per row and word
+    elif WORD_SCALE:        # a word's values share one group: one scale per row and word
         g = (wcols[None, :, None] * PER) // GS
         smask = rmask[:, None, None] & (wcols < W)[None, :, None]
     else:
@@ -131,5 +131,5 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
         n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=g is None and group_size % per == 0, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     return out
