@@ -17,9 +17,9 @@ import triton.language as tl
 __all__ = ["dequantize_packed"]
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-# (rows, words, warps) per program, by bits: 1024 columns x 16 rows for 4 bits. Tuned on an H100
+# (rows, words, warps) per program, by bits: 512 columns x 16 rows for 4 bits. Tuned on an H100
 # (benchmarks/bench_dequant_gpu.py --sweep).
-_BLOCKS = {1: (16, 32, 4), 2: (16, 64, 4), 4: (16, 128, 4), 8: (8, 128, 4)}
+_BLOCKS = {1: (16, 16, 4), 2: (16, 32, 4), 4: (16, 64, 4), 8: (8, 256, 4)}
 
 
 @triton.jit
