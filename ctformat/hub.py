@@ -1,4 +1,4 @@
-"""Checkpoints on the Hugging Face Hub, read without downloading weights (spec §1.5).
+"""Checkpoints on the Hugging Face Hub, read without downloading weights (spec §1.6).
 
 config.json and the index come through huggingface_hub's cache like any small file; each
 shard's header is read with HTTP Range requests against the commit the revision resolves
