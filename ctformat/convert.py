@@ -18,7 +18,7 @@ from .errors import CtFormatError, UnsupportedError
 from .quant import decompress
 from .validate import check_module, shape_issue
 
-__all__ = ["convert_to_dense", "dense_plan", "resolve_device", "EXPERT_RENAMES", "DTYPES"]
+__all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "resolve_device", "EXPERT_RENAMES", "DTYPES"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -110,6 +110,22 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
         _pipeline(ckpt, plan, writer, dev, dtype, stats, progress, total)
         writer.close(config)
     return stats
+
+
+def dequantize_checkpoint(model: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "auto",
+                          keep_names: bool = False) -> dict[str, torch.Tensor]:
+    """The dense state dict of a (small) checkpoint in memory, on `device`: the same tensors,
+    names and bits convert_to_dense writes. For large models use convert_to_dense."""
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(model)
+    _preflight(ckpt)
+    out = {}
+    for name, _, _, m, source in dense_plan(ckpt, dtype, keep_names):
+        if m is None:
+            out[name] = ckpt.load(source).to(dev)
+        else:
+            out[name] = _dequantize(ckpt, m, ckpt.load_module(m), dev, dtype, {"cpu_fallbacks": 0}).to(dev)
+    return out
 
 
 def _pipeline(ckpt, plan, writer, dev, dtype, stats, progress, total) -> None:

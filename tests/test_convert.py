@@ -163,3 +163,11 @@ def test_cli_convert_reports_and_refuses(tmp_path):
     r = run(str(BAD / "HDR-01"), str(tmp_path / "p"), "--to", "dense")
     assert r.returncode == 1 and "[HDR-01]" in r.stderr and not (tmp_path / "p").exists()
     assert run(str(FIXTURES / "tiny-mixtral"), str(tmp_path / "q"), "--to", "marlin-9").returncode == 2
+
+
+def test_dequantize_checkpoint_in_memory_equals_files_written(tmp_path):
+    from ctformat.convert import dequantize_checkpoint
+    state = dequantize_checkpoint(FIXTURES / "tiny-mixtral-ct019", device="cpu")
+    convert_to_dense(FIXTURES / "tiny-mixtral-ct019", tmp_path / "o", device="cpu")
+    written = dense_tensors(tmp_path / "o")
+    assert state.keys() == written.keys() and all(torch.equal(state[k], written[k]) for k in state)
