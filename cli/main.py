@@ -62,8 +62,9 @@ def inspect(model: str, revision: str | None, as_json: bool, tensor_regex: str |
 @REVISION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema ctformat.validate/1).")
 @click.option("--deep", is_flag=True, help="Also read tensor data: scales, zero points, g_idx, padding bits.")
-@click.option("--target", type=click.Choice(["vllm"]), default=None,
-              help="Also warn about what this engine refuses (vllm: vLLM 0.33), quoting its messages.")
+@click.option("--target", type=click.Choice(["vllm", "transformers"]), default=None,
+              help="Also warn about what this loader refuses or silently gets wrong (vllm: vLLM 0.33, "
+                   "quoting its messages; transformers: expert names it does not read).")
 def validate(model: str, revision: str | None, as_json: bool, deep: bool, target: str | None) -> None:
     """Check a checkpoint against every rule of the format spec (rule IDs in spec/ctformat.md).
 

@@ -90,6 +90,7 @@ RULES: dict[str, tuple[str, str]] = {
     "VLLM-02": ("warning", "--target vllm: a CUDA WNA16 kernel exists for each Linear scheme"),
     "VLLM-03": ("warning", "--target vllm: expert 0's projections share one scheme and a fused-MoE backend fits"),
     "VLLM-04": ("warning", "--target vllm: weights are static and input_activations null (the WNA16 scheme)"),
+    "TRF-01": ("warning", "--target transformers: Mixtral experts carry the names transformers' Mixtral reads (w1/w2/w3)"),
     "DATA-01": ("error", "scales are finite and greater than zero"),
     "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["Issue", "Report", "validate_checkpoint", "check_module", "check_module_data"]
 
 _ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
-                "VLLM": ConfigError}
+                "VLLM": ConfigError, "TRF": ConfigError}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +90,13 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision
         issues += check_module(ckpt, m)
     issues += _sibling_issues(ckpt)
     if target == "vllm":
-        from .vllm import vllm_issues
+        from .profiles import vllm_issues
         issues += vllm_issues(ckpt)
+    elif target == "transformers":
+        from .profiles import transformers_issues
+        issues += transformers_issues(ckpt)
     elif target is not None:
-        raise ValueError(f"unknown target {target!r}; known: vllm")
+        raise ValueError(f"unknown target {target!r}; known: vllm, transformers")
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
         todo = [m for m in quantized if m.scheme is not None

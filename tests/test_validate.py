@@ -12,6 +12,7 @@ from ctformat.spec import RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
+TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name != "bad")
 
 
@@ -21,14 +22,13 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 def test_spec_lists_exactly_the_rules_of_the_code():
     text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM)-\d\d)`?\s*\|", text, re.M))
+    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF)-\d\d)`?\s*\|", text, re.M))
     assert table_ids == set(RULES)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"),
-                                 target="vllm" if rule.startswith("VLLM") else None)
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"), target=TARGETS.get(rule.split("-")[0]))
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -38,8 +38,9 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
+    target = TARGETS.get(rule.split("-")[0])
     args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith("DATA") else []) + (
-        ["--target", "vllm"] if rule.startswith("VLLM") else [])
+        ["--target", target] if target else [])
     with pytest.raises(SystemExit) as exc:
         main(args)
     out = json.loads(capsys.readouterr().out)
@@ -72,3 +73,13 @@ def test_vllm_profile_is_silent_on_loadable_real_checkpoints():
 
 def test_vllm_profile_off_by_default():
     assert validate_checkpoint(BAD / "VLLM-01").issues == ()
+
+
+def test_transformers_profile_flags_llmcompressor_014_expert_names():
+    from conftest import REAL
+    if not REAL.is_dir():
+        pytest.skip("shared/real-checkpoints not present")
+    new = validate_checkpoint(REAL / "llmcompressor-0.14" / "w4a16-sym-g128", target="transformers")
+    assert [i.rule for i in new.issues] == ["TRF-01"] and "gate_proj" in new.issues[0].message
+    old = validate_checkpoint(REAL / "llmcompressor-0.4.1" / "w4a16-gptq-g128", target="transformers")
+    assert old.issues == ()

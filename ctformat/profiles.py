@@ -1,5 +1,6 @@
-"""The `--target vllm` profile: what vLLM 0.33 will refuse to load, in vLLM's own words
-(spec §6.1). Judged from config and headers only; one finding per cause, not per module."""
+"""Loader profiles for `validate --target`: what vLLM 0.33 will refuse to load, in vLLM's own
+words (spec §6.1), and what transformers silently loads wrong (§6.2). Judged from config and
+headers only; one finding per cause, not per module."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .validate import Issue
 
-__all__ = ["vllm_issues", "LINEAR_KERNELS"]
+__all__ = ["vllm_issues", "transformers_issues", "LINEAR_KERNELS"]
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 _GATE_UP, _DOWN = ({"w1", "w3", "gate_proj", "up_proj"}, {"w2", "down_proj"})
@@ -121,3 +122,24 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
             seen.add(key)
             out.append(i)
     return out
+
+
+# transformers' per-architecture names for MoE experts on disk (what its weight conversion reads)
+_TRANSFORMERS_EXPERT_NAMES = {"mixtral": {"w1", "w2", "w3"}}
+
+
+def transformers_issues(ckpt: Checkpoint) -> list[Issue]:
+    """The --target transformers profile: expert names that load as random values (TRF-01)."""
+    from .validate import Issue
+    model_type = (ckpt.config or {}).get("model_type")
+    names = _TRANSFORMERS_EXPERT_NAMES.get(model_type or "")
+    if not names:
+        return []
+    odd = sorted({hit.group(3) for p in ckpt.modules() if (hit := _EXPERT.match(p)) and hit.group(3) not in names})
+    if not odd:
+        return []
+    count = sum(1 for p in ckpt.modules() if (hit := _EXPERT.match(p)) and hit.group(3) in odd)
+    return [Issue("TRF-01", "warning", "config.json", "model_type", f"{model_type} experts are stored as "
+                  f"{'/'.join(odd)} ({count} modules); transformers' {model_type} reads only "
+                  f"{'/'.join(sorted(names))} and leaves these experts at random values without an error. "
+                  "`ctformat convert --to dense` writes the names it reads")]
