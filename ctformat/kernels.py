@@ -19,7 +19,6 @@ __all__ = ["dequantize_packed"]
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # (rows, words, warps) per program, by bits: 512 columns x 16 rows for 4 bits. Tuned on an H100
 # (benchmarks/bench_dequant_gpu.py --sweep).
-PAIRS_ON = True
 _BLOCKS = {1: (16, 16, 4), 2: (16, 32, 4), 4: (16, 64, 4), 8: (8, 256, 4)}
 
 
@@ -38,71 +37,14 @@ def _round(v, KIND: tl.constexpr):
 
 
 @triton.jit
-def _pairs(packed_ptr, scale_ptr, zp_ptr, out_ptr, R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z,
-           stride_o, BITS: tl.constexpr, HAS_ZP: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-           ROW_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """16-bit outputs whose words each use one group: values 2l and 2l+1 of a word are
-    computed apart and stored together as one int32, [rows, words, PER/2] int32 per program."""
-    PER: tl.constexpr = 32 // BITS
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    rmask = rows < R
-    r3 = rows.to(tl.int64)[:, None, None]
-    wmask = rmask[:, None, None] & (wcols < W)[None, :, None]
-    words = tl.load(packed_ptr + r3 * stride_p + wcols[None, :, None], mask=wmask, other=0)
-    half = tl.arange(0, PER // 2)[None, None, :]
-    qe = ((words >> (2 * half * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    qo = ((words >> ((2 * half + 1) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    if ROW_SCALE:
-        g = (tl.program_id(1) * BLOCK_W * PER) // GS
-    else:
-        g = (wcols[None, :, None] * PER) // GS
-    s_at = scale_ptr + r3 * stride_s + g
-    if SCALE_KIND == 0:
-        s = (tl.load(s_at, mask=wmask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
-            tl.float32, bitcast=True)
-    else:
-        s = tl.load(s_at, mask=wmask, other=1).to(tl.float32)
-    if HAS_ZP:
-        if ZP_PACKED:
-            local = r3 % ROWS
-            zw = tl.load(zp_ptr + ((r3 // ROWS) * ZROWS + local // PER) * stride_z + g, mask=wmask, other=0)
-            z = ((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-        else:
-            z = tl.load(zp_ptr + r3 * stride_z + g, mask=wmask, other=0).to(tl.int32)
-        qe = qe - z
-        qo = qo - z
-    be = _bits16(_round(_round(qe.to(tl.float32) * s, SCALE_KIND), OUT_KIND), OUT_KIND)
-    bo = _bits16(_round(_round(qo.to(tl.float32) * s, SCALE_KIND), OUT_KIND), OUT_KIND)
-    pair = (be | (bo << 16)).to(tl.int32, bitcast=True)
-    cols2 = wcols[None, :, None] * (PER // 2) + half
-    tl.store(out_ptr + r3 * (stride_o // 2) + cols2, pair, mask=rmask[:, None, None] & (cols2 * 2 < K))
-
-
-@triton.jit
-def _bits16(w, OUT_KIND: tl.constexpr):
-    """A bf16- or fp16-exact fp32 value -> its 16 bits in the low half of a uint32."""
-    if OUT_KIND == 0:
-        b = w.to(tl.uint32, bitcast=True) >> 16
-    else:
-        b = w.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    return b
-
-
-@triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
                     R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ROW_SCALE: tl.constexpr,
-                    WORD_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, PAIRS: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                    WORD_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # A program covers BLOCK_R rows x BLOCK_W words; values stay [rows, words, PER] so each
     # word's PER values are written next to each other (no reshuffle between registers).
     PER: tl.constexpr = 32 // BITS
-    if PAIRS:
-        _pairs(packed_ptr, scale_ptr, zp_ptr, out_ptr, R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z,
-               stride_o, BITS, HAS_ZP, SCALE_KIND, OUT_KIND, ROW_SCALE, ZP_PACKED, BLOCK_R, BLOCK_W)
-        return
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     rmask = rows < R
@@ -183,15 +125,11 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
     row_scale = g is None and (s2.shape[-1] == 1 or group_size % block_k == 0)
-    word_scale = g is None and group_size % per == 0
-    # 16-bit output, even row length, one group per word: write value pairs as int32
-    pairs = PAIRS_ON and dtype != torch.float32 and in_features % 2 == 0 and (row_scale or word_scale)
     grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
     _dequant_kernel[grid](
         p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
-        g if g is not None else p2,
-        o2.view(torch.int32) if pairs else o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
+        g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
         n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=word_scale, ZP_PACKED=zp_packed, PAIRS=pairs, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=g is None and group_size % per == 0, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     return out
