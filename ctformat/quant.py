@@ -48,6 +48,17 @@ def _per_column(p: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     return p.index_select(-1, g_idx.to(device=p.device, dtype=torch.long))
 
 
+def _aligned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, g_idx: torch.Tensor | None,
+             scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x, scale and zero point shaped to broadcast element by element: per column through
+    g_idx, else [..., groups, group_size] against [..., groups, 1] for group strategy."""
+    if g_idx is not None:
+        return x, _per_column(scale, g_idx), None if zero_point is None else _per_column(zero_point, g_idx)
+    if scheme.strategy is not Strategy.GROUP:
+        return x, scale, zero_point
+    return _grouped(x, scheme), scale.unsqueeze(-1), None if zero_point is None else zero_point.unsqueeze(-1)
+
+
 def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale and zero point as compressed-tensors computes them, in the weight dtype."""
     _check_supported(scheme)
@@ -86,12 +97,7 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor | No
     if scale is None:
         scale, zero_point = calculate_qparams(weight, scheme)
     qmin, qmax = (torch.tensor(float(v), device=weight.device) for v in int_range(scheme.num_bits))
-    if g_idx is not None:
-        x, s, z = weight, _per_column(scale, g_idx), None if zero_point is None else _per_column(zero_point, g_idx)
-    else:
-        x = _grouped(weight, scheme)
-        s = scale.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else scale
-        z = None if zero_point is None else (zero_point.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else zero_point)
+    x, s, z = _aligned(weight, scale, zero_point, g_idx, scheme)
     scaled = x / s
     if z is not None:
         scaled += z.to(x.dtype)
@@ -104,12 +110,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """(q - zero_point) * scale, computed in the scale dtype, then cast to `dtype`."""
     _check_supported(scheme)
-    if g_idx is not None:
-        x, s, z = q, _per_column(scale, g_idx), None if zero_point is None else _per_column(zero_point, g_idx)
-    else:
-        x = _grouped(q, scheme)
-        s = scale.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else scale
-        z = None if zero_point is None else (zero_point.unsqueeze(-1) if scheme.strategy is Strategy.GROUP else zero_point)
+    x, s, z = _aligned(q, scale, zero_point, g_idx, scheme)
     w = x.to(s.dtype)
     if z is not None:
         w -= z.to(s.dtype)
