@@ -23,6 +23,7 @@ _LAZY = {
     "CheckpointWriter": "checkpoint", "save_checkpoint": "checkpoint",
     "validate_checkpoint": "validate", "Report": "validate", "Issue": "validate",
     "summarize": "summary", "Summary": "summary",
+    "open_hub_checkpoint": "hub", "convert_to_dense": "convert", "dequantize_checkpoint": "convert",
 }
 
 __all__ = [

@@ -196,8 +196,5 @@ def _use_triton(kernel: str, packed: torch.Tensor, scheme: QuantScheme) -> bool:
         return True
     if kernel == "torch" or not fits or packed.device.type != "cuda":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from importlib.util import find_spec
+    return find_spec("triton") is not None

@@ -258,7 +258,6 @@ def shape_issue(ckpt: Checkpoint, m: Module, shape: tuple[int, ...]) -> Issue | 
 def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     import torch
-    from .scheme import packed_width
     from .quant import int_range
     s = m.scheme
     t = ckpt.load_module(m)

@@ -3,7 +3,6 @@ ctformat's dequantization (equal to compressed-tensors'), and failures leave not
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
