@@ -40,6 +40,7 @@ def summary(d: dict[str, Any]) -> None:
     t.add_column()
     p, b = d["parameters"], d["bytes"]
     t.add_row("architecture", str(d["architecture"]))
+    d = dict(d, producer_version=None if d["producer_version"] is None else str(d["producer_version"]))
     t.add_row("quantization", f"{d['quant_method']} / {d['format']}" if d["quant_method"] else "none (dense)")
     t.add_row("producer", d["producer_version"] or "compressed-tensors < 0.6 era or unknown (no version key)")
     t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} quantized, {count(p['dense'])} dense)")

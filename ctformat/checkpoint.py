@@ -66,6 +66,10 @@ class LocalFiles:
     def is_file(self, name: str) -> bool:
         return (self.root / name).is_file()
 
+    def present(self, name: str) -> bool:
+        """Something by that name exists, readable or not (a folder, a dangling link)."""
+        return os.path.lexists(self.root / name)
+
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_file())
 
@@ -194,6 +198,11 @@ def read_checkpoint(files, *, strict: bool = True, single: str | None = None) ->
             config = _read_config(files.read_bytes("config.json"))
         except ConfigError as err:
             fail(err)
+        except OSError as err:
+            fail(ConfigError(f"cannot read: {err.strerror or err}", rule="CFG-01", file="config.json"))
+    elif files.present("config.json"):
+        fail(ConfigError("is not a readable file (a folder, or a link that leads nowhere)", rule="CFG-01",
+                         file="config.json"))
     quant = None
     if config is not None and config.get("quantization_config") is not None:
         try:
@@ -231,8 +240,8 @@ def read_checkpoint(files, *, strict: bool = True, single: str | None = None) ->
 def _read_config(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"not UTF-8 JSON: {err}", rule="CFG-01", file="config.json") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"not UTF-8 JSON: {str(err)[:200]}", rule="CFG-01", file="config.json") from None
     if not isinstance(obj, dict):
         raise ConfigError("not a JSON object", rule="CFG-01", file="config.json")
     return obj
@@ -416,12 +425,20 @@ def _check_output(out: Path, source: Path | None, force: bool) -> None:
         raise CheckpointNotFoundError(f"{out.parent}: output folder's parent does not exist")
 
 
+_WEIGHT_FILES = (".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES
+
+
 def _copy_other_files(source: Path, dest: Path) -> None:
-    """Tokenizer, generation config, README...: every top-level file that is not weights."""
+    """Tokenizer, generation config, README, sub-folders...: everything that is not weights
+    (nor config.json, nor hidden), as regular files (links followed)."""
+    skip = shutil.ignore_patterns(".*", *(f"*{s}" for s in _WEIGHT_FILES))
     for p in sorted(source.iterdir()):
-        if (p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", INDEX_NAME)
-                and not p.name.endswith((".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES)):
+        if p.name.startswith(".") or p.name in ("config.json", INDEX_NAME) or p.name.endswith(_WEIGHT_FILES):
+            continue
+        if p.is_file():
             shutil.copyfile(p, dest / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dest / p.name, ignore=skip)
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, Module, dtype_code, open_checkpoint
-from .errors import CtFormatError, UnsupportedError
+from .errors import CtFormatError, OutputExistsError, UnsupportedError, UsageError
 from .quant import decompress
 from .validate import check_module, shape_issue
 
@@ -33,7 +33,12 @@ _QUANT_PARAMS = {"weight_packed", "weight_scale", "weight_shape", "weight_zero_p
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CtFormatError(f"--device {device}: no CUDA device here (torch {torch.__version__}, "
                             f"cuda available: no); use --device cpu")
@@ -51,6 +56,7 @@ def _rename(prefix: str, model_type: str | None, keep_names: bool) -> str:
 def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False) -> list[tuple]:
     """(output name, dtype code, shape, module or None, source tensor name) in read order."""
     model_type = (ckpt.config or {}).get("model_type")
+    model_type = model_type if isinstance(model_type, str) else None
     mods = ckpt.modules()
     order = sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.start))
     plan, done = [], set()
@@ -67,6 +73,13 @@ def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False) -
             name = f"{_rename(prefix, model_type, keep_names)}.{suffix}" if prefix else suffix
             plan.append((name, info.dtype, info.shape, None, info.name))
     return plan
+
+
+def _check_apart(src: Path, out: Path) -> None:
+    """OUT may not be, contain, or lie inside the input (a single file's folder may hold OUT)."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents or (src.is_dir() and s in o.parents):
+        raise OutputExistsError(f"{out}: overlaps the input {src}; the input is never touched")
 
 
 def _preflight(ckpt: Checkpoint) -> None:
@@ -94,6 +107,7 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
         raise CtFormatError(f"{model}: convert needs a local checkpoint (download a Hub repo first, e.g. "
                             f"`hf download {model}`)")
     dev = resolve_device(device)
+    _check_apart(src, Path(out))
     ckpt = open_checkpoint(src)
     _preflight(ckpt)
     plan = dense_plan(ckpt, dtype, keep_names)
@@ -106,7 +120,7 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
     stats = {"modules_dequantized": 0, "tensors_copied": 0, "bytes_read": 0, "cpu_fallbacks": 0,
              "device": str(dev), "output": str(out)}
     with CheckpointWriter(out, [(n, d, s) for n, d, s, _, _ in plan], max_shard_size=max_shard_size,
-                          force=force, source=ckpt.root) as writer:
+                          force=force, source=ckpt.root if src.is_dir() else None) as writer:
         _pipeline(ckpt, plan, writer, dev, dtype, stats, progress, total)
         writer.close(config)
     return stats

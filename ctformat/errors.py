@@ -10,7 +10,7 @@ from typing import ClassVar
 
 __all__ = [
     "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError",
-    "UnsupportedError", "CheckpointNotFoundError", "OutputExistsError", "WriterError",
+    "UsageError", "UnsupportedError", "CheckpointNotFoundError", "OutputExistsError", "WriterError",
 ]
 
 
@@ -46,6 +46,12 @@ class HeaderError(SpecError):
 
 class TensorError(SpecError):
     """A tensor's presence, dtype, shape or content breaks a TEN or DATA rule."""
+
+
+class UsageError(CtFormatError, ValueError):
+    """An option or argument the command cannot take (exit code 2, as click's usage errors)."""
+
+    exit_code: ClassVar[int] = 2
 
 
 class UnsupportedError(CtFormatError, NotImplementedError):

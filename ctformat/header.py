@@ -70,8 +70,8 @@ def parse_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Tenso
     """Check a header's JSON and its byte accounting against a file of `file_size` bytes."""
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise HeaderError(f"header is not UTF-8 JSON: {err}", rule="HDR-02", file=file) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise HeaderError(f"header is not UTF-8 JSON: {str(err)[:200]}", rule="HDR-02", file=file) from None
     if not isinstance(obj, dict):
         raise HeaderError("header is not a JSON object", rule="HDR-02", file=file)
     metadata = obj.pop("__metadata__", None) or {}
@@ -91,7 +91,7 @@ def _entry(name: str, entry: Any, base: int, file: str) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError("entry is not an object", rule="HDR-03", file=file, where=name)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise HeaderError(f"unknown dtype {dtype!r}", rule="HDR-03", file=file, where=name)
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise HeaderError(f"shape {shape!r} is not a list of non-negative integers",
@@ -129,7 +129,8 @@ def check_shard_name(name: Any, index_file: str) -> str:
     if not isinstance(name, str) or not name:
         raise HeaderError(f"shard name {name!r} is not a file name", rule="FILE-03", file=index_file)
     p = PurePosixPath(name)
-    if p.is_absolute() or "\\" in name or ".." in p.parts or name.startswith("~") or ":" in p.parts[0]:
+    if (not p.parts or p.is_absolute() or "\\" in name or ".." in p.parts or name.startswith("~")
+            or ":" in p.parts[0] or name.endswith("/")):
         raise HeaderError(f"shard name {name!r} points outside the model folder",
                           rule="FILE-04", file=index_file)
     return name
@@ -139,8 +140,8 @@ def parse_index(raw: bytes, file: str) -> dict[str, str]:
     """model.safetensors.index.json -> its weight_map, every shard name checked (FILE-03, FILE-04)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise HeaderError(f"not UTF-8 JSON: {err}", rule="FILE-03", file=file) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise HeaderError(f"not UTF-8 JSON: {str(err)[:200]}", rule="FILE-03", file=file) from None
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise HeaderError("no weight_map object", rule="FILE-03", file=file)

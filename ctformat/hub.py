@@ -37,6 +37,9 @@ class HubFiles:
     def is_file(self, name: str) -> bool:
         return name in self.siblings
 
+    def present(self, name: str) -> bool:
+        return name in self.siblings
+
     def names(self) -> list[str]:
         return sorted(self.siblings)
 
@@ -82,7 +85,6 @@ def open_hub_checkpoint(repo_id: str, revision: str | None = None, *, strict: bo
                         endpoint: str | None = None, cache_dir: str | None = None) -> Checkpoint:
     """Open `org/name` at `revision` from its headers, or from the local cache when offline."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.errors import (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     if constants.HF_HUB_OFFLINE:
@@ -97,15 +99,18 @@ def open_hub_checkpoint(repo_id: str, revision: str | None = None, *, strict: bo
         raise CheckpointNotFoundError(f"{repo_id}: no revision {revision!r} [FILE-01]") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
         return _open_cached(repo_id, revision, strict, cache_dir)
-    except OSError as err:
-        raise CtFormatError(f"{repo_id}: cannot reach the Hub ({err}); set HF_HUB_OFFLINE=1 to use the local "
-                            "cache") from None
+    except Exception as err:  # network failures come as httpx errors, not OSError
+        raise CtFormatError(f"{repo_id}: no such local path, and the Hub could not be reached "
+                            f"({type(err).__name__}: {err}); set HF_HUB_OFFLINE=1 to use the local cache") from None
     siblings = {s.rfilename for s in (info.siblings or [])}
     files = HubFiles(repo_id, info.sha, siblings, endpoint=endpoint, cache_dir=cache_dir)
     try:
         return read_checkpoint(files, strict=strict)
-    except HfHubHTTPError as err:
-        raise HeaderError(f"Hub request failed: {err}", rule="FILE-05", file=files.label) from None
+    except CtFormatError:
+        raise
+    except Exception as err:  # HTTP errors and dropped connections while reading headers
+        raise HeaderError(f"Hub request failed: {type(err).__name__}: {err}", rule="FILE-05",
+                          file=files.label) from None
 
 
 def _open_cached(repo_id: str, revision: str | None, strict: bool, cache_dir: str | None) -> Checkpoint:

@@ -132,7 +132,7 @@ def transformers_issues(ckpt: Checkpoint) -> list[Issue]:
     """The --target transformers profile: expert names that load as random values (TRF-01)."""
     from .validate import Issue
     model_type = (ckpt.config or {}).get("model_type")
-    names = _TRANSFORMERS_EXPERT_NAMES.get(model_type or "")
+    names = _TRANSFORMERS_EXPERT_NAMES.get(model_type) if isinstance(model_type, str) else None
     if not names:
         return []
     odd = sorted({hit.group(3) for p in ckpt.modules() if (hit := _EXPERT.match(p)) and hit.group(3) not in names})

@@ -155,6 +155,9 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
     if zp is not None and zp.dtype not in (torch.int32, torch.int8):
         raise TensorError(f"weight_zero_point dtype {zp.dtype} is neither int32 nor int8", rule="TEN-06")
     g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[-1]):
+        raise TensorError(f"weight_g_idx spans [{int(g_idx.min())}, {int(g_idx.max())}], outside "
+                          f"[0, {scale.shape[-1]})", rule="DATA-03", where="weight_g_idx")
     if _use_triton(kernel, packed, scheme):    # reads packed zero points itself
         from .kernels import dequantize_packed
         _check_supported(scheme)

@@ -45,6 +45,7 @@ _TOP_KEYS = {"config_groups", "format", "global_compression_ratio", "ignore", "k
              "quant_method", "quantization_status", "version", "sparsity_config", "transform_config",
              "moe_sparsity_config", "run_compressed", "dequantize", "use_optimized_inference"}
 # True and "dynamic" are the spellings of "group" older compressed-tensors wrote (g_idx stored)
+_SCALE_DTYPES = {None, "torch.float16", "torch.bfloat16", "torch.float32", "float16", "bfloat16", "float32"}
 _ACTORDER = {None: None, False: None, "weight": "weight", "static": "static", "group": "group", True: "group",
              "dynamic": "group"}
 
@@ -75,9 +76,19 @@ class QuantScheme:
                               rule="CFG-05", where=where)
         strategy, group_size = _strategy(obj, where)
         actorder = obj.get("actorder")
-        if actorder not in _ACTORDER:
+        if not isinstance(actorder, (str, bool, type(None))) or actorder not in _ACTORDER:
             raise ConfigError(f"actorder {actorder!r} is not null, false, weight, static, group (or true/dynamic)",
                               rule="CFG-07", where=f"{where}.actorder")
+        for key in ("observer", "scale_dtype", "zp_dtype"):
+            if not isinstance(obj.get(key), (str, type(None))):
+                raise ConfigError(f"{key} {obj.get(key)!r} is not a string or null", rule="CFG-06",
+                                  where=f"{where}.{key}")
+        if obj.get("scale_dtype") not in _SCALE_DTYPES:
+            raise ConfigError(f"scale_dtype {obj.get('scale_dtype')!r}: pack-quantized scales that ctformat reads "
+                              "are float16, bfloat16 or float32", rule="CFG-06", where=f"{where}.scale_dtype")
+        if obj.get("dynamic", False) not in (False, True, "local"):
+            raise ConfigError(f"dynamic {obj.get('dynamic')!r} is not false, true or local", rule="CFG-06",
+                              where=f"{where}.dynamic")
         symmetric = obj.get("symmetric", True)
         if not isinstance(symmetric, bool):
             raise ConfigError(f"symmetric {symmetric!r} is not a boolean", rule="CFG-06", where=f"{where}.symmetric")

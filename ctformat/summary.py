@@ -52,8 +52,11 @@ def _natural(s: str) -> list:
 def _in_features(m: Module) -> int:
     """Exact for group strategy; the packed upper bound otherwise (no data is read)."""
     s, packed = m.scheme, m.tensors["weight_packed"]
-    if s is not None and s.strategy is Strategy.GROUP and len(m.tensors["weight_scale"].shape) >= 2:
-        return m.tensors["weight_scale"].shape[-1] * s.group_size
+    if len(packed.shape) < 2:
+        return 0                                  # malformed (TEN-04): validate says so
+    scale = m.tensors.get("weight_scale")
+    if s is not None and s.strategy is Strategy.GROUP and scale is not None and len(scale.shape) >= 2:
+        return scale.shape[-1] * s.group_size
     bits = s.num_bits if s is not None else 4
     return packed.shape[-1] * 32 // bits
 

@@ -175,7 +175,8 @@ def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
     else:
         in_features = None
     want_scale = (*lead, *s.scale_shape(out, in_features or 1))
-    if scale.dtype not in FLOAT_DTYPES or tuple(scale.shape) != tuple(want_scale):
+    ok_shapes = {tuple(want_scale)} | ({(1,)} if s.strategy is Strategy.TENSOR else set())   # [1] even stacked
+    if scale.dtype not in FLOAT_DTYPES or tuple(scale.shape) not in ok_shapes:
         yield _issue("TEN-05", m, "weight_scale", f"expected a float tensor {list(want_scale)} for strategy "
                      f"{s.strategy.value}, got {scale.dtype} {list(scale.shape)}")
     if "weight_zero_point" in t and not s.symmetric:
