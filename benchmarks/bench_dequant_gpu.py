@@ -82,27 +82,36 @@ def case(name: str, args: dict, reps: int, ct) -> dict:
 
 
 def sweep(reps: int) -> None:
-    """Time (rows, words, warps) tiles for int4 and int8; install the fastest of each."""
+    """Tune the flat kernel (symmetric int4/int8) and the tiled kernel (asymmetric int4);
+    install the fastest settings for the rest of the run."""
     from ctformat import kernels
-    for bits in (4, 8):
-        s = QuantScheme.from_json({"num_bits": bits, "symmetric": True, "strategy": "group", "group_size": 128},
-                                  where="sweep")
+    g = {"strategy": "group", "group_size": 128}
+    for args in ({"num_bits": 4, "symmetric": True, **g}, {"num_bits": 4, "symmetric": False, **g}):
+        s = QuantScheme.from_json(args, where="sweep")
         w = (torch.randn(E, N, K, device="cuda") * 0.02).to(torch.bfloat16)
         t = compress(w, s)
         del w
         best = None
-        for rows in (4, 8, 16, 32):
-            for words in (64, 128, 256):
-                for warps in (4, 8):
-                    kernels._BLOCKS[bits] = (rows, words, warps)
+        if args["symmetric"]:
+            for block in (512, 1024, 2048, 4096):
+                for warps in (2, 4, 8):
+                    kernels.FLAT.update(block=block, warps=warps)
                     ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                    print(f"  int{bits} rows={rows:3d} words={words:3d} warps={warps}: {ms:.3f} ms")
-                    if best is None or ms < best[0]:
-                        best = (ms, rows, words, warps)
+                    print(f"  flat block={block} warps={warps}: {ms:.3f} ms")
+                    best = min(best or (ms, block, warps), (ms, block, warps))
+            kernels.FLAT.update(block=best[1], warps=best[2])
+            print(f"fastest flat: block={best[1]} warps={best[2]} ({best[0]:.3f} ms)")
+        else:
+            for rows in (4, 8, 16, 32):
+                for words in (32, 64, 128):
+                    for warps in (4, 8):
+                        kernels._BLOCKS[4] = (rows, words, warps)
+                        ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
+                        print(f"  tiled rows={rows} words={words} warps={warps}: {ms:.3f} ms")
+                        best = min(best or (ms, rows, words, warps), (ms, rows, words, warps))
+            kernels._BLOCKS[4] = best[1:]
+            print(f"fastest tiled int4: {best[1:]} ({best[0]:.3f} ms)")
         del t
-        ms, rows, words, warps = best
-        kernels._BLOCKS[bits] = (rows, words, warps)
-        print(f"fastest int{bits} tile: rows={rows} words={words} warps={warps} ({ms:.3f} ms)")
 
 
 def load_ct():

@@ -90,6 +90,35 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         tl.store(o_at, w, mask=mask)
 
 
+@triton.jit
+def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constexpr, GS: tl.constexpr,
+                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: output element i
+    # reads word i // PER and scale i // GS of the flat tensors, so no row/column arithmetic
+    # is needed (PER and GS are compile-time powers of two: shifts, not divisions).
+    PER: tl.constexpr = 32 // BITS
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    words = tl.load(packed_ptr + offs // PER, mask=mask, other=0)
+    q = ((words >> ((offs % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+    if SCALE_KIND == 0:
+        s = (tl.load(scale_ptr + offs // GS, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+             << 16).to(tl.float32, bitcast=True)
+    else:
+        s = tl.load(scale_ptr + offs // GS, mask=mask, other=1).to(tl.float32)
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
+    if OUT_KIND == 0:
+        tl.store(out_ptr + offs, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True),
+                 mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(out_ptr + offs, w.to(tl.float16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, w, mask=mask)
+
+
+FLAT = {"block": 1024, "warps": 4}
+
+
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       g_idx: torch.Tensor | None, *, num_bits: int, in_features: int, group_size: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -122,6 +151,15 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
     o2 = out.view(n, in_features)
     per = 32 // num_bits
+    total = n * in_features
+    if (g is None and z2 is None and s2.shape[-1] > 1 and in_features % group_size == 0
+            and in_features == p2.shape[-1] * per and group_size & (group_size - 1) == 0
+            and group_size % per == 0 and total < 2**31):
+        _dequant_flat_kernel[(triton.cdiv(total, FLAT["block"]),)](
+            p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2,
+            o2.view(torch.int16) if dtype == torch.bfloat16 else o2, total, BITS=num_bits, GS=group_size,
+            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], BLOCK=FLAT["block"], num_warps=FLAT["warps"])
+        return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
     row_scale = g is None and (s2.shape[-1] == 1 or group_size % block_k == 0)
