@@ -10,6 +10,8 @@ operations (round to nearest even) so the interpreter, which truncates, agrees w
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -17,15 +19,25 @@ import triton.language as tl
 __all__ = ["dequantize_packed"]
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton runs kernels on the CPU, truncating bf16
+
+
+def _bits_view(t: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors reach the interpreter as int16 bits; on a GPU they stay bf16."""
+    return t.view(torch.int16) if _INTERPRET and t.dtype == torch.bfloat16 else t
 # (rows, words, warps) per program, by bits: 512 columns x 16 rows for 4 bits. Tuned on an H100
 # (benchmarks/bench_dequant_gpu.py --sweep).
 _BLOCKS = {1: (16, 16, 4), 2: (16, 32, 4), 4: (16, 64, 4), 8: (8, 256, 4)}
 
 
 @triton.jit
-def _round(v, KIND: tl.constexpr):
-    """fp32 -> the value of dtype KIND nearest to it (ties to even), still as fp32."""
-    if KIND == 0:
+def _round(v, KIND: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 -> the value of dtype KIND nearest to it (ties to even), still as fp32. NATIVE uses
+    the hardware conversion (round to nearest even on GPUs); the interpreter needs the integer
+    version because it truncates."""
+    if KIND == 0 and NATIVE:
+        out = v.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+    elif KIND == 0:
         bits = v.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         out = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))     # keep NaN a NaN
@@ -41,7 +53,8 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
                     R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, ROW_SCALE: tl.constexpr,
-                    WORD_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                    WORD_SCALE: tl.constexpr, ZP_PACKED: tl.constexpr, NATIVE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     # A program covers BLOCK_R rows x BLOCK_W words; values stay [rows, words, PER] so each
     # word's PER values are written next to each other (no reshuffle between registers).
     PER: tl.constexpr = 32 // BITS
@@ -68,7 +81,7 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         g = cols // GS
         smask = mask
     s_at = scale_ptr + r3 * stride_s + g
-    if SCALE_KIND == 0:     # bf16 arrives as int16 bits: widen to fp32 exactly
+    if SCALE_KIND == 0 and not NATIVE:     # bf16 arrives as int16 bits: widen to fp32 exactly
         s = (tl.load(s_at, mask=smask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
             tl.float32, bitcast=True)
     else:
@@ -80,9 +93,11 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
             q = q - (((zw >> ((local % PER) * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1)))
         else:
             q = q - tl.load(zp_ptr + r3 * stride_z + g, mask=smask, other=0).to(tl.int32)
-    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
     o_at = out_ptr + r3 * stride_o + cols
-    if OUT_KIND == 0:
+    if OUT_KIND == 0 and NATIVE:
+        tl.store(o_at, w.to(tl.bfloat16), mask=mask)
+    elif OUT_KIND == 0:
         tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     elif OUT_KIND == 1:
         tl.store(o_at, w.to(tl.float16), mask=mask)
@@ -92,7 +107,8 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
 
 @triton.jit
 def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constexpr, GS: tl.constexpr,
-                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
+                         BLOCK: tl.constexpr):
     # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: output element i
     # reads word i // PER and scale i // GS of the flat tensors, so no row/column arithmetic
     # is needed (PER and GS are compile-time powers of two: shifts, not divisions).
@@ -101,13 +117,15 @@ def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constex
     mask = offs < TOTAL
     words = tl.load(packed_ptr + offs // PER, mask=mask, other=0)
     q = ((words >> ((offs % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    if SCALE_KIND == 0:
+    if SCALE_KIND == 0 and not NATIVE:
         s = (tl.load(scale_ptr + offs // GS, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
              << 16).to(tl.float32, bitcast=True)
     else:
         s = tl.load(scale_ptr + offs // GS, mask=mask, other=1).to(tl.float32)
-    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND), OUT_KIND)
-    if OUT_KIND == 0:
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+    if OUT_KIND == 0 and NATIVE:
+        tl.store(out_ptr + offs, w.to(tl.bfloat16), mask=mask)
+    elif OUT_KIND == 0:
         tl.store(out_ptr + offs, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True),
                  mask=mask)
     elif OUT_KIND == 1:
@@ -156,18 +174,17 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
             and in_features == p2.shape[-1] * per and group_size & (group_size - 1) == 0
             and group_size % per == 0 and total < 2**31):
         _dequant_flat_kernel[(triton.cdiv(total, FLAT["block"]),)](
-            p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2,
-            o2.view(torch.int16) if dtype == torch.bfloat16 else o2, total, BITS=num_bits, GS=group_size,
-            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], BLOCK=FLAT["block"], num_warps=FLAT["warps"])
+            p2, _bits_view(s2), _bits_view(o2), total, BITS=num_bits, GS=group_size,
+            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], NATIVE=not _INTERPRET, BLOCK=FLAT["block"],
+            num_warps=FLAT["warps"])
         return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
     row_scale = g is None and (s2.shape[-1] == 1 or group_size % block_k == 0)
     grid = (triton.cdiv(n, block_r), triton.cdiv(in_features, block_k))
     _dequant_kernel[grid](
-        p2, s2.view(torch.int16) if s2.dtype == torch.bfloat16 else s2, z2 if z2 is not None else p2,
-        g if g is not None else p2, o2.view(torch.int16) if dtype == torch.bfloat16 else o2,
+        p2, _bits_view(s2), z2 if z2 is not None else p2, g if g is not None else p2, _bits_view(o2),
         n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
-        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=g is None and group_size % per == 0, ZP_PACKED=zp_packed, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=g is None and group_size % per == 0, ZP_PACKED=zp_packed, NATIVE=not _INTERPRET, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
     return out
