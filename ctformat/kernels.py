@@ -25,9 +25,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton runs kernels
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
     """bf16 tensors reach the interpreter as int16 bits; on a GPU they stay bf16."""
     return t.view(torch.int16) if _INTERPRET and t.dtype == torch.bfloat16 else t
-# (rows, words, warps) per program, by bits: 512 columns x 16 rows for 4 bits. Tuned on an H100
+# (rows, words, warps) per program of the tiled kernel, by bits. Tuned on an H100
 # (benchmarks/bench_dequant_gpu.py --sweep).
-_BLOCKS = {1: (16, 16, 4), 2: (16, 32, 4), 4: (16, 64, 4), 8: (8, 256, 4)}
+_BLOCKS = {1: (16, 16, 4), 2: (16, 32, 4), 4: (4, 128, 4), 8: (8, 256, 4)}
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constex
         tl.store(out_ptr + offs, w, mask=mask)
 
 
-FLAT = {"block": 1024, "warps": 4}
+FLAT = {"block": 4096, "warps": 8}     # H100 sweep (benchmarks/bench_dequant_gpu.py --sweep)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
