@@ -51,3 +51,27 @@ def test_fixture_checkpoints_dequantize_identically_on_cuda():
         for m in ckpt.modules().values():
             if m.quantized:
                 assert torch.equal(ckpt.dequantize(m, device="cuda").cpu(), ckpt.dequantize(m)), (name, m.prefix)
+
+
+def test_convert_falls_back_to_cpu_when_gpu_memory_runs_out(tmp_path):
+    import json
+
+    from ctformat.checkpoint import save_checkpoint
+    from ctformat.convert import convert_to_dense
+    s = QuantScheme.from_json({"num_bits": 4, "strategy": "group", "group_size": 128}, where="oom")
+    tensors = {}
+    for k in range(3):
+        w = (torch.randn(1024, 2048, generator=torch.Generator().manual_seed(k)) * 0.02).to(torch.bfloat16)
+        tensors.update({f"model.layers.{k}.mlp.down_proj.{n}": v for n, v in compress(w, s).items()})
+    config = json.loads((FIXTURES / "int4-g32" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 128
+    src = save_checkpoint(tmp_path / "src", tensors, config)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1e-6)      # a few kB: every module's upload fails
+    try:
+        stats = convert_to_dense(src, tmp_path / "gpu", device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    convert_to_dense(src, tmp_path / "cpu", device="cpu")
+    assert stats["cpu_fallbacks"] == 3
+    assert (tmp_path / "gpu" / "model.safetensors").read_bytes() == (tmp_path / "cpu" / "model.safetensors").read_bytes()
