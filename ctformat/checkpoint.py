@@ -12,6 +12,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from enum import Enum
+from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -149,16 +150,21 @@ class Checkpoint:
     def dequantize(self, module: Module, *, dtype: torch.dtype | None = None,
                    device: str | None = None) -> torch.Tensor:
         """The dense weight of one quantized module, checked against its scheme first."""
-        from .quant import decompress
         from .validate import check_module
         if module.scheme is None:
             raise ConfigError("no config group targets this module", rule="TEN-10", where=module.prefix)
         for issue in check_module(self, module):
             if issue.severity == "error":
                 raise issue.as_error()
-        tensors = self.load_module(module, device)
-        shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+        return self.decompress_loaded(module, self.load_module(module, device), dtype=dtype)
+
+    def decompress_loaded(self, module: Module, tensors: Mapping[str, torch.Tensor], *,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weight from a module's already loaded tensors (any device), after checking
+        its weight_shape against the headers (DATA-05, TEN-08)."""
+        from .quant import decompress
         from .validate import shape_issue
+        shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
         bad = shape_issue(self, module, shape)
         if bad is not None:
             raise bad.as_error()
@@ -334,7 +340,8 @@ class CheckpointWriter:
         if self._fh is None or self._fh_shard != shard:
             self._open_shard(shard)
         if tensor.numel():
-            self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(_uint8()).numpy().data)
+            import torch
+            self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self, config: Mapping[str, Any] | None = None) -> Path:
@@ -346,7 +353,7 @@ class CheckpointWriter:
         self._close_shard()
         names = self._shard_names()
         if len(names) > 1:
-            index = {"metadata": {"total_size": sum(DTYPE_SIZES[d] * _numel(s) for _, d, s in self.plan)},
+            index = {"metadata": {"total_size": sum(DTYPE_SIZES[d] * prod(s) for _, d, s in self.plan)},
                      "weight_map": {n: names[k] for (n, _, _), k in zip(self.plan, self.shards)}}
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if self.source is not None:
@@ -374,7 +381,7 @@ class CheckpointWriter:
         header, pos = {"__metadata__": {"format": "pt"}}, 0
         for (n, d, s), k in zip(self.plan, self.shards):
             if k == shard:
-                size = DTYPE_SIZES[d] * _numel(s)
+                size = DTYPE_SIZES[d] * prod(s)
                 header[n] = {"dtype": d, "shape": list(s), "data_offsets": [pos, pos + size]}
                 pos += size
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -389,22 +396,10 @@ class CheckpointWriter:
             self._fh = None
 
 
-def _uint8():
-    import torch
-    return torch.uint8
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _assign_shards(plan: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[int]:
     out, shard, used = [], 0, 0
     for _, d, s in plan:
-        size = DTYPE_SIZES[d] * _numel(s)
+        size = DTYPE_SIZES[d] * prod(s)
         if used and used + size > max_bytes:
             shard, used = shard + 1, 0
         out.append(shard)

@@ -15,8 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, Module, dtype_code, open_checkpoint
 from .errors import CtFormatError, OutputExistsError, UnsupportedError, UsageError
-from .quant import decompress
-from .validate import check_module, shape_issue
+from .validate import check_module
 
 __all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "resolve_device", "EXPERT_RENAMES", "DTYPES"]
 
@@ -202,19 +201,14 @@ def _pipeline(ckpt, plan, writer, dev, dtype, stats, progress, total) -> None:
 
 def _dequantize(ckpt: Checkpoint, m: Module, tensors: dict, dev: torch.device, dtype: torch.dtype,
                 stats: dict) -> torch.Tensor:
-    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
-    bad = shape_issue(ckpt, m, shape)
-    if bad is not None:
-        raise bad.as_error()
-    layout = ckpt.layout(m, shape[-1])
     if dev.type == "cuda":
         try:
             on_dev = {k: v.to(dev, non_blocking=True) for k, v in tensors.items()}
-            return decompress(on_dev, m.scheme, layout=layout, dtype=dtype).cpu()
+            return ckpt.decompress_loaded(m, on_dev, dtype=dtype).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             stats["cpu_fallbacks"] += 1          # this module on the CPU: same bits, slower
-    return decompress(tensors, m.scheme, layout=layout, dtype=dtype)
+    return ckpt.decompress_loaded(m, tensors, dtype=dtype)
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:

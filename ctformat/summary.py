@@ -4,11 +4,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from math import prod
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
 from .scheme import Strategy
-from .spec import DTYPE_SIZES
 
 __all__ = ["Summary", "summarize", "fold_names"]
 
@@ -67,10 +67,10 @@ def summarize(ckpt: Checkpoint) -> Summary:
     by_role, by_dtype = defaultdict(int), defaultdict(int)
     for t in ckpt.tensors.values():
         suffix = t.name.rpartition(".")[2]
-        by_role[_ROLES.get(suffix, "other") if suffix in _ROLES else "other"] += t.nbytes
+        by_role[_ROLES.get(suffix, "other")] += t.nbytes
         by_dtype[t.dtype] += t.nbytes
     quantized = [m for m in mods.values() if m.quantized]
-    q_params = sum(_numel(m.tensors["weight_packed"].shape[:-1]) * _in_features(m) for m in quantized)
+    q_params = sum(prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m) for m in quantized)
     q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
     other_params = sum(t.numel for t in ckpt.tensors.values()
                        if t.name.rpartition(".")[2] not in _ROLES or t.name.endswith(".weight"))
@@ -114,17 +114,8 @@ def summarize(ckpt: Checkpoint) -> Summary:
     return Summary(data)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
     rx = re.compile(pattern) if pattern else None
     return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
             for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name)) if rx is None or rx.search(t.name)]
 
-
-assert set(DTYPE_SIZES)  # table shared with header parsing
