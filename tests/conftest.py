@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 # Without a GPU, Triton kernels run in Triton's interpreter on the CPU (set before any import
 # of triton): the kernel code itself is tested in CI, not only its torch twin.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))   # make_fixtures' helpers
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -18,6 +18,7 @@ from ctformat.errors import CtFormatError, OutputExistsError, TensorError, Usage
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
 from ctformat.validate import validate_checkpoint
+from make_fixtures import rewrite_header
 
 
 def cli(*args, env=None):
@@ -35,15 +36,6 @@ def edit_config(path, fn):
     cfg = json.loads((path / "config.json").read_text())
     fn(cfg)
     (path / "config.json").write_text(json.dumps(cfg))
-
-
-def edit_header(path, fn):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    fn(header)
-    new = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
 def test_g_idx_out_of_range_is_data_03_everywhere(tmp_path):
@@ -87,7 +79,7 @@ def test_odd_headers_are_header_errors(tmp_path, case, rule):
     src = copy(tmp_path)
     shard = src / "model.safetensors"
     if case == "dtype_list":
-        edit_header(shard, lambda h: h["lm_head.weight"].__setitem__("dtype", ["BF16"]))
+        rewrite_header(shard, lambda h: h["lm_head.weight"].__setitem__("dtype", ["BF16"]))
     else:
         raw = shard.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
