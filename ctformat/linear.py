@@ -1,0 +1,93 @@
+"""Quantized layers as torch modules: they keep a module's stored tensors (packed weights,
+scales, ...) as buffers and dequantize on every call, with the Triton kernel for CUDA
+tensors and its CPU twin otherwise (quant.decompress). forward(x) is `x @ W.T` of the
+dequantized W, bit for bit, in the dtype the weight is dequantized to (spec §11.1).
+
+Nothing here knows the on-disk layout: a layer built from a checkpoint dequantizes through
+Checkpoint.decompress_loaded, so every format the Checkpoint reads works unchanged.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, Module
+from .errors import UsageError
+from .scheme import QuantScheme
+from .spec import DENSE
+
+__all__ = ["QuantLinear", "QuantExperts"]
+
+Dequantize = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer (no bias) stored quantized: W [out, in] is rebuilt on each forward."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dequantize: Dequantize) -> None:
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self._names = tuple(tensors)
+        self._dequantize = dequantize          # stored tensors (local names) -> W
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, module: Module, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> QuantLinear:
+        """One quantized module of a checkpoint (its bias, if any, is not part of it)."""
+        if not module.quantized:
+            raise UsageError(f"{module.prefix}: stored dense, not quantized")
+        tensors = {s: ckpt.load(i.name, device) for s, i in module.tensors.items() if s != "bias"}
+        return cls(tensors, partial(ckpt.decompress_loaded, module, dtype=dtype))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
+                     dtype: torch.dtype | None = None) -> QuantLinear:
+        """From pack-quantized tensors in memory (weight_packed, weight_scale, weight_shape, ...)."""
+        from .quant import decompress
+        return cls(tensors, partial(decompress, scheme=scheme, layout=layout, dtype=dtype))
+
+    def stored(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The stored tensors by local name; with `device`, copies of them there (the layer
+        itself stays where it is: streaming keeps packed weights on the host)."""
+        tensors = {n: getattr(self, n) for n in self._names}
+        return tensors if device is None else {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+
+    def dequantize(self, stored: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The dense weight [out, in], from this layer's tensors (or `stored`, copies of them),
+        on their device."""
+        return self._dequantize(self.stored() if stored is None else stored)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantize().T           # [..., in] -> [..., out]
+
+
+class QuantExperts(nn.Module):
+    """One projection of E experts (e.g. every `experts.N.w1`), all of the same shape:
+    W [E, out, in] is rebuilt on each forward and applied expert by expert."""
+
+    def __init__(self, experts: Sequence[QuantLinear]) -> None:
+        super().__init__()
+        if not experts:
+            raise UsageError("an expert stack needs at least one expert")
+        self.experts = nn.ModuleList(experts)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, modules: Sequence[Module], *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> QuantExperts:
+        return cls([QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype) for m in modules])
+
+    def dequantize(self) -> torch.Tensor:
+        """[E, out, in], written expert by expert into one tensor."""
+        first = self.experts[0].dequantize()
+        out = first.new_empty((len(self.experts), *first.shape))
+        out[0] = first
+        for e, layer in enumerate(self.experts[1:], start=1):
+            out[e] = layer.dequantize()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantize().mT          # [E, tokens, in] -> [E, tokens, out]
