@@ -238,3 +238,15 @@ def test_cli_bad_input_exit_codes(capsys, tmp_path):
     assert code == 2 and "exactly one of --text and --input-ids" in err
     code, _, err = cli(capsys, "run", str(tmp_path / "nothing"), "--input-ids", str(tmp_path / "ids.json"))
     assert code == 1 and "needs a local checkpoint" in err and "Traceback" not in err
+
+
+@needs_real
+def test_marlin_checkpoint_gives_the_same_logits(tmp_path):
+    """A Marlin checkpoint reads through the same Checkpoint API: no special case, same numbers."""
+    convert = pytest.importorskip("ctformat.convert")
+    if not hasattr(convert, "convert_to_marlin"):
+        pytest.skip("convert --to marlin is not in this tree")
+    src = E014 / "w4a16-sym-g128"
+    convert.convert_to_marlin(src, tmp_path / "m", device="cpu")
+    expected = load_model(src, device="cpu", dtype=torch.float32).logits(IDS)
+    assert torch.equal(load_model(tmp_path / "m", device="cpu", dtype=torch.float32, stream=True).logits(IDS), expected)
