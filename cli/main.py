@@ -92,40 +92,67 @@ def _size(text: str) -> int:
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--to", "target", type=click.Choice(["dense"]), required=True, help="Output layout.")
+@click.option("--to", "target", type=click.Choice(["dense", "marlin", "compressed-tensors"]), required=True,
+              help="Output layout: dense weights, vLLM's Marlin layout, or back from Marlin to pack-quantized.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="Dtype of the dense weights (computed in the scale dtype, then cast).")
+              show_default=True, help="--to dense: dtype of the weights (computed in the scale dtype, then cast).")
+@click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
+              help="--to marlin: scale dtype (default: as stored); refused if any scale changes value.")
+@click.option("--allow-lossy-scales", is_flag=True, help="--to marlin: accept a --scale-dtype that rounds scales.")
+@click.option("--stack-experts", is_flag=True,
+              help="--to marlin: store each MoE layer's experts stacked (w13 = gate+up, w2), as vLLM's fused MoE holds them.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MiB...).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--keep-names", is_flag=True, help="Keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
+@click.option("--keep-names", is_flag=True, help="--to dense: keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def convert(model: str, out: str, target: str, dtype: str, device: str, max_shard_size: str, force: bool,
-            keep_names: bool, as_json: bool) -> None:
+def convert(model: str, out: str, target: str, dtype: str, scale_dtype: str | None, allow_lossy_scales: bool,
+            stack_experts: bool, device: str, max_shard_size: str, force: bool, keep_names: bool, as_json: bool) -> None:
     """Convert a checkpoint to another layout; OUT appears only when complete.
 
+    \b
     --to dense: every quantized module M becomes M.weight; all other tensors and files are
-    copied; quantization_config is removed from config.json.
+      copied; quantization_config is removed from config.json.
+    --to marlin: every quantized module M becomes M.B, M.s (M.zp, M.g_idx, M.perm) in vLLM
+      0.33's Marlin layout (spec §10); unsupported modules are refused before writing.
+    --to compressed-tensors: a Marlin checkpoint back to its pack-quantized source, bit for bit.
 
     Example: ctformat convert fixtures/tiny-mixtral /tmp/tiny-dense --to dense
     """
     import time
 
-    from ctformat.convert import DTYPES, convert_to_dense
+    import torch
+
+    from ctformat.convert import DTYPES, convert_to_ct, convert_to_dense, convert_to_marlin
+    from ctformat.errors import UsageError
+    if target != "marlin" and (scale_dtype or allow_lossy_scales or stack_experts):
+        raise UsageError("--scale-dtype, --allow-lossy-scales and --stack-experts go with --to marlin")
+    if target != "dense" and (keep_names or dtype != "bfloat16"):
+        raise UsageError("--dtype and --keep-names go with --to dense")
     limit = _size(max_shard_size)
     t0 = time.perf_counter()
+    common = dict(device=device, max_shard_size=limit, force=force)
     with _bytes_progress(f"convert → {target}", disable=as_json) as progress:
-        stats = convert_to_dense(model, out, dtype=DTYPES[dtype], device=device, max_shard_size=limit,
-                                 force=force, keep_names=keep_names, progress=progress)
+        if target == "dense":
+            stats = convert_to_dense(model, out, dtype=DTYPES[dtype], keep_names=keep_names, progress=progress, **common)
+        elif target == "marlin":
+            stats = convert_to_marlin(model, out, scale_dtype=getattr(torch, scale_dtype) if scale_dtype else None,
+                                      allow_lossy_scales=allow_lossy_scales, stack_experts=stack_experts,
+                                      progress=progress, **common)
+        else:
+            stats = convert_to_ct(model, out, progress=progress, **common)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
         render.emit_json(stats)
-    else:
-        render.out.print(f"wrote {out}: {stats['modules_dequantized']} modules dequantized, "
-                         f"{stats['tensors_copied']} tensors copied, {render.size(stats['bytes_read'])} read in "
-                         f"{stats['seconds']:.1f} s on {stats['device']}"
-                         + (f" ({stats['cpu_fallbacks']} on the CPU after GPU out-of-memory)"
-                            if stats["cpu_fallbacks"] else ""))
+        return
+    done = {"modules_dequantized": "dequantized", "modules_repacked": "repacked", "modules_restored": "restored"}
+    key = next(k for k in done if k in stats)
+    render.out.print(f"wrote {out}: {stats[key]} modules {done[key]}, "
+                     f"{stats['tensors_copied']} tensors copied, {render.size(stats['bytes_read'])} read in "
+                     f"{stats['seconds']:.1f} s on {stats['device']}"
+                     + (f" ({stats['cpu_fallbacks']} on the CPU after GPU out-of-memory)" if stats["cpu_fallbacks"] else "")
+                     + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
+                        if stats.get("legacy_format") else ""))
 
 
 class _bytes_progress:
@@ -187,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         render.err.print(f"[red]Internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         sys.exit(3)
+
+
+from .infer_cmds import compare, run  # noqa: E402  (they use EXIT_CODES above)
+
+cli.add_command(run)
+cli.add_command(compare)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ def summary(d: dict[str, Any]) -> None:
     t.add_row("architecture", str(d["architecture"]))
     d = dict(d, producer_version=None if d["producer_version"] is None else str(d["producer_version"]))
     t.add_row("quantization", f"{d['quant_method']} / {d['format']}" if d["quant_method"] else "none (dense)")
+    if d.get("marlin"):
+        m = d["marlin"]
+        t.add_row("marlin layout", f"{m['layout']}, " + ("loadable by legacy Marlin readers" if m["legacy_readers"]
+                                                          else "ctformat-marlin (no stock loader)")
+                  + (f", {m['stacked_expert_layers']} stacked expert layer(s)" if m["stacked_expert_layers"] else ""))
     t.add_row("producer", d["producer_version"] or "compressed-tensors < 0.6 era or unknown (no version key)")
     t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} quantized, {count(p['dense'])} dense)")
     t.add_row("size on disk", f"{size(b['total'])} in {len(d['shards'])} shard(s), {d['tensors']} tensors")

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputExistsError, SpecError,
                      WriterError)
 from .header import TensorInfo, parse_index, read_header
-from .scheme import QuantGroup, QuantizationConfig, QuantScheme
-from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, PADDED, PICKLE_SUFFIXES, SINGLE_NAME)
+from .scheme import MarlinConfig, QuantGroup, QuantizationConfig, QuantScheme
+from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, MARLIN_PARAMS, PADDED, PICKLE_SUFFIXES,
+                   SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,12 @@ class Module:
 
     @property
     def quantized(self) -> bool:
-        return "weight_packed" in self.tensors
+        return "weight_packed" in self.tensors or "B" in self.tensors
+
+    @property
+    def marlin(self) -> bool:
+        """Stored in the Marlin layout (spec §10): has any of B, s, zp, g_idx, perm."""
+        return any(k in self.tensors for k in MARLIN_PARAMS)
 
     @property
     def scheme(self) -> QuantScheme | None:
@@ -91,8 +97,10 @@ class Checkpoint:
 
     def __init__(self, files, shards: list[str], config: dict[str, Any] | None,
                  quant: QuantizationConfig | None, tensors: dict[str, TensorInfo],
-                 problems: list[SpecError], index: dict[str, str] | None) -> None:
+                 problems: list[SpecError], index: dict[str, str] | None,
+                 marlin: MarlinConfig | None = None) -> None:
         self.files, self.shards, self.config, self.quant = files, shards, config, quant
+        self.marlin = marlin           # set for a Marlin checkpoint; quant is then its source config
         self.tensors, self.problems, self.index = tensors, problems, index
         self.root = getattr(files, "root", None)     # None for a Hub repo
         self.label = files.label
@@ -115,7 +123,8 @@ class Checkpoint:
         m = Module(prefix, tensors)
         if self.quant is None:
             return m
-        return Module(prefix, tensors, self.quant.group_for(prefix, linear=m.linear), self.quant.is_ignored(prefix))
+        name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
+        return Module(prefix, tensors, self.quant.group_for(name, linear=m.linear), self.quant.is_ignored(name))
 
     def layout(self, module: Module, in_features: int) -> str:
         """Word layout of a module's values: the packed width decides, else the version (spec §3.3)."""
@@ -162,6 +171,9 @@ class Checkpoint:
                           dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight from a module's already loaded tensors (any device), after checking
         its weight_shape against the headers (DATA-05, TEN-08)."""
+        if module.marlin:
+            from .marlin import decompress as marlin_decompress
+            return marlin_decompress(tensors, dtype=dtype)
         from .quant import decompress
         from .validate import shape_issue
         shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
@@ -209,8 +221,16 @@ def read_checkpoint(files, *, strict: bool = True, single: str | None = None) ->
     elif files.present("config.json"):
         fail(ConfigError("is not a readable file (a folder, or a link that leads nowhere)", rule="CFG-01",
                          file="config.json"))
-    quant = None
-    if config is not None and config.get("quantization_config") is not None:
+    quant = marlin = None
+    qc = None if config is None else config.get("quantization_config")
+    if MarlinConfig.detect(qc):
+        try:
+            marlin = MarlinConfig.from_json(qc)
+            quant = marlin.source
+        except ConfigError as err:
+            err.file = "config.json"
+            fail(err)
+    elif qc is not None:
         try:
             quant = QuantizationConfig.from_json(config["quantization_config"])
         except ConfigError as err:
@@ -240,7 +260,7 @@ def read_checkpoint(files, *, strict: bool = True, single: str | None = None) ->
         if name not in tensors and shard not in unread:
             fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
                              file=INDEX_NAME, where=name))
-    return Checkpoint(files, shards, config, quant, tensors, problems, index)
+    return Checkpoint(files, shards, config, quant, tensors, problems, index, marlin)
 
 
 def _read_config(raw: bytes) -> dict[str, Any]:

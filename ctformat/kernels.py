@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dequantize_packed"]
+__all__ = ["dequantize_packed", "marlin_repack"]
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton runs kernels on the CPU, truncating bf16
@@ -187,4 +187,71 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         n, in_features, p2.shape[-1], group_size, rows, -(-rows // per), p2.stride(0), stride_s, z2.stride(0) if z2 is not None else 0,
         o2.stride(0), BITS=num_bits, HAS_ZP=z2 is not None, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
         OUT_KIND=_KIND[dtype], ROW_SCALE=row_scale, WORD_SCALE=g is None and group_size % per == 0, ZP_PACKED=zp_packed, NATIVE=not _INTERPRET, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+    return out
+
+
+# -- Marlin repack (spec §10.2) ------------------------------------------------------------
+MARLIN_BLOCK_KT = {4: 8, 8: 4}     # k-tiles per program: 8 x 16 rows of one 64-column stripe
+
+
+@triton.jit
+def _marlin4_kernel(src_ptr, out_ptr, KT, NT, SRC_W, BLOCK_KT: tl.constexpr):
+    # One program: BLOCK_KT tiles of 16x64 along K for one 64-column stripe nt of expert e.
+    # Word i of a tile is (c, q, w) = (i // 16, i // 4 % 4, i % 4); it gathers rows
+    # 16kt + 8rhi + 2q + a of columns 64nt + 16w + 8cb + c, i.e. byte q of CT words
+    # (row, 2kt + rhi) for cb, rhi in {0, 1}.
+    pid_k, nt, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kt = pid_k * BLOCK_KT + tl.arange(0, BLOCK_KT)[:, None]
+    i = tl.arange(0, 128)[None, :]
+    c, q, w = i // 16, (i // 4) % 4, i % 4
+    mask = (kt < KT) & (i >= 0)
+    row = nt * 64 + 16 * w + c
+    src = src_ptr + e.to(tl.int64) * NT * 64 * SRC_W + row.to(tl.int64) * SRC_W + 2 * kt
+    shift = (8 * q).to(tl.uint32)
+    y00 = (tl.load(src, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFF
+    y01 = (tl.load(src + 1, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFF
+    y10 = (tl.load(src + 8 * SRC_W, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFF
+    y11 = (tl.load(src + 8 * SRC_W + 1, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFF
+    # nibbles (a, cb, rhi): byte 2a + cb holds rhi = 0 low, rhi = 1 high
+    word = ((y00 & 0xF) | ((y01 & 0xF) << 4)) | (((y10 & 0xF) | ((y11 & 0xF) << 4)) << 8) \
+        | (((y00 >> 4) | (y01 & 0xF0)) << 16) | (((y10 >> 4) | (y11 & 0xF0)) << 24)
+    out = out_ptr + (e.to(tl.int64) * KT * NT + kt * NT + nt) * 128 + i
+    tl.store(out, word.to(tl.int32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _marlin8_kernel(src_ptr, out_ptr, KT, NT, SRC_W, BLOCK_KT: tl.constexpr):
+    # Word i of a tile is (c, q, w, cb) = (i // 32, i // 8 % 4, i // 2 % 4, i % 2); its bytes
+    # (a, rhi) are rows 16kt + 8rhi + 2q + a of column 64nt + 16w + 8cb + c: half q % 2 of the
+    # CT word (column, 4kt + 2rhi + q // 2).
+    pid_k, nt, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kt = pid_k * BLOCK_KT + tl.arange(0, BLOCK_KT)[:, None]
+    i = tl.arange(0, 256)[None, :]
+    c, q, w, cb = i // 32, (i // 8) % 4, (i // 2) % 4, i % 2
+    mask = (kt < KT) & (i >= 0)
+    row = nt * 64 + 16 * w + 8 * cb + c
+    src = src_ptr + e.to(tl.int64) * NT * 64 * SRC_W + row.to(tl.int64) * SRC_W + 4 * kt + q // 2
+    shift = (16 * (q % 2)).to(tl.uint32)
+    h0 = (tl.load(src, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFFFF
+    h1 = (tl.load(src + 2, mask=mask).to(tl.uint32, bitcast=True) >> shift) & 0xFFFF
+    word = (h0 & 0xFF) | ((h1 & 0xFF) << 8) | ((h0 >> 8) << 16) | ((h1 >> 8) << 24)
+    out = out_ptr + (e.to(tl.int64) * KT * NT + kt * NT + nt) * 256 + i
+    tl.store(out, word.to(tl.int32, bitcast=True), mask=mask)
+
+
+def marlin_repack(weight_packed: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:
+    """CT weight_packed [..., N, K*b/32] -> Marlin B [..., K/16, N*b/2] in one pass (same
+    bytes as marlin.repack's torch twin). N % 64 == 0 and K % 16 == 0 are checked by the caller."""
+    lead, n = weight_packed.shape[:-2], weight_packed.shape[-2]
+    experts = 1
+    for d in lead:
+        experts *= d
+    kt, nt = in_features // 16, n // 64
+    src = weight_packed.contiguous()
+    out = torch.empty(*lead, kt, n * num_bits // 2, dtype=torch.int32, device=src.device)
+    if out.numel() == 0:
+        return out
+    block = MARLIN_BLOCK_KT[num_bits]
+    kernel = _marlin4_kernel if num_bits == 4 else _marlin8_kernel
+    kernel[(triton.cdiv(kt, block), nt, experts)](src, out, kt, nt, src.shape[-1], BLOCK_KT=block, num_warps=4)
     return out

@@ -33,6 +33,8 @@ def _issue(rule: str, where: str, message: str) -> Issue:
 
 
 def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
+    if ckpt.marlin is not None:
+        return [_marlin_issue(ckpt)]
     if ckpt.quant is None:
         return []
     out: list[Issue] = []
@@ -51,6 +53,14 @@ def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
         out += _linear_issues(s, where)
     out += _moe_issues(ckpt)
     return _dedupe(out)
+
+
+def _marlin_issue(ckpt: Checkpoint) -> Issue:
+    said = ("vLLM 0.33 reads quant_method gptq as GPTQ tensors (qweight, scales, qzeros) and ignores "
+            "checkpoint_format: the B/s tensors fail to load" if ckpt.marlin.legacy else
+            "vLLM: \"Unknown quantization method: ctformat-marlin\"")
+    return _issue("VLLM-05", "quantization_config.quant_method", f"a pre-repacked Marlin checkpoint: {said}; vLLM "
+                  "repacks the compressed-tensors source itself (ctformat convert --to compressed-tensors)")
 
 
 def _linear_issues(s: QuantScheme, where: str) -> list[Issue]:

@@ -11,10 +11,11 @@ from enum import Enum
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .spec import (DENSE, DENSE_LAYOUT_SINCE, EMBEDDING_NAMES, MIXED_PRECISION, PACK_QUANTIZED,
-                   PADDED, QUANT_METHOD, ZP_PACKED_SINCE)
+from .spec import (DENSE, DENSE_LAYOUT_SINCE, EMBEDDING_NAMES, LEGACY_GROUP_SIZES, MARLIN_LAYOUT, MARLIN_METHOD,
+                   MIXED_PRECISION, PACK_QUANTIZED, PADDED, QUANT_METHOD, ZP_PACKED_SINCE)
 
-__all__ = ["packed_width", "Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig", "PRESETS", "parse_version"]
+__all__ = ["packed_width", "Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig", "PRESETS", "parse_version",
+           "MarlinConfig"]
 
 
 def packed_width(n: int, num_bits: int, layout: str = DENSE) -> int:
@@ -274,3 +275,91 @@ def _match(module: str, target: str, *, linear: bool) -> int:
     if target == "Embedding":
         return 3 if module.rsplit(".", 1)[-1] in EMBEDDING_NAMES else 0
     return 0
+
+
+# -- Marlin checkpoints (spec §10.7) -------------------------------------------------------
+_ROLES = ("weight_scale", "weight_shape", "weight_zero_point")
+
+
+@dataclass(frozen=True)
+class MarlinConfig:
+    """config.json["quantization_config"] of a Marlin checkpoint ctformat wrote: the source
+    compressed-tensors config (kept whole, for the reverse) plus what the layout changed."""
+
+    source: QuantizationConfig
+    source_json: Mapping[str, Any]
+    source_dtypes: Mapping[str, str]
+    stacked: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    legacy: bool = False
+
+    @staticmethod
+    def detect(obj: Any) -> bool:
+        """Whether a quantization_config says Marlin (ctformat's, or the legacy tags)."""
+        if not isinstance(obj, Mapping):
+            return False
+        return obj.get("quant_method") == MARLIN_METHOD or (
+            obj.get("quant_method") == "gptq" and ("marlin" in obj or obj.get("checkpoint_format") == "marlin"
+                                                   or obj.get("is_marlin_format") is True))
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], *, where: str = "quantization_config") -> MarlinConfig:
+        def bad(msg: str, key: str = "marlin") -> ConfigError:
+            return ConfigError(msg, rule="MRL-01", where=f"{where}.{key}")
+        block = obj.get("marlin")
+        if not isinstance(block, Mapping):
+            raise bad("no `marlin` object: a legacy Marlin checkpoint from another tool (AutoGPTQ), which "
+                      "ctformat does not read")
+        if block.get("layout") != MARLIN_LAYOUT:
+            raise bad(f"layout {block.get('layout')!r}, expected {MARLIN_LAYOUT!r}", "marlin.layout")
+        try:
+            source = QuantizationConfig.from_json(block.get("compressed_tensors"), where=f"{where}.marlin.compressed_tensors")
+        except ConfigError as err:
+            raise bad(f"compressed_tensors: {err.message} [{err.rule}]", "marlin.compressed_tensors") from None
+        dtypes, stacked = block.get("source_dtypes"), block.get("stacked_experts", {})
+        if not isinstance(dtypes, Mapping) or not set(dtypes) <= set(_ROLES) or "weight_scale" not in dtypes:
+            raise bad(f"source_dtypes {dtypes!r} is not an object of {', '.join(_ROLES)}", "marlin.source_dtypes")
+        if not isinstance(stacked, Mapping) or not all(_stack_entry_ok(v) for v in stacked.values()):
+            raise bad("stacked_experts is not an object of {experts, w13: [gate, up], w2}", "marlin.stacked_experts")
+        cfg = cls(source, block["compressed_tensors"], dict(dtypes), dict(stacked), obj.get("quant_method") == "gptq")
+        if cfg.legacy:
+            cfg._check_legacy(obj, bad)
+        return cfg
+
+    def _check_legacy(self, obj: Mapping[str, Any], bad) -> None:
+        schemes = {g.weights for g in self.source.groups if g.weights is not None}
+        sizes = {s.group_size if s.strategy is Strategy.GROUP else -1 for s in schemes}
+        fits = (all(s.num_bits == 4 and s.symmetric and not s.has_g_idx for s in schemes) and len(sizes) == 1
+                and sizes <= set(LEGACY_GROUP_SIZES) and not self.stacked)
+        if not fits:
+            raise bad("quant_method gptq (the legacy Marlin tags) on a checkpoint outside the legacy subset "
+                      "(4-bit, symmetric, group 128 or channel, no act-order, no stacked experts)", "quant_method")
+        want = {"bits": 4, "group_size": sizes.pop(), "sym": True, "desc_act": False}
+        for key, value in want.items():
+            if obj.get(key) != value:
+                raise bad(f"{key} is {obj.get(key)!r}, but the modules say {value!r}", key)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"quant_method": MARLIN_METHOD}
+        if self.legacy:
+            s = next(g.weights for g in self.source.groups if g.weights is not None)
+            out = {"quant_method": "gptq", "checkpoint_format": "marlin", "is_marlin_format": True, "bits": 4,
+                   "group_size": s.group_size if s.strategy is Strategy.GROUP else -1, "desc_act": False,
+                   "sym": True, "lm_head": False}
+        out["marlin"] = {"layout": MARLIN_LAYOUT, "compressed_tensors": dict(self.source_json),
+                         "source_dtypes": dict(self.source_dtypes), "stacked_experts": dict(self.stacked)}
+        return out
+
+    def part_name(self, prefix: str) -> str:
+        """The module name the source config matches for `prefix` (a stacked module: its first part)."""
+        base, _, last = prefix.rpartition(".")
+        entry = self.stacked.get(base)
+        if entry is None or last not in ("w13", "w2"):
+            return prefix
+        part = entry["w13"][0] if last == "w13" else entry["w2"]
+        return f"{base}.0.{part}"
+
+
+def _stack_entry_ok(v: Any) -> bool:
+    return (isinstance(v, Mapping) and isinstance(v.get("experts"), int) and v["experts"] > 0
+            and isinstance(v.get("w13"), list) and len(v["w13"]) == 2 and all(isinstance(x, str) for x in v["w13"])
+            and isinstance(v.get("w2"), str))

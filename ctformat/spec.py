@@ -8,7 +8,8 @@ __all__ = [
     "DTYPE_SIZES", "FLOAT_DTYPES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
     "MIXED_PRECISION", "PARAM_SUFFIXES", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME",
     "SINGLE_NAME", "RULES", "DENSE", "PADDED", "DENSE_LAYOUT_SINCE", "ZP_PACKED_SINCE",
-    "EMBEDDING_NAMES", "FUSED_SIBLINGS",
+    "EMBEDDING_NAMES", "FUSED_SIBLINGS", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS",
+    "MARLIN_GROUP_SIZES", "LEGACY_GROUP_SIZES", "MARLIN_LIMITS",
 ]
 
 # safetensors dtype code -> bytes per element (spec §1.2).
@@ -50,6 +51,23 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
+# The Marlin layout (spec §10).
+MARLIN_LAYOUT = "gptq_marlin_repack/vllm-0.33"
+MARLIN_METHOD = "ctformat-marlin"        # quant_method of Marlin output outside the legacy subset
+MARLIN_PARAMS = ("B", "s", "zp", "g_idx", "perm")
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+LEGACY_GROUP_SIZES = (-1, 128)
+# Refusals of convert --to marlin (spec §10.9): ID -> statement.
+MARLIN_LIMITS: dict[str, str] = {
+    "MCV-01": "quantized modules are 4- or 8-bit",
+    "MCV-02": "group size is -1, 32, 64 or 128",
+    "MCV-03": "N % 64 == 0, K % 16 == 0, and (N % 64, K % 128) or (N % 128, K % 64) are zero",
+    "MCV-04": "zero points only with 4 bits",
+    "MCV-05": "--scale-dtype changes no scale's value (unless --allow-lossy-scales)",
+    "MCV-06": "--stack-experts: complete expert sets of one scheme and shape, without g_idx",
+    "MCV-07": "the input is a pack-quantized checkpoint with one dtype per tensor role",
+}
+
 # Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the
 # prose; tests check that the two list the same IDs and that each has a fixtures/bad/ case.
 RULES: dict[str, tuple[str, str]] = {
@@ -90,7 +108,15 @@ RULES: dict[str, tuple[str, str]] = {
     "VLLM-02": ("warning", "--target vllm: a CUDA WNA16 kernel exists for each Linear scheme"),
     "VLLM-03": ("warning", "--target vllm: expert 0's projections share one scheme and a fused-MoE backend fits"),
     "VLLM-04": ("warning", "--target vllm: weights are static and input_activations null (the WNA16 scheme)"),
+    "VLLM-05": ("warning", "--target vllm: the checkpoint is not pre-repacked Marlin (no vLLM >= 0.10.2 loads that)"),
     "TRF-01": ("warning", "--target transformers: Mixtral experts carry the names transformers' Mixtral reads (w1/w2/w3)"),
+    "MRL-01": ("error", "a Marlin quantization_config has the known layout, a valid compressed_tensors config, and legacy keys only on the legacy subset"),
+    "MRL-02": ("error", "a Marlin module has B and s, zp only if asymmetric, g_idx and perm together, nothing else but bias"),
+    "MRL-03": ("error", "B is I32 [K/16, N*bits/2] with bits 4 or 8 and N a multiple of 64"),
+    "MRL-04": ("error", "s is F16 or BF16 [G, N] with G = 1 or K/G in {32, 64, 128}"),
+    "MRL-05": ("error", "zp is I32 [G, N/8]; g_idx and perm are I32 [K]"),
+    "MRL-06": ("error", "each Marlin module's bits, group size, symmetry and act-order match the stored compressed-tensors config"),
+    "MRL-07": ("error", "perm is a permutation of 0..K-1 and g_idx is sorted within [0, G)"),
     "DATA-01": ("error", "scales are finite and greater than zero"),
     "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),

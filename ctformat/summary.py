@@ -9,11 +9,13 @@ from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
 from .scheme import Strategy
+from .spec import MARLIN_LAYOUT
 
 __all__ = ["Summary", "summarize", "fold_names"]
 
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
-          "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other"}
+          "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
+          "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,16 @@ def _natural(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def _params(m: Module) -> int:
+    """Weights a quantized module stands for (Marlin: K x N from B and s; spec §10.1)."""
+    if m.marlin:
+        from .validate import marlin_shape
+        b = m.tensors.get("B")
+        k, n, _, _ = marlin_shape(m) if b is not None and "s" in m.tensors else (0, 0, 0, 0)
+        return prod(b.shape[:-2]) * k * n if b is not None else 0
+    return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
+
+
 def _in_features(m: Module) -> int:
     """Exact for group strategy; the packed upper bound otherwise (no data is read)."""
     s, packed = m.scheme, m.tensors["weight_packed"]
@@ -70,7 +82,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
         by_role[_ROLES.get(suffix, "other")] += t.nbytes
         by_dtype[t.dtype] += t.nbytes
     quantized = [m for m in mods.values() if m.quantized]
-    q_params = sum(prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m) for m in quantized)
+    q_params = sum(_params(m) for m in quantized)
     q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
     other_params = sum(t.numel for t in ckpt.tensors.values()
                        if t.name.rpartition(".")[2] not in _ROLES or t.name.endswith(".weight"))
@@ -94,8 +106,12 @@ def summarize(ckpt: Checkpoint) -> Summary:
         "path": ckpt.label,
         "architecture": (cfg.get("architectures") or [None])[0],
         "model_type": cfg.get("model_type"),
-        "quant_method": "compressed-tensors" if q else None,
-        "format": q.format if q else None,
+        "quant_method": (cfg.get("quantization_config") or {}).get("quant_method") if ckpt.marlin else
+                        "compressed-tensors" if q else None,
+        "format": "marlin" if ckpt.marlin else q.format if q else None,
+        "marlin": None if ckpt.marlin is None else {
+            "layout": MARLIN_LAYOUT, "legacy_readers": ckpt.marlin.legacy, "stacked_expert_layers": len(ckpt.marlin.stacked),
+            "source_format": q.format},
         "producer_version": q.version if q else None,
         "quantization_status": q.quantization_status if q else None,
         "config_groups": groups,

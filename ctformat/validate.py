@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError, TensorError
 from .scheme import Strategy
-from .spec import DENSE, FLOAT_DTYPES, FUSED_SIBLINGS, RULES
+from .spec import DENSE, FLOAT_DTYPES, FUSED_SIBLINGS, MARLIN_PARAMS, RULES
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, Module
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["Issue", "Report", "validate_checkpoint", "check_module", "check_module_data"]
 
 _ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
-                "VLLM": ConfigError, "TRF": ConfigError}
+                "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision
     issues = [Issue.from_error(p) for p in ckpt.problems]
     modules = ckpt.modules()
     quantized = [m for m in modules.values() if m.quantized]
-    if any(i.rule.startswith("CFG") for i in issues):
+    if any(i.rule.startswith("CFG") or i.rule == "MRL-01" for i in issues):
         return Report(str(path), tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
     issues += _config_warnings(ckpt)
     for m in modules.values():
@@ -129,6 +129,8 @@ def _issue(rule: str, module: Module, suffix: str | None, message: str) -> Issue
 def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """Static rules TEN-01..11 for one module: names, dtypes and shapes only."""
     scheme = m.scheme
+    if ckpt.marlin is not None and m.marlin:
+        return list(_marlin_issues(ckpt, m))
     if m.quantized and m.ignored:
         return [_issue("TEN-09", m, "weight_packed", "module is matched by ignore but stored quantized")]
     if m.quantized and scheme is None:
@@ -187,6 +189,62 @@ def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
         if g.dtype != "I32" or tuple(g.shape[:-1]) != tuple(lead) or not ok_len:
             yield _issue("TEN-07", m, "weight_g_idx", f"expected I32 [{in_features or 'in_features'}], "
                          f"got {g.dtype} {list(g.shape)}")
+
+
+def marlin_shape(m: Module) -> tuple[int, int, int, int]:
+    """(K, N, bits, groups) of a Marlin module from its B and s headers (spec §10.1)."""
+    b, sc = m.tensors["B"].shape, m.tensors["s"].shape
+    n = sc[-1] if sc else 0
+    return (b[-2] * 16 if len(b) >= 2 else 0, n, 2 * b[-1] // n if n and b else 0, sc[-2] if len(sc) >= 2 else 0)
+
+
+def _marlin_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
+    """MRL-02..06 for one Marlin module: tensor set, dtypes and shapes, and its scheme."""
+    t = m.tensors
+    for name in sorted({"B", "s"} - set(t)):
+        yield _issue("MRL-02", m, None, f"{name} is missing (a Marlin module has B and s)")
+    extra = set(t) - set(MARLIN_PARAMS) - {"bias"}
+    if ("g_idx" in t) != ("perm" in t):
+        extra |= {"g_idx" if "g_idx" in t else "perm"}
+    for name in sorted(extra):
+        yield _issue("MRL-02", m, name, "unexpected tensor (g_idx and perm come together; nothing else but bias)")
+    if {"B", "s"} - set(t) or extra:
+        return
+    b, sc = t["B"], t["s"]
+    lead = tuple(b.shape[:-2])
+    k, n, bits, groups = marlin_shape(m)
+    if b.dtype != "I32" or len(b.shape) not in (2, 3) or not n or n % 64 or bits not in (4, 8) or b.shape[-1] * 2 != n * bits:
+        yield _issue("MRL-03", m, "B", f"expected I32 [K/16, N*bits/2] with bits 4 or 8 and N % 64 == 0 "
+                     f"(N = {n} from s), got {b.dtype} {list(b.shape)}")
+        return
+    if (sc.dtype not in ("F16", "BF16") or len(sc.shape) != len(b.shape) or tuple(sc.shape[:-2]) != lead
+            or not (groups == 1 or (groups and k % groups == 0 and k // groups in (32, 64, 128)))):
+        yield _issue("MRL-04", m, "s", f"expected F16 or BF16 [G, {n}] with G = 1 or K/G in 32, 64, 128 "
+                     f"(K = {k}), got {sc.dtype} {list(sc.shape)}")
+        return
+    if ckpt.marlin.legacy and sc.dtype != "F16":
+        yield _issue("MRL-04", m, "s", f"legacy Marlin readers take F16 scales, got {sc.dtype}")
+    want = {"zp": (*lead, groups, n // 8), "g_idx": (*lead, k), "perm": (*lead, k)}
+    for name in ("zp", "g_idx", "perm"):
+        if name in t and (t[name].dtype != "I32" or tuple(t[name].shape) != want[name]):
+            yield _issue("MRL-05", m, name, f"expected I32 {list(want[name])}, got {t[name].dtype} {list(t[name].shape)}")
+            return
+    yield from _marlin_scheme_issues(m, k, bits, groups)
+
+
+def _marlin_scheme_issues(m: Module, k: int, bits: int, groups: int) -> Iterator[Issue]:
+    s = m.scheme
+    if s is None or m.ignored:
+        why = "is matched by ignore" if m.ignored else "is targeted by no group"
+        yield _issue("MRL-06", m, "B", f"stored in the Marlin layout, but {why} in the stored compressed-tensors config")
+        return
+    source_gs = -1 if s.strategy is not Strategy.GROUP or s.group_size >= k else s.group_size
+    stored = (bits, k // groups if groups > 1 else -1, "zp" not in m.tensors, "perm" in m.tensors)
+    source = (s.num_bits, source_gs, s.symmetric, s.has_g_idx)
+    if stored != source:
+        words = "bits {}, group size {}, symmetric {}, act-order {}"
+        yield _issue("MRL-06", m, "B", f"shapes say {words.format(*stored)}; the stored config says "
+                     f"{words.format(*source)}")
 
 
 def _width_issue(m: Module, width: int, groups: int, in_features: int) -> Issue:
@@ -258,6 +316,8 @@ def shape_issue(ckpt: Checkpoint, m: Module, shape: tuple[int, ...]) -> Issue | 
 
 def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
+    if m.marlin:
+        return _marlin_data_issues(ckpt, m)
     import torch
     from .quant import int_range
     s = m.scheme
@@ -306,3 +366,20 @@ def _padding_zero(words, n: int, bits: int, layout: str) -> bool:
     else:
         last_used = n * bits - (w.shape[-1] - 1) * 32
     return last_used >= 32 or not bool((w[..., -1] >> last_used).any())
+
+
+def _marlin_data_issues(ckpt: Checkpoint, m: Module) -> list[Issue]:
+    """DATA-01 for Marlin scales, MRL-07 for act-order perm and g_idx."""
+    import torch
+    out = []
+    s = ckpt.load(m.tensors["s"].name).float()
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        out.append(_issue("DATA-01", m, "s", "scales must be finite and > 0"))
+    if "perm" in m.tensors:
+        perm, g = ckpt.load(m.tensors["perm"].name).long(), ckpt.load(m.tensors["g_idx"].name).long()
+        k, groups = perm.shape[-1], m.tensors["s"].shape[-2]
+        if not torch.equal(perm.sort(dim=-1).values, torch.arange(k).expand_as(perm)):
+            out.append(_issue("MRL-07", m, "perm", f"not a permutation of 0..{k - 1}"))
+        if bool((g[..., 1:] < g[..., :-1]).any()) or int(g.min()) < 0 or int(g.max()) >= groups:
+            out.append(_issue("MRL-07", m, "g_idx", f"not sorted within [0, {groups})"))
+    return out

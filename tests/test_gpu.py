@@ -75,3 +75,29 @@ def test_convert_falls_back_to_cpu_when_gpu_memory_runs_out(tmp_path):
     convert_to_dense(src, tmp_path / "cpu", device="cpu")
     assert stats["cpu_fallbacks"] == 3
     assert (tmp_path / "gpu" / "model.safetensors").read_bytes() == (tmp_path / "cpu" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(64, 16), (8, 16384, 6144), (6144, 16384), (192, 384)])
+def test_marlin_repack_kernel_on_cuda_equals_cpu_twin(bits, shape):
+    from ctformat.marlin import repack, unrepack
+    g = torch.Generator().manual_seed(bits)
+    words = torch.randint(-2**31, 2**31, (*shape[:-1], shape[-1] * bits // 32), generator=g,
+                          dtype=torch.int64).to(torch.int32)
+    cpu = repack(words, bits, kernel="torch")
+    gpu = repack(words.cuda(), bits)                        # auto: the Triton kernel
+    assert torch.equal(gpu.cpu(), cpu)
+    assert torch.equal(unrepack(gpu, shape[-2], bits).cpu(), words)
+
+
+def test_convert_to_marlin_on_cuda_writes_the_cpu_bytes(tmp_path):
+    from ctformat.convert import convert_to_ct, convert_to_marlin
+    src = FIXTURES / "tiny-mixtral-g64"
+    for stack in (False, True):
+        convert_to_marlin(src, tmp_path / f"gpu{stack}", device="cuda", stack_experts=stack)
+        convert_to_marlin(src, tmp_path / f"cpu{stack}", device="cpu", stack_experts=stack)
+        assert (tmp_path / f"gpu{stack}" / "model.safetensors").read_bytes() == \
+            (tmp_path / f"cpu{stack}" / "model.safetensors").read_bytes()
+        convert_to_ct(tmp_path / f"gpu{stack}", tmp_path / f"back{stack}", device="cuda")
+        a, b = open_checkpoint(src), open_checkpoint(tmp_path / f"back{stack}")
+        assert all(torch.equal(a.load(n), b.load(n)) for n in a.tensors)

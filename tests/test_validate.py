@@ -13,7 +13,8 @@ from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
 TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
-GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name != "bad")
+GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name not in ("bad", "marlin", "__pycache__"))
+DEEP = ("DATA", "MRL-07")
 
 
 def test_every_rule_has_a_bad_fixture_and_nothing_else():
@@ -22,13 +23,13 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 def test_spec_lists_exactly_the_rules_of_the_code():
     text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF)-\d\d)`?\s*\|", text, re.M))
+    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL)-\d\d)`?\s*\|", text, re.M))
     assert table_ids == set(RULES)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith("DATA"), target=TARGETS.get(rule.split("-")[0]))
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=TARGETS.get(rule.split("-")[0]))
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -39,7 +40,7 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
     target = TARGETS.get(rule.split("-")[0])
-    args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith("DATA") else []) + (
+    args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith(DEEP) else []) + (
         ["--target", target] if target else [])
     with pytest.raises(SystemExit) as exc:
         main(args)
