@@ -24,6 +24,7 @@ _LAZY = {
     "validate_checkpoint": "validate", "Report": "validate", "Issue": "validate",
     "summarize": "summary", "Summary": "summary",
     "open_hub_checkpoint": "hub", "convert_to_dense": "convert", "dequantize_checkpoint": "convert",
+    "QuantLinear": "linear", "QuantExperts": "linear", "load_model": "inference", "ReferenceModel": "inference",
 }
 
 __all__ = [
