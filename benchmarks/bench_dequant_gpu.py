@@ -93,14 +93,15 @@ def sweep(reps: int) -> None:
         del w
         best = None
         if args["symmetric"]:
-            for block in (512, 1024, 2048, 4096):
-                for warps in (2, 4, 8):
-                    kernels.FLAT.update(block=block, warps=warps)
-                    ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                    print(f"  flat block={block} warps={warps}: {ms:.3f} ms")
-                    best = min(best or (ms, block, warps), (ms, block, warps))
-            kernels.FLAT.update(block=best[1], warps=best[2])
-            print(f"fastest flat: block={best[1]} warps={best[2]} ({best[0]:.3f} ms)")
+            for stream in (False, True):
+                for block in (1024, 2048, 4096, 8192):
+                    for warps in (4, 8, 16):
+                        kernels.FLAT.update(block=block, warps=warps, stream=stream)
+                        ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
+                        print(f"  flat block={block} warps={warps} stream={stream}: {ms:.3f} ms")
+                        best = min(best or (ms, block, warps, stream), (ms, block, warps, stream))
+            kernels.FLAT.update(block=best[1], warps=best[2], stream=best[3])
+            print(f"fastest flat: block={best[1]} warps={best[2]} stream={best[3]} ({best[0]:.3f} ms)")
         else:
             for rows in (4, 8, 16, 32):
                 for words in (32, 64, 128):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BAD, FIXTURES, REAL, tree_snapshot
+from conftest import BAD, DEVICE, FIXTURES, REAL, tree_snapshot
 from ctformat import marlin as M
 from ctformat.checkpoint import open_checkpoint, save_checkpoint
 from ctformat.convert import convert_to_ct, convert_to_dense, convert_to_marlin
@@ -28,6 +28,14 @@ REF = load_file(FIXTURES / "marlin" / "vllm-0.33.0-reference.safetensors")
 BIG = json.loads((FIXTURES / "marlin" / "vllm-0.33.0-reference.json").read_text())["big_cases"]
 REAL_QUANTIZED = sorted(p for p in REAL.glob("*/*") if p.name != "dense") if REAL.is_dir() else []
 KERNELS = ["torch", "triton"]          # triton runs in the interpreter on a CPU-only machine
+
+
+def marlin_on(kernel: str, tensors: dict, bits: int, gs) -> dict[str, torch.Tensor]:
+    """to_marlin with the torch twin on the CPU, or the Triton kernel on DEVICE (CUDA, or the
+    interpreter on a CPU-only machine)."""
+    dev = "cpu" if kernel == "torch" else DEVICE
+    out = M.to_marlin({k: v.to(dev) for k, v in tensors.items()}, bits, gs, kernel=kernel)
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def ct_packed(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,7 +65,7 @@ def ct_inputs(case: tuple, expert: int = 0) -> dict[str, torch.Tensor]:
 def test_layout_equals_vllm_reference_functions(name, kernel):
     case = inp.CASES[name]
     bits, k, n, gs, _, asym, act, experts = case
-    got = [M.to_marlin(ct_inputs(case, e), bits, None if gs == -1 else gs, kernel=kernel) for e in range(max(experts, 1))]
+    got = [marlin_on(kernel, ct_inputs(case, e), bits, None if gs == -1 else gs) for e in range(max(experts, 1))]
     keys = sorted({key.rpartition(".")[2] for key in REF if key.startswith(name + ".")})
     assert keys == sorted(got[0]), keys
     for key in keys:
@@ -80,7 +88,7 @@ def test_stacked_experts_repack_in_one_call_equals_reference():
     case = inp.CASES[name]
     stacked = {key: torch.stack([ct_inputs(case, e)[key] for e in range(2)]) for key in ct_inputs(case)}
     for kernel in KERNELS:
-        got = M.to_marlin(stacked, 4, 64, kernel=kernel)
+        got = marlin_on(kernel, stacked, 4, 64)
         assert all(torch.equal(got[key], REF[f"{name}.{key}"]) for key in ("B", "s", "zp"))
 
 
