@@ -24,6 +24,7 @@ from ctformat.quant import compress, decompress  # noqa: E402
 from ctformat.scheme import QuantScheme  # noqa: E402
 
 E, N, K = 8, 16384, 6144
+ROUNDS = 5           # timing rounds, interleaved across implementations
 
 
 def timed(fn, reps: int) -> float:
@@ -73,11 +74,17 @@ def case(name: str, args: dict, reps: int, ct) -> dict:
         got = fn()
         assert torch.equal(got, ref), (name, impl)
         del got
-        ms = timed(fn, reps)
-        out[impl] = {"ms": ms, "GBps": moved / ms / 1e6}
     copy_src = torch.empty_like(ref)
-    ms = timed(lambda: copy_src.clone(), reps)
-    out["copy"] = {"ms": ms, "GBps": 2 * ref.numel() * ref.element_size() / ms / 1e6}
+    impls["copy"] = lambda: copy_src.clone()
+    # Round robin: clock drift over the run hits every implementation alike.
+    runs: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(ROUNDS):
+        for impl, fn in impls.items():
+            runs[impl].append(timed(fn, reps))
+    for impl, ts in runs.items():
+        ms = statistics.median(ts)
+        data = 2 * ref.numel() * ref.element_size() if impl == "copy" else moved
+        out[impl] = {"ms": ms, "GBps": data / ms / 1e6}
     return out
 
 
@@ -93,15 +100,15 @@ def sweep(reps: int) -> None:
         del w
         best = None
         if args["symmetric"]:
-            for stream in (False, True):
+            for stream, keep in ((False, False), (True, False), (False, True), (True, True)):
                 for block in (1024, 2048, 4096, 8192):
                     for warps in (4, 8, 16):
-                        kernels.FLAT.update(block=block, warps=warps, stream=stream)
+                        kernels.FLAT.update(block=block, warps=warps, stream=stream, keep=keep)
                         ms = timed(lambda: decompress(t, s, kernel="triton"), reps)
-                        print(f"  flat block={block} warps={warps} stream={stream}: {ms:.3f} ms")
-                        best = min(best or (ms, block, warps, stream), (ms, block, warps, stream))
-            kernels.FLAT.update(block=best[1], warps=best[2], stream=best[3])
-            print(f"fastest flat: block={best[1]} warps={best[2]} stream={best[3]} ({best[0]:.3f} ms)")
+                        print(f"  flat block={block} warps={warps} stream={stream} keep={keep}: {ms:.3f} ms")
+                        best = min(best or (ms, block, warps, stream, keep), (ms, block, warps, stream, keep))
+            kernels.FLAT.update(block=best[1], warps=best[2], stream=best[3], keep=best[4])
+            print(f"fastest flat: block={best[1]} warps={best[2]} stream={best[3]} keep={best[4]} ({best[0]:.3f} ms)")
         else:
             for rows in (4, 8, 16, 32):
                 for words in (32, 64, 128):

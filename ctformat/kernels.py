@@ -108,20 +108,24 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
 @triton.jit
 def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constexpr, GS: tl.constexpr,
                          SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
-                         BLOCK: tl.constexpr, STREAM: tl.constexpr = False):
+                         BLOCK: tl.constexpr, STREAM: tl.constexpr = False, EVEN: tl.constexpr = False,
+                         KEEP: tl.constexpr = False):
     # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: output element i
     # reads word i // PER and scale i // GS of the flat tensors, so no row/column arithmetic
     # is needed (PER and GS are compile-time powers of two: shifts, not divisions).
     PER: tl.constexpr = 32 // BITS
+    # EVEN: TOTAL is a multiple of BLOCK, so no mask at all; KEEP: words and scales are read
+    # by several neighbouring outputs, so ask L2 to keep them (inductor does the same).
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < TOTAL
-    words = tl.load(packed_ptr + offs // PER, mask=mask, other=0)
+    mask = None if EVEN else offs < TOTAL
+    policy: tl.constexpr = "evict_last" if KEEP else ""
+    words = tl.load(packed_ptr + offs // PER, mask=mask, other=None if EVEN else 0, eviction_policy=policy)
     q = ((words >> ((offs % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
     if SCALE_KIND == 0 and not NATIVE:
-        s = (tl.load(scale_ptr + offs // GS, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-             << 16).to(tl.float32, bitcast=True)
+        s = (tl.load(scale_ptr + offs // GS, mask=mask, other=None if EVEN else 0).to(tl.uint16, bitcast=True)
+             .to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
-        s = tl.load(scale_ptr + offs // GS, mask=mask, other=1).to(tl.float32)
+        s = tl.load(scale_ptr + offs // GS, mask=mask, other=None if EVEN else 1, eviction_policy=policy).to(tl.float32)
     w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
     if OUT_KIND == 0 and NATIVE and STREAM:      # output is never read back: stream it past L2
         tl.store(out_ptr + offs, w.to(tl.bfloat16), mask=mask, cache_modifier=".cs")
@@ -136,7 +140,7 @@ def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constex
         tl.store(out_ptr + offs, w, mask=mask)
 
 
-FLAT = {"block": 4096, "warps": 8, "stream": False}     # H100 sweep (benchmarks/bench_dequant_gpu.py --sweep)
+FLAT = {"block": 2048, "warps": 8, "stream": True, "keep": True}     # H100 sweep (benchmarks/bench_dequant_gpu.py --sweep)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -178,7 +182,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         _dequant_flat_kernel[(triton.cdiv(total, FLAT["block"]),)](
             p2, _bits_view(s2), _bits_view(o2), total, BITS=num_bits, GS=group_size,
             SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], NATIVE=not _INTERPRET, BLOCK=FLAT["block"],
-            STREAM=FLAT["stream"], num_warps=FLAT["warps"])
+            STREAM=FLAT["stream"], EVEN=total % FLAT["block"] == 0, KEEP=FLAT["keep"], num_warps=FLAT["warps"])
         return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per

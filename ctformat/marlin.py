@@ -78,7 +78,7 @@ def unrepack(b: torch.Tensor, n: int, num_bits: int) -> torch.Tensor:
     if b.dtype != torch.int32 or b.shape[-1] * 2 != n * num_bits or n % TILE_N:
         raise TensorError(f"B {list(b.shape)} {b.dtype} is not the Marlin tiling of {n} columns of "
                           f"{num_bits} bits", rule="MRL-03")
-    nt, k, lead = n // TILE_N, kt * TILE_K, b.shape[:-2]
+    nt, lead = n // TILE_N, b.shape[:-2]
     src = b.contiguous().view(torch.uint8)
     if num_bits == 8:
         y = src.reshape(*lead, *(dict(_SIZES, kt=kt, nt=nt)[d] for d in _U8_DST))
@@ -152,7 +152,7 @@ def pack_zero_points(zp: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit zero points [..., G, N] -> Marlin zp [..., G, N/8] int32: the 8x8
     transpose of the scales (always, even for one group), the 4-bit interleave, then 8 per
     word along N, value i at bits 4i."""
-    lead, (g, n) = zp.shape[:-2], zp.shape[-2:]
+    lead, g = zp.shape[:-2], zp.shape[-2]
     z = zp.to(torch.uint8).reshape(*lead, -1, 8, 8).transpose(-1, -2)
     z = z.reshape(*lead, -1, 8)[..., list(_ZP_INTERLEAVE)]
     z = z.reshape(*lead, -1, 4, 2)

@@ -11,7 +11,7 @@ from conftest import FIXTURES, REAL
 from ctformat.checkpoint import open_checkpoint, save_checkpoint
 from ctformat.convert import convert_to_dense
 from ctformat.errors import CtFormatError, UnsupportedError, UsageError
-from ctformat.inference import compare, kl_stats, load_model, read_input_ids, run
+from ctformat.inference import compare, kl_stats, load_model, read_input_ids
 from ctformat.linear import QuantExperts, QuantLinear
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
