@@ -16,13 +16,13 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, Module, dtype_code, open_checkpoint, torch_dtype
 from .errors import CtFormatError, OutputExistsError, UnsupportedError, UsageError
-from .marlin import GROUP_SIZES, marlin_dims, marlin_group_size, to_ct, to_marlin
+from .marlin import GROUP_SIZES, marlin_dims, marlin_group_size, split_stacked, to_ct, to_marlin
 from .scheme import MarlinConfig, Strategy
 from .spec import MARLIN_PARAMS, QUANT_PARAMS
 from .validate import check_module
 
 __all__ = ["convert_to_dense", "convert_to_marlin", "convert_to_ct", "dequantize_checkpoint", "dense_plan",
-           "resolve_device", "Step", "EXPERT_RENAMES", "DTYPES"]
+           "resolve_device", "stacked_parts", "Step", "EXPERT_RENAMES", "DTYPES"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -103,7 +103,7 @@ def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename) -> Step
     code = dtype_code(dtype)
     if m.marlin:
         k, n, _, _ = marlin_dims(m.tensors["B"].shape, m.tensors["s"].shape)
-        parts = _stack_parts(ckpt, m)
+        parts = stacked_parts(ckpt, m)
         if parts is not None:          # stacked experts: back to one weight per expert and part
             outs = [(f"{rename(p)}.weight", code, (rows, k)) for p, rows in parts]
             return Step(outs, sources, lambda t: _split_dense(ckpt.decompress_loaded(m, _local(m, t), dtype=dtype),
@@ -115,7 +115,7 @@ def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename) -> Step
                 lambda t: [ckpt.decompress_loaded(m, _local(m, t), dtype=dtype)], "modules_dequantized")
 
 
-def _stack_parts(ckpt: Checkpoint, m: Module) -> list[tuple[str, int]] | None:
+def stacked_parts(ckpt: Checkpoint, m: Module) -> list[tuple[str, int]] | None:
     """(part module name, out_features) in stacking order, for a stacked Marlin module."""
     base, _, last = m.prefix.rpartition(".")
     entry = (ckpt.marlin.stacked if ckpt.marlin is not None else {}).get(base)
@@ -413,22 +413,18 @@ def _ct_outputs(prefix: str, n: int, k: int, bits: int, groups: int, suffixes: s
 
 def _ct_step(ckpt: Checkpoint, m: Module, dtypes: dict[str, str]) -> Step:
     k, n, bits, groups = marlin_dims(m.tensors["B"].shape, m.tensors["s"].shape)
-    parts = _stack_parts(ckpt, m) or [(m.prefix, n)]
+    parts = stacked_parts(ckpt, m) or [(m.prefix, n)]
     per = len(parts) // (m.tensors["B"].shape[0] if len(m.tensors["B"].shape) == 3 else 1)
     outs = [o for name, rows in parts for o in _ct_outputs(name, rows, k, bits, groups, set(m.tensors), dtypes)]
     scale_dtype, shape_dtype = torch_dtype(dtypes["weight_scale"]), torch_dtype(dtypes.get("weight_shape", "I64"))
 
     def work(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         local = _local(m, t)
-        experts = [local] if len(parts) == 1 else [{k_: v[e] for k_, v in local.items()} for e in range(local["B"].shape[0])]
         result = []
-        for ex in experts:      # split a stacked w13 back into gate and up along N (tile-local)
-            pieces = {key: ex[key].chunk(per, dim=-1) for key in ("B", "s", "zp") if key in ex}
-            for j in range(per):
-                part = {key: pieces[key][j] if key in pieces else ex[key] for key in ex}
-                ct = to_ct(part, scale_dtype=scale_dtype, zero_point_dtype=dtypes.get("weight_zero_point", "I32"),
-                           shape_dtype=shape_dtype)
-                result += [ct[o.rpartition(".")[2]] for o, _, _ in _ct_outputs("x", 0, 0, 0, 0, set(ex), dtypes)]
+        for part in [local] if len(parts) == 1 else split_stacked(local, per):   # w13 -> gate, up
+            ct = to_ct(part, scale_dtype=scale_dtype, zero_point_dtype=dtypes.get("weight_zero_point", "I32"),
+                       shape_dtype=shape_dtype)
+            result += [ct[o.rpartition(".")[2]] for o, _, _ in _ct_outputs("x", 0, 0, 0, 0, set(local), dtypes)]
         return result
     return Step(outs, [i.name for i in m.tensors.values() if i.name.rpartition(".")[2] in MARLIN_PARAMS], work,
                 "modules_restored")

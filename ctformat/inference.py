@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import _preflight, _rename, resolve_device
+from .convert import _preflight, _rename, resolve_device, stacked_parts
 from .errors import CtFormatError, UnsupportedError, UsageError
 from .linear import QuantLinear
 
@@ -188,7 +188,11 @@ def checkpoint_weights(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.de
         name = _rename(prefix, model_type if isinstance(model_type, str) else None, False)
         dot = f"{name}." if name else ""
         items: Weights = {}
-        if m.quantized:
+        parts = _stacked(ckpt, m, dtype, device)
+        if parts is not None:         # Marlin --stack-experts: one QuantLinear per expert and part
+            items.update({f"{_rename(p, model_type if isinstance(model_type, str) else None, False)}.weight": q
+                          for p, q in parts})
+        elif m.quantized:
             items[f"{name}.weight"] = QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype)
         for suffix, info in m.tensors.items():
             if not m.quantized or suffix == "bias":
@@ -337,6 +341,20 @@ def kl_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> dict[str, Any]:
             "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).double().mean())}
 
 
+def _stacked(ckpt: Checkpoint, m, dtype: torch.dtype | None, device) -> list[tuple[str, QuantLinear]] | None:
+    """(part module name, QuantLinear) for a stacked Marlin module (spec §10.6), else None."""
+    parts = stacked_parts(ckpt, m) if m.marlin else None
+    if parts is None:
+        return None
+    from functools import partial
+
+    from .marlin import decompress, split_stacked
+    loaded = {k: ckpt.load(i.name, device) for k, i in m.tensors.items()}
+    per = len(parts) // loaded["B"].shape[0]
+    return [(name, QuantLinear(t, partial(decompress, dtype=dtype)))
+            for (name, _), t in zip(parts, split_stacked(loaded, per))]
+
+
 def weight_errors(a: str | Path, b: str | Path, *, device: str = "auto", worst: int = 10) -> dict[str, Any]:
     """‖W_A − W_B‖ / ‖W_B‖ (Frobenius, float32) for every Linear-like module of A that B also
     has (names as transformers reads them), module by module."""
@@ -361,10 +379,19 @@ def weight_errors(a: str | Path, b: str | Path, *, device: str = "auto", worst: 
 def _linear_modules(ckpt: Checkpoint) -> dict[str, Any]:
     mt = (ckpt.config or {}).get("model_type")
     mt = mt if isinstance(mt, str) else None
-    return {_rename(p, mt, False): m for p, m in ckpt.modules().items() if m.linear}
+    out: dict[str, Any] = {}
+    for p, m in ckpt.modules().items():
+        parts = _stacked(ckpt, m, torch.float32, None) if m.linear else None
+        if parts is not None:
+            out.update({_rename(name, mt, False): q for name, q in parts})
+        elif m.linear:
+            out[_rename(p, mt, False)] = m
+    return out
 
 
 def _dense_weight(ckpt: Checkpoint, m, dev: torch.device) -> torch.Tensor:
+    if isinstance(m, QuantLinear):              # one part of a stacked Marlin module
+        return m.dequantize(m.stored(dev)).float()
     if m.quantized:
         return ckpt.dequantize(m, dtype=torch.float32, device=dev)
     return ckpt.load(m.tensors["weight"].name, dev).float()

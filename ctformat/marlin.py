@@ -270,6 +270,16 @@ def to_ct(tensors: Mapping[str, torch.Tensor], *, scale_dtype: torch.dtype | Non
     return out
 
 
+def split_stacked(tensors: Mapping[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """A stacked module's Marlin tensors -> one dict per expert and part (w13: gate, up), in
+    that order. Exact: the layout is tile-local along N (spec §10.6)."""
+    out = []
+    for e in range(tensors["B"].shape[0]):
+        chunks = {k: tensors[k][e].chunk(parts, dim=-1) for k in ("B", "s", "zp") if k in tensors}
+        out += [{k: c[j].contiguous() for k, c in chunks.items()} for j in range(parts)]
+    return out
+
+
 def scheme_of(b_shape, s_shape, has_zp: bool, has_perm: bool):
     """The CT scheme a Marlin module's shapes imply (for dequantization and MRL-06)."""
     from .scheme import QuantScheme, Strategy

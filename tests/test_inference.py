@@ -241,12 +241,14 @@ def test_cli_bad_input_exit_codes(capsys, tmp_path):
 
 
 @needs_real
-def test_marlin_checkpoint_gives_the_same_logits(tmp_path):
-    """A Marlin checkpoint reads through the same Checkpoint API: no special case, same numbers."""
-    convert = pytest.importorskip("ctformat.convert")
-    if not hasattr(convert, "convert_to_marlin"):
-        pytest.skip("convert --to marlin is not in this tree")
+@pytest.mark.parametrize("stack", [False, True], ids=["per-module", "stacked"])
+def test_marlin_checkpoint_gives_the_same_logits(tmp_path, stack):
+    """A Marlin checkpoint (per-expert, or experts stacked as w13/w2) gives its source's logits,
+    and compare finds zero weight error."""
+    from ctformat.convert import convert_to_marlin
     src = E014 / "w4a16-sym-g128"
-    convert.convert_to_marlin(src, tmp_path / "m", device="cpu")
+    convert_to_marlin(src, tmp_path / "m", device="cpu", stack_experts=stack)
     expected = load_model(src, device="cpu", dtype=torch.float32).logits(IDS)
     assert torch.equal(load_model(tmp_path / "m", device="cpu", dtype=torch.float32, stream=True).logits(IDS), expected)
+    report = compare(tmp_path / "m", src, IDS, device="cpu", dtype=torch.float32)
+    assert report["weights"]["modules"] == 35 and report["weights"]["max"] == 0.0
