@@ -187,6 +187,8 @@ def _progress(label: str):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rich.markup import escape
+
     from ctformat.errors import CtFormatError
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("CTFORMAT_DEBUG"))
     try:
@@ -202,17 +204,17 @@ def main(argv: list[str] | None = None) -> None:
     except CtFormatError as e:
         if debug:
             raise
-        render.err.print(f"[red]Error:[/] {e}", markup=True, highlight=False)
+        render.err.print(f"[red]Error:[/] {escape(str(e))}", markup=True, highlight=False)
         sys.exit(e.exit_code)
     except (OSError, MemoryError) as e:
         if debug:
             raise
-        render.err.print(f"[red]Error:[/] {e}")
+        render.err.print(f"[red]Error:[/] {escape(str(e))}")
         sys.exit(1)
     except Exception as e:  # a bug: say so, keep the traceback behind --debug
         if debug:
             raise
-        render.err.print(f"[red]Internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        render.err.print(f"[red]Internal error:[/] {type(e).__name__}: {escape(str(e))} (rerun with --debug for the traceback)")
         sys.exit(3)
 
 

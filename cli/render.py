@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
@@ -86,7 +87,7 @@ def report(r: dict[str, Any]) -> None:
     for i in r["issues"]:
         sev = "[red]error  [/]" if i["severity"] == "error" else "[yellow]warning[/]"
         loc = ": ".join(x for x in (i["file"], i["where"]) if x)
-        out.print(f"{sev} [bold]{i['rule']}[/] {loc}: {i['message']}")
+        out.print(f"{sev} [bold]{i['rule']}[/] {escape(loc)}: {escape(i['message'])}")
     verdict = "[green]OK[/]" if r["ok"] else "[red]FAILED[/]"
     out.print(f"{verdict} {r['path']}: {r['errors']} error(s), {r['warnings']} warning(s), "
               f"{r['modules_checked']} quantized modules checked{' (deep)' if r['deep'] else ''}")

@@ -119,7 +119,7 @@ def stacked_parts(ckpt: Checkpoint, m: Module) -> list[tuple[str, int]] | None:
     """(part module name, out_features) in stacking order, for a stacked Marlin module."""
     base, _, last = m.prefix.rpartition(".")
     entry = (ckpt.marlin.stacked if ckpt.marlin is not None else {}).get(base)
-    if entry is None:
+    if entry is None or last not in ("w13", "w2"):
         return None
     n = m.tensors["s"].shape[-1]
     names = entry["w13"] if last == "w13" else [entry["w2"]]
@@ -436,6 +436,7 @@ def _pipeline(ckpt, plan, writer, dev, stats, progress, total) -> None:
     computed: queue.Queue = queue.Queue(maxsize=1)    # one result waiting while another is written
     errors: list[BaseException] = []
     stop = threading.Event()
+    writer_done = threading.Event()                   # a dead writer takes no end marker
 
     def read() -> None:
         try:
@@ -461,6 +462,8 @@ def _pipeline(ckpt, plan, writer, dev, stats, progress, total) -> None:
         except BaseException as err:
             errors.append(err)
             stop.set()
+        finally:
+            writer_done.set()
 
     threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=write, daemon=True)]
     for t in threads:
@@ -475,7 +478,7 @@ def _pipeline(ckpt, plan, writer, dev, stats, progress, total) -> None:
             _put(computed, (step, out, nbytes), stop)
     finally:
         stop.set() if errors else None
-        _put(computed, None, threading.Event())
+        _put(computed, None, writer_done)
         threads[1].join()
         stop.set()
         _drain(loaded)

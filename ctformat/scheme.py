@@ -279,6 +279,7 @@ def _match(module: str, target: str, *, linear: bool) -> int:
 
 # -- Marlin checkpoints (spec §10.7) -------------------------------------------------------
 _ROLES = ("weight_scale", "weight_shape", "weight_zero_point")
+_ROLE_DTYPES = {"weight_scale": ("F16", "BF16", "F32"), "weight_shape": ("I64", "I32"), "weight_zero_point": ("I32", "I8")}
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,10 @@ class MarlinConfig:
         dtypes, stacked = block.get("source_dtypes"), block.get("stacked_experts", {})
         if not isinstance(dtypes, Mapping) or not set(dtypes) <= set(_ROLES) or "weight_scale" not in dtypes:
             raise bad(f"source_dtypes {dtypes!r} is not an object of {', '.join(_ROLES)}", "marlin.source_dtypes")
+        for role, code in dtypes.items():
+            if not isinstance(code, str) or code not in _ROLE_DTYPES[role]:
+                raise bad(f"{role} dtype {code!r} is not one of {', '.join(_ROLE_DTYPES[role])}",
+                          f"marlin.source_dtypes.{role}")
         if not isinstance(stacked, Mapping) or not all(_stack_entry_ok(v) for v in stacked.values()):
             raise bad("stacked_experts is not an object of {experts, w13: [gate, up], w2}", "marlin.stacked_experts")
         cfg = cls(source, block["compressed_tensors"], dict(dtypes), dict(stacked), obj.get("quant_method") == "gptq")
@@ -360,6 +365,9 @@ class MarlinConfig:
 
 
 def _stack_entry_ok(v: Any) -> bool:
-    return (isinstance(v, Mapping) and isinstance(v.get("experts"), int) and v["experts"] > 0
-            and isinstance(v.get("w13"), list) and len(v["w13"]) == 2 and all(isinstance(x, str) for x in v["w13"])
-            and isinstance(v.get("w2"), str))
+    """{experts: E > 0, w13: [gate, up], w2: down}: three distinct plain module names."""
+    if not (isinstance(v, Mapping) and isinstance(v.get("experts"), int) and not isinstance(v["experts"], bool)
+            and v["experts"] > 0 and isinstance(v.get("w13"), list) and len(v["w13"]) == 2):
+        return False
+    names = [*v["w13"], v.get("w2")]
+    return all(isinstance(x, str) and x and "." not in x for x in names) and len(set(names)) == 3

@@ -229,7 +229,29 @@ def _marlin_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
         if name in t and (t[name].dtype != "I32" or tuple(t[name].shape) != want[name]):
             yield _issue("MRL-05", m, name, f"expected I32 {list(want[name])}, got {t[name].dtype} {list(t[name].shape)}")
             return
+    stack = _marlin_stack_issue(ckpt, m, n)
+    if stack is not None:
+        yield stack
+        return
     yield from _marlin_scheme_issues(m, k, bits, groups)
+
+
+def _marlin_stack_issue(ckpt: Checkpoint, m: Module, n: int) -> Issue | None:
+    """MRL-06: a module has a leading expert dim exactly when marlin.stacked_experts lists it
+    (P.experts.w13 or .w2), with that many experts and N split into parts of whole tiles."""
+    base, _, last = m.prefix.rpartition(".")
+    entry = ckpt.marlin.stacked.get(base) if last in ("w13", "w2") else None
+    b = m.tensors["B"].shape
+    if entry is None:
+        if len(b) == 3:
+            return _issue("MRL-06", m, "B", f"stacked B {list(b)}, but marlin.stacked_experts lists no {base!r} "
+                          "with a w13 or w2 part here")
+        return None
+    parts = 2 if last == "w13" else 1
+    if len(b) != 3 or b[0] != entry["experts"] or n % (64 * parts):
+        return _issue("MRL-06", m, "B", f"marlin.stacked_experts says {entry['experts']} experts of {parts} "
+                      f"part(s) of whole 64-column tiles, but B is {list(b)} with N = {n}")
+    return None
 
 
 def _marlin_scheme_issues(m: Module, k: int, bits: int, groups: int) -> Iterator[Issue]:

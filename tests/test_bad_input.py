@@ -21,9 +21,9 @@ from ctformat.validate import validate_checkpoint
 from make_fixtures import rewrite_header
 
 
-def cli(*args, env=None):
+def cli(*args, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "ctformat", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env=env)
+                          timeout=timeout, env=env)
 
 
 def copy(tmp_path, name="int4-g32"):
@@ -163,3 +163,75 @@ def test_convert_single_file_beside_itself(tmp_path):
 
 def test_library_errors_are_ctformat_errors():
     assert issubclass(UsageError, CtFormatError) and UsageError.exit_code == 2
+
+
+def marlin_copy(tmp_path, *flags):
+    out = tmp_path / "marlin"
+    r = cli("convert", str(FIXTURES / "tiny-mixtral-g64"), str(out), "--to", "marlin", "--device", "cpu", *flags)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def mblock(cfg):
+    return cfg["quantization_config"]["marlin"]
+
+
+@pytest.mark.parametrize("role,code", [("weight_scale", "XX"), ("weight_scale", "I32"), ("weight_shape", ["I64"]),
+                                       ("weight_shape", "F32")])
+def test_marlin_source_dtypes_that_are_no_dtype_of_the_role_are_mrl_01(tmp_path, role, code):
+    src = marlin_copy(tmp_path)
+    edit_config(src, lambda c: mblock(c)["source_dtypes"].__setitem__(role, code))
+    for cmd in (("validate", str(src)), ("convert", str(src), str(tmp_path / "o"), "--to", "compressed-tensors")):
+        r = cli(*cmd)
+        assert r.returncode == 1 and "MRL-01" in r.stderr + r.stdout and "Internal error" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+E0 = "model.layers.0.block_sparse_moe.experts"
+
+
+@pytest.mark.parametrize("case", ["missing", "experts_3", "experts_true", "w13_same", "w2_is_w1", "attn_entry"])
+def test_marlin_stacked_experts_that_do_not_fit_the_tensors_are_refused(tmp_path, case):
+    src = marlin_copy(tmp_path, "--stack-experts")
+    entry = {"experts": 4, "w13": ["w1", "w3"], "w2": "w2"}
+    edits = {"missing": lambda st: st.pop(E0), "experts_3": lambda st: st[E0].__setitem__("experts", 3),
+             "experts_true": lambda st: st[E0].__setitem__("experts", True),
+             "w13_same": lambda st: st[E0].__setitem__("w13", ["w1", "w1"]),
+             "w2_is_w1": lambda st: st[E0].__setitem__("w2", "w1"),
+             "attn_entry": lambda st: st.__setitem__("model.layers.0.self_attn", dict(entry, experts=1, w13=["q_proj", "k_proj"], w2="v_proj"))}
+    edit_config(src, lambda c: edits[case](mblock(c)["stacked_experts"]))
+    for to in ("dense", "compressed-tensors"):
+        r = cli("convert", str(src), str(tmp_path / "o"), "--to", to, "--device", "cpu", timeout=60)
+        assert "Internal error" not in r.stderr, r.stderr
+        if case == "attn_entry":        # names no stacked module: nothing to split, converts
+            assert r.returncode == 0, r.stderr
+            shutil.rmtree(tmp_path / "o")
+        else:
+            assert r.returncode == 1 and ("[MRL-06]" in r.stderr or "[MRL-01]" in r.stderr), r.stderr
+            assert not (tmp_path / "o").exists()
+    if case != "attn_entry":
+        assert cli("validate", str(src)).returncode == 1
+
+
+def test_validate_and_errors_keep_bracketed_text(tmp_path):
+    src = marlin_copy(tmp_path, "--stack-experts")
+    edit_config(src, lambda c: mblock(c)["stacked_experts"][E0].__setitem__("w2", "w1"))
+    r = cli("validate", str(src))
+    assert "w13: [gate, up]" in r.stdout
+    assert "w13: [gate, up]" in cli("inspect", str(src)).stderr
+
+
+def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
+    import threading
+    from ctformat import checkpoint
+    def fail(self, name, t):          # slow enough that the next result already waits in the queue
+        import time
+        time.sleep(0.5)
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "write", fail)
+    box = []
+    th = threading.Thread(target=lambda: box.append(pytest.raises(OSError, convert_to_dense, FIXTURES / "tiny-mixtral",
+                                                                  tmp_path / "o", device="cpu")), daemon=True)
+    th.start()
+    th.join(60)
+    assert not th.is_alive() and box and not (tmp_path / "o").exists()
