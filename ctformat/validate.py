@@ -251,6 +251,13 @@ def _marlin_stack_issue(ckpt: Checkpoint, m: Module, n: int) -> Issue | None:
     if len(b) != 3 or b[0] != entry["experts"] or n % (64 * parts):
         return _issue("MRL-06", m, "B", f"marlin.stacked_experts says {entry['experts']} experts of {parts} "
                       f"part(s) of whole 64-column tiles, but B is {list(b)} with N = {n}")
+    other = ckpt.modules().get(f"{base}.{'w2' if last == 'w13' else 'w13'}")
+    if other is not None and {"B", "s"} <= set(other.tensors):
+        k, _, _, _ = marlin_shape(m)
+        k_o, n_o, _, _ = marlin_shape(other)
+        if (last == "w13" and (n_o != k or k_o != n // 2)) or (last == "w2" and (k_o != n or n_o != 2 * k)):
+            return _issue("MRL-06", m, "B", f"w13 maps H -> 2I and w2 maps I -> H, but w13 and w2 of {base} "
+                          "disagree on H or I (shapes read with the wrong header?)")
     return None
 
 

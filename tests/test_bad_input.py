@@ -235,3 +235,18 @@ def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
     th.start()
     th.join(60)
     assert not th.is_alive() and box and not (tmp_path / "o").exists()
+
+
+def test_stacked_shapes_read_with_swapped_headers_are_mrl_06(tmp_path):
+    """The same bytes under another [E, K/16, ...] shape: each part looks fine alone, but w13
+    (H -> 2I) and w2 (I -> H) then disagree on H and I."""
+    src = marlin_copy(tmp_path, "--stack-experts")
+    w13 = "model.layers.0.block_sparse_moe.experts.w13"
+
+    def swap(h):
+        h[f"{w13}.B"]["shape"], h[f"{w13}.s"]["shape"] = [4, 16, 256], [4, 4, 128]
+    rewrite_header(src / "model.safetensors", swap)
+    r = cli("validate", str(src))
+    assert r.returncode == 1 and "MRL-06" in r.stdout and "disagree" in r.stdout
+    r = cli("convert", str(src), str(tmp_path / "o"), "--to", "compressed-tensors", "--device", "cpu", timeout=60)
+    assert r.returncode == 1 and "[MRL-06]" in r.stderr and not (tmp_path / "o").exists()
