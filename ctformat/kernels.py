@@ -106,41 +106,42 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
 
 
 @triton.jit
-def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, TOTAL, BITS: tl.constexpr, GS: tl.constexpr,
+def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, NW, BITS: tl.constexpr, WSHIFT: tl.constexpr,
                          SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
-                         BLOCK: tl.constexpr, STREAM: tl.constexpr = False, EVEN: tl.constexpr = False,
-                         KEEP: tl.constexpr = False):
-    # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: output element i
-    # reads word i // PER and scale i // GS of the flat tensors, so no row/column arithmetic
-    # is needed (PER and GS are compile-time powers of two: shifts, not divisions).
+                         BLOCK_W: tl.constexpr, EVEN: tl.constexpr = False):
+    # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: word i of the flat
+    # packed tensor holds outputs i*PER .. i*PER+PER-1, all scaled by scale i >> WSHIFT (a group
+    # spans 2**WSHIFT words). A program covers BLOCK_W words as [words, PER] values.
     PER: tl.constexpr = 32 // BITS
-    # EVEN: TOTAL is a multiple of BLOCK, so no mask at all; KEEP: words and scales are read
-    # by several neighbouring outputs, so ask L2 to keep them (inductor does the same).
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = None if EVEN else offs < TOTAL
-    policy: tl.constexpr = "evict_last" if KEEP else ""
-    words = tl.load(packed_ptr + offs // PER, mask=mask, other=None if EVEN else 0, eviction_policy=policy)
-    q = ((words >> ((offs % PER) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-    if SCALE_KIND == 0 and not NATIVE:
-        s = (tl.load(scale_ptr + offs // GS, mask=mask, other=None if EVEN else 0).to(tl.uint16, bitcast=True)
+    wid = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    # Contiguity 1 keeps the word and scale loads in the store's register layout (one word per
+    # thread and row): a vectorized load would go through shared memory to be re-laid out.
+    wl = tl.max_contiguous(wid, 1)
+    wmask = None if EVEN else wid < NW
+    words = tl.load(packed_ptr + wl, mask=wmask, other=None if EVEN else 0, eviction_policy="evict_first")
+    if SCALE_KIND == 0 and not NATIVE:     # bf16 arrives as int16 bits: widen to fp32 exactly
+        s = (tl.load(scale_ptr + (wl >> WSHIFT), mask=wmask, other=None if EVEN else 0).to(tl.uint16, bitcast=True)
              .to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        s = tl.load(scale_ptr + offs // GS, mask=mask, other=None if EVEN else 1, eviction_policy=policy).to(tl.float32)
-    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
-    if OUT_KIND == 0 and NATIVE and STREAM:      # output is never read back: stream it past L2
-        tl.store(out_ptr + offs, w.to(tl.bfloat16), mask=mask, cache_modifier=".cs")
-    elif OUT_KIND == 0 and NATIVE:
-        tl.store(out_ptr + offs, w.to(tl.bfloat16), mask=mask)
+    else:       # a scale serves 2**WSHIFT neighbouring words: keep it in L2
+        s = tl.load(scale_ptr + (wl >> WSHIFT), mask=wmask, other=None if EVEN else 1,
+                    eviction_policy="evict_last").to(tl.float32)
+    lane = tl.arange(0, PER)
+    u = (words.to(tl.uint32, bitcast=True)[:, None] >> (lane[None, :] * BITS)) & ((1 << BITS) - 1)
+    q = u.to(tl.int32) - (1 << (BITS - 1))
+    w = _round(_round(q.to(tl.float32) * s[:, None], SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+    o_at = out_ptr + wid[:, None] * PER + lane[None, :]
+    mask = None if EVEN else wmask[:, None]
+    if OUT_KIND == 0 and NATIVE:            # output is never read back: stream it past L2
+        tl.store(o_at, w.to(tl.bfloat16), mask=mask, cache_modifier=".cs")
     elif OUT_KIND == 0:
-        tl.store(out_ptr + offs, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True),
-                 mask=mask)
+        tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     elif OUT_KIND == 1:
-        tl.store(out_ptr + offs, w.to(tl.float16), mask=mask)
+        tl.store(o_at, w.to(tl.float16), mask=mask, cache_modifier=".cs" if NATIVE else "")
     else:
-        tl.store(out_ptr + offs, w, mask=mask)
+        tl.store(o_at, w, mask=mask, cache_modifier=".cs" if NATIVE else "")
 
 
-FLAT = {"block": 2048, "warps": 8, "stream": True, "keep": True}     # H100 sweep (benchmarks/bench_dequant_gpu.py --sweep)
+FLAT = {"block_w": 1024, "warps": 16}     # H100 and H200 sweeps (benchmarks/bench_dequant_gpu.py --sweep)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -179,10 +180,11 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
     if (g is None and z2 is None and s2.shape[-1] > 1 and in_features % group_size == 0
             and in_features == p2.shape[-1] * per and group_size & (group_size - 1) == 0
             and group_size % per == 0 and total < 2**31):
-        _dequant_flat_kernel[(triton.cdiv(total, FLAT["block"]),)](
-            p2, _bits_view(s2), _bits_view(o2), total, BITS=num_bits, GS=group_size,
-            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], NATIVE=not _INTERPRET, BLOCK=FLAT["block"],
-            STREAM=FLAT["stream"], EVEN=total % FLAT["block"] == 0, KEEP=FLAT["keep"], num_warps=FLAT["warps"])
+        nw = total // per
+        _dequant_flat_kernel[(triton.cdiv(nw, FLAT["block_w"]),)](
+            p2, _bits_view(s2), _bits_view(o2), nw, BITS=num_bits, WSHIFT=(group_size // per).bit_length() - 1,
+            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], NATIVE=not _INTERPRET, BLOCK_W=FLAT["block_w"],
+            EVEN=nw % FLAT["block_w"] == 0, num_warps=FLAT["warps"])
         return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per

@@ -80,3 +80,55 @@ def test_kernel_on_real_checkpoints(path):
     for m in mods:
         got, want = both(ckpt.load_module(m), m.scheme)
         assert torch.equal(got, want), m.prefix
+
+
+class _Refuse:
+    """Stands in for the tiled kernel where a case must take the flat one."""
+    def __getitem__(self, grid):
+        raise AssertionError("tiled kernel used where the flat kernel applies")
+
+
+def _expect_flat_kernel(monkeypatch):
+    """Symmetric group cases must take the flat kernel: a silent fall-back to the slower tiled
+    kernel fails the test."""
+    from ctformat import kernels
+    monkeypatch.setattr(kernels, "_dequant_kernel", _Refuse())
+
+
+@pytest.mark.parametrize("rows", [64, 65])           # 1024 words (no mask) and a ragged last block
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_flat_kernel_full_and_ragged_blocks(bits, rows, monkeypatch):
+    _expect_flat_kernel(monkeypatch)
+    per = 32 // bits
+    w = (torch.randn(rows, 16 * per, generator=torch.Generator().manual_seed(bits)) * 0.02).to(torch.bfloat16)
+    s = scheme(bits, True, "group")
+    s = QuantScheme.from_json({**s.to_json(), "group_size": 8 * per}, where="test")
+    got, want = both(compress(w, s), s)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16])
+def test_flat_kernel_every_scale_bit_pattern(sdtype, bits, monkeypatch):
+    """All 65536 16-bit scales (zeros, subnormals, infinities, NaNs), each times every q value
+    of its bit width (on the GPU): the kernel's fp32 product, rounded once to the 16-bit
+    dtype, must give exactly the bits torch computes. NaNs must land on the same elements;
+    their payloads are not part of the format (torch on the CPU canonicalizes them, the
+    interpreter and the GPU do not)."""
+    _expect_flat_kernel(monkeypatch)
+    per = 32 // bits
+    # q values per group: all of them, in whole words (for 8 bits in Triton's interpreter, 16
+    # of them per group and all across groups: every pair would take a minute there)
+    n = 16 if bits == 8 and DEVICE == "cpu" else max(1 << bits, 2 * per)
+    scale = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(sdtype).reshape(-1, 2)
+    rows = scale.shape[0]         # two groups per row, each seeing every q value
+    q = (torch.arange(rows)[:, None] + torch.arange(2 * n)).remainder(1 << bits).reshape(rows, -1, per)
+    words = (q << (torch.arange(per) * bits)).sum(-1)
+    words = (words - (words >= 2**31) * 2**32).to(torch.int32)
+    s = QuantScheme.from_json({"num_bits": bits, "symmetric": True, "strategy": "group",
+                               "group_size": n}, where="test")
+    t = {"weight_packed": words, "weight_scale": scale, "weight_shape": torch.tensor([rows, 2 * n])}
+    got, want = both(t, s)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.sum() > 0
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
