@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call of a lent GPU machine (device time is scarce):
+#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert ...]   (default: all)
+# Logs go to $OUT (or /tmp/ctformat-gpu) as <step>.log and <step>.json. Expects, where the
+# machine lacks them, wheels in .whl/ (compressed-tensors and its needs) and the real
+# llm-compressor checkpoints in .devshared/real-checkpoints (linked as ../shared).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/ctformat-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p /tmp/site && ln -sfn "$PWD/cli" /tmp/site/ctformat_cli     # the CLI's installed import name
+export PYTHONPATH=$PYTHONPATH:/tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d .devshared ] && [ ! -e ../shared ] && ln -sfn "$PWD/.devshared" ../shared
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/device.txt"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests dequant marlin inference convert)
+for step in "${steps[@]}"; do
+  echo "=== $step $(date -u +%T)"
+  case $step in
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+             tests/test_gpu_inference.py tests/test_marlin.py 2>&1 | tee "$out/tests.log" | tail -n 25 ;;
+    dequant) timeout 200 python3 benchmarks/bench_dequant_gpu.py --sweep --json "$out/dequant.json" > "$out/dequant.log" 2>&1
+             grep -v "^  flat\|^  tiled" "$out/dequant.log" ;;
+    marlin) timeout 150 python3 benchmarks/bench_marlin.py --json "$out/marlin.json" 2>&1 | tee "$out/marlin.log" ;;
+    inference) timeout 150 python3 benchmarks/bench_inference.py --json "$out/inference.json" 2>&1 | tee "$out/inference.log" ;;
+    convert) timeout 200 python3 benchmarks/bench_convert.py --gb 2 --device cuda --json "$out/convert.json" 2>&1 \
+               | tee "$out/convert.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
