@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import Checkpoint, open_checkpoint
 from .convert import _preflight, _rename, resolve_device, stacked_parts
 from .errors import CtFormatError, UnsupportedError, UsageError
-from .linear import QuantLinear
+from .linear import QuantLinear, split_stack, stack_size
 
 __all__ = ["ReferenceModel", "load_model", "run", "compare", "read_input_ids", "tokenize", "kl_stats",
            "weight_errors", "checkpoint_weights"]
@@ -346,13 +346,8 @@ def _stacked(ckpt: Checkpoint, m, dtype: torch.dtype | None, device) -> list[tup
     parts = stacked_parts(ckpt, m) if m.marlin else None
     if parts is None:
         return None
-    from functools import partial
-
-    from .marlin import decompress, split_stacked
-    loaded = {k: ckpt.load(i.name, device) for k, i in m.tensors.items()}
-    per = len(parts) // loaded["B"].shape[0]
-    return [(name, QuantLinear(t, partial(decompress, dtype=dtype)))
-            for (name, _), t in zip(parts, split_stacked(loaded, per))]
+    layers = split_stack(ckpt, m, parts=len(parts) // stack_size(m), device=device, dtype=dtype)
+    return [(name, layer) for (name, _), layer in zip(parts, layers)]
 
 
 def weight_errors(a: str | Path, b: str | Path, *, device: str = "auto", worst: int = 10) -> dict[str, Any]:

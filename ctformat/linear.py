@@ -19,7 +19,7 @@ from .errors import UsageError
 from .scheme import QuantScheme
 from .spec import DENSE
 
-__all__ = ["QuantLinear", "QuantExperts"]
+__all__ = ["QuantLinear", "QuantExperts", "split_stack", "stack_size"]
 
 Dequantize = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -40,6 +40,9 @@ class QuantLinear(nn.Module):
         """One quantized module of a checkpoint (its bias, if any, is not part of it)."""
         if not module.quantized:
             raise UsageError(f"{module.prefix}: stored dense, not quantized")
+        if stack_size(module):
+            raise UsageError(f"{module.prefix}: a stack of {stack_size(module)} experts; "
+                             "QuantExperts.from_checkpoint reads it")
         tensors = {s: ckpt.load(i.name, device) for s, i in module.tensors.items() if s != "bias"}
         return cls(tensors, partial(ckpt.decompress_loaded, module, dtype=dtype))
 
@@ -78,7 +81,11 @@ class QuantExperts(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, modules: Sequence[Module], *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> QuantExperts:
-        return cls([QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype) for m in modules])
+        """Per-expert modules in order, or stacked ones (3-D compressed-tensors, Marlin
+        `experts.w13`/`.w2`), split into their experts."""
+        return cls([layer for m in modules for layer in (
+            split_stack(ckpt, m, device=device, dtype=dtype) if stack_size(m)
+            else [QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype)])])
 
     def dequantize(self) -> torch.Tensor:
         """[E, out, in], written expert by expert into one tensor."""
@@ -91,3 +98,29 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.dequantize().mT          # [E, tokens, in] -> [E, tokens, out]
+
+
+def stack_size(module: Module) -> int | None:
+    """E for a module stored as a stack of E experts (a 3-D weight), else None."""
+    info = module.tensors.get("B") or module.tensors.get("weight_packed")
+    return info.shape[0] if info is not None and len(info.shape) == 3 else None
+
+
+def split_stack(ckpt: Checkpoint, module: Module, *, parts: int = 1, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> list[QuantLinear]:
+    """One QuantLinear per expert of a stacked module, and per part of each expert for a Marlin
+    `w13` split into gate and up (`parts=2`; spec §10.6). Slicing is exact: every stored tensor
+    carries the expert dimension first, and Marlin's layout is tile-local along N."""
+    loaded = {s: ckpt.load(i.name, device) for s, i in module.tensors.items() if s != "bias"}
+    if module.marlin:
+        from .marlin import decompress as marlin_decompress, split_stacked
+        return [QuantLinear(t, partial(marlin_decompress, dtype=dtype)) for t in split_stacked(loaded, parts)]
+    from .quant import decompress
+    from .validate import shape_issue
+    shape = loaded.pop("weight_shape")
+    bad = shape_issue(ckpt, module, tuple(int(v) for v in shape.tolist()))
+    if bad is not None:
+        raise bad.as_error()
+    dequantize = partial(decompress, scheme=module.scheme, layout=ckpt.layout(module, int(shape[-1])), dtype=dtype)
+    return [QuantLinear({**{k: t[e] for k, t in loaded.items()}, "weight_shape": shape[1:]}, dequantize)
+            for e in range(int(shape[0]))]

@@ -164,6 +164,50 @@ def test_quant_linear_from_tensors_and_expert_stack():
     assert torch.equal(experts(x), x @ stack.mT)
 
 
+def test_quant_layers_read_marlin_checkpoints(tmp_path):
+    """Per-module Marlin: QuantLinear rebuilds the source's weight and computes x @ W.T. Stacked
+    Marlin (w13, w2): QuantLinear refuses the stack; QuantExperts splits it into its experts,
+    each w13 being gate then up."""
+    from ctformat.convert import convert_to_marlin
+    src = FIXTURES / "tiny-mixtral-g64"
+    convert_to_marlin(src, tmp_path / "m", device="cpu")
+    convert_to_marlin(src, tmp_path / "s", device="cpu", stack_experts=True)
+    ct, mod, stk = open_checkpoint(src), open_checkpoint(tmp_path / "m"), open_checkpoint(tmp_path / "s")
+    p = "model.layers.0.block_sparse_moe.experts"
+    for name in ("model.layers.0.self_attn.q_proj", f"{p}.1.w1"):
+        layer = QuantLinear.from_checkpoint(mod, mod.modules()[name], dtype=torch.float32)
+        w = ct.dequantize(ct.modules()[name], dtype=torch.float32)
+        assert torch.equal(layer.dequantize(), w)
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(5))
+        assert torch.equal(layer(x), x @ w.T)
+    with pytest.raises(UsageError, match="a stack of 4 experts; QuantExperts"):
+        QuantLinear.from_checkpoint(stk, stk.modules()[f"{p}.w13"])
+    for part, names in (("w13", ("w1", "w3")), ("w2", ("w2",))):
+        experts = QuantExperts.from_checkpoint(stk, [stk.modules()[f"{p}.{part}"]], dtype=torch.float32)
+        want = torch.stack([torch.cat([ct.dequantize(ct.modules()[f"{p}.{e}.{n}"], dtype=torch.float32)
+                                       for n in names]) for e in range(4)])
+        assert len(experts.experts) == 4 and torch.equal(experts.dequantize(), want)
+        x = torch.randn(4, 5, want.shape[-1], generator=torch.Generator().manual_seed(6))
+        assert torch.equal(experts(x), x @ want.mT)
+
+
+def test_quant_experts_split_a_stacked_compressed_tensors_module(tmp_path):
+    """A 3-D compressed-tensors module (asymmetric: packed zero points carry the expert dim too)
+    is split into experts equal to the stack's own dequantization."""
+    s = QuantScheme.from_json({"num_bits": 4, "strategy": "group", "group_size": 32, "symmetric": False},
+                              where="test")
+    w = (torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(7)) * 0.02).to(torch.bfloat16)
+    t = {f"model.layers.0.mlp.experts.{k}": v for k, v in compress(w, s).items()}
+    config = json.loads((FIXTURES / "int4-g32-asym" / "config.json").read_text())
+    ckpt = open_checkpoint(save_checkpoint(tmp_path / "m", t, config))
+    m = ckpt.modules()["model.layers.0.mlp.experts"]
+    with pytest.raises(UsageError, match="a stack of 3 experts"):
+        QuantLinear.from_checkpoint(ckpt, m)
+    experts = QuantExperts.from_checkpoint(ckpt, [m])
+    stack = ckpt.dequantize(m)
+    assert len(experts.experts) == 3 and stack.shape == (3, 40, 64) and torch.equal(experts.dequantize(), stack)
+
+
 def test_quant_linear_refuses_a_dense_module():
     ckpt = open_checkpoint(FIXTURES / "tiny-mixtral")
     with pytest.raises(UsageError, match="stored dense"):
