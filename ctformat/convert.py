@@ -18,7 +18,8 @@ from .checkpoint import Checkpoint, CheckpointWriter, Module, dtype_code, open_c
 from .errors import CtFormatError, OutputExistsError, UnsupportedError, UsageError
 from .marlin import GROUP_SIZES, marlin_dims, marlin_group_size, split_stacked, to_ct, to_marlin
 from .scheme import MarlinConfig, Strategy
-from .spec import MARLIN_PARAMS, QUANT_PARAMS
+from .spec import (EXPERT_MODULE, LEGACY_GROUP_SIZES, LEGACY_K_MULTIPLE, LEGACY_N_MULTIPLE, MARLIN_PARAMS,
+                   QUANT_PARAMS)
 from .validate import check_module
 
 __all__ = ["convert_to_dense", "convert_to_marlin", "convert_to_ct", "dequantize_checkpoint", "dense_plan",
@@ -207,7 +208,7 @@ def _run(ckpt: Checkpoint, src: Path, out, plan: list[Step], config: dict, dev: 
 
 
 # -- Marlin (spec §10) ---------------------------------------------------------------------
-_EXPERTS = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+_EXPERTS = re.compile(EXPERT_MODULE)
 _MOE_PARTS = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
@@ -228,7 +229,7 @@ def convert_to_marlin(model: str | Path, out: str | Path, *, scale_dtype: torch.
              for role in ("weight_scale", "weight_shape", "weight_zero_point")}
     legacy = _legacy(quantized, scale_dtype, stacks)
     marlin = MarlinConfig(ckpt.quant, ckpt.config["quantization_config"], {r: d.pop() for r, d in roles.items() if d},
-                          {base: entry for base, entry in stacks.items()}, legacy)
+                          {base: entry for base, entry in stacks.items()}, legacy, _scale_code(quantized[0], scale_dtype))
     config = dict(ckpt.config, quantization_config=marlin.to_json())
     stats = _run(ckpt, src, out, plan, config, dev, max_shard_size, force, progress, {"modules_repacked": 0})
     stats["legacy_format"] = legacy
@@ -299,13 +300,16 @@ def _stacks(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, dict[str, An
 
 
 def _legacy(quantized: list[Module], scale_dtype: torch.dtype | None, stacks: dict) -> bool:
-    """Whether the output fits the legacy Marlin readers (spec §10.7)."""
+    """Whether the output fits every legacy Marlin reader (spec §10.7): dense layers only (no
+    vLLM <= 0.10.1 MoE method), and AutoGPTQ's and IST-DASLab's shape limits."""
     sizes = {m.scheme.group_size if m.scheme.strategy is Strategy.GROUP else -1 for m in quantized}
     scale_f16 = (scale_dtype == torch.float16 if scale_dtype is not None
                  else all(m.tensors["weight_scale"].dtype == "F16" for m in quantized))
-    return (not stacks and scale_f16 and len(sizes) == 1 and sizes <= {-1, 128}
+    return (not stacks and scale_f16 and len(sizes) == 1 and sizes <= set(LEGACY_GROUP_SIZES)
             and all(m.scheme.num_bits == 4 and m.scheme.symmetric and "weight_g_idx" not in m.tensors
-                    and m.tensors["weight_packed"].shape[-1] * 8 % 128 == 0 for m in quantized))
+                    and not _EXPERTS.match(m.prefix) and len(m.tensors["weight_packed"].shape) == 2
+                    and m.tensors["weight_packed"].shape[0] % LEGACY_N_MULTIPLE == 0
+                    and m.tensors["weight_packed"].shape[1] * 8 % LEGACY_K_MULTIPLE == 0 for m in quantized))
 
 
 def _marlin_outputs(prefix: str, m: Module, scale_code: str, experts: int = 0, parts: int = 1) -> list[tuple]:

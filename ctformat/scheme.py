@@ -292,6 +292,7 @@ class MarlinConfig:
     source_dtypes: Mapping[str, str]
     stacked: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     legacy: bool = False
+    scale_dtype: str | None = None       # dtype code of every `s` (absent before it was recorded)
 
     @staticmethod
     def detect(obj: Any) -> bool:
@@ -325,7 +326,11 @@ class MarlinConfig:
                           f"marlin.source_dtypes.{role}")
         if not isinstance(stacked, Mapping) or not all(_stack_entry_ok(v) for v in stacked.values()):
             raise bad("stacked_experts is not an object of {experts, w13: [gate, up], w2}", "marlin.stacked_experts")
-        cfg = cls(source, block["compressed_tensors"], dict(dtypes), dict(stacked), obj.get("quant_method") == "gptq")
+        scale_dtype = block.get("scale_dtype")
+        if scale_dtype is not None and scale_dtype not in ("F16", "BF16"):
+            raise bad(f"scale_dtype {scale_dtype!r} is not F16 or BF16", "marlin.scale_dtype")
+        cfg = cls(source, block["compressed_tensors"], dict(dtypes), dict(stacked), obj.get("quant_method") == "gptq",
+                  scale_dtype)
         if cfg.legacy:
             cfg._check_legacy(obj, bad)
         return cfg
@@ -352,6 +357,8 @@ class MarlinConfig:
                    "sym": True, "lm_head": False}
         out["marlin"] = {"layout": MARLIN_LAYOUT, "compressed_tensors": dict(self.source_json),
                          "source_dtypes": dict(self.source_dtypes), "stacked_experts": dict(self.stacked)}
+        if self.scale_dtype is not None:
+            out["marlin"]["scale_dtype"] = self.scale_dtype
         return out
 
     def part_name(self, prefix: str) -> str:

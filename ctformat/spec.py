@@ -9,7 +9,8 @@ __all__ = [
     "MIXED_PRECISION", "PARAM_SUFFIXES", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME",
     "SINGLE_NAME", "RULES", "DENSE", "PADDED", "DENSE_LAYOUT_SINCE", "ZP_PACKED_SINCE",
     "EMBEDDING_NAMES", "FUSED_SIBLINGS", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS",
-    "MARLIN_GROUP_SIZES", "LEGACY_GROUP_SIZES", "MARLIN_LIMITS",
+    "MARLIN_GROUP_SIZES", "LEGACY_GROUP_SIZES", "LEGACY_N_MULTIPLE", "LEGACY_K_MULTIPLE", "EXPERT_MODULE",
+    "MARLIN_LIMITS",
 ]
 
 # safetensors dtype code -> bytes per element (spec §1.2).
@@ -57,6 +58,9 @@ MARLIN_METHOD = "ctformat-marlin"        # quant_method of Marlin output outside
 MARLIN_PARAMS = ("B", "s", "zp", "g_idx", "perm")
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 LEGACY_GROUP_SIZES = (-1, 128)
+LEGACY_N_MULTIPLE, LEGACY_K_MULTIPLE = 256, 128      # AutoGPTQ / IST-DASLab Marlin (spec §10.7)
+# A per-expert MoE module: (prefix.experts, expert index, part name) (spec §10.6).
+EXPERT_MODULE = r"^(.*\.experts)\.(\d+)\.([^.]+)$"
 # Refusals of convert --to marlin (spec §10.9): ID -> statement.
 MARLIN_LIMITS: dict[str, str] = {
     "MCV-01": "quantized modules are 4- or 8-bit",
@@ -113,10 +117,11 @@ RULES: dict[str, tuple[str, str]] = {
     "MRL-01": ("error", "a Marlin quantization_config has the known layout, a valid compressed_tensors config, and legacy keys only on the legacy subset"),
     "MRL-02": ("error", "a Marlin module has B and s, zp only if asymmetric, g_idx and perm together, nothing else but bias"),
     "MRL-03": ("error", "B is I32 [K/16, N*bits/2] with bits 4 or 8 and N a multiple of 64"),
-    "MRL-04": ("error", "s is F16 or BF16 [G, N] with G = 1 or K/G in {32, 64, 128}"),
+    "MRL-04": ("error", "s is F16 or BF16 [G, N] with G = 1 or K/G in {32, 64, 128}, of the dtype marlin.scale_dtype names"),
     "MRL-05": ("error", "zp is I32 [G, N/8]; g_idx and perm are I32 [K]"),
     "MRL-06": ("error", "each Marlin module's bits, group size, symmetry and act-order match the stored compressed-tensors config"),
     "MRL-07": ("error", "perm is a permutation of 0..K-1 and g_idx is sorted within [0, G)"),
+    "MRL-08": ("error", "a checkpoint tagged for the legacy Marlin readers holds only modules they read: F16 scales, N % 256 == 0, K % 128 == 0, no MoE experts"),
     "DATA-01": ("error", "scales are finite and greater than zero"),
     "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),

@@ -6,12 +6,14 @@ module's tensors (one module at a time) for the DATA rules.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError, TensorError
 from .scheme import Strategy
-from .spec import DENSE, FLOAT_DTYPES, FUSED_SIBLINGS, MARLIN_PARAMS, RULES
+from .spec import (DENSE, EXPERT_MODULE, FLOAT_DTYPES, FUSED_SIBLINGS, LEGACY_K_MULTIPLE, LEGACY_N_MULTIPLE,
+                   MARLIN_PARAMS, RULES)
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, Module
@@ -222,8 +224,17 @@ def _marlin_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
         yield _issue("MRL-04", m, "s", f"expected F16 or BF16 [G, {n}] with G = 1 or K/G in 32, 64, 128 "
                      f"(K = {k}), got {sc.dtype} {list(sc.shape)}")
         return
-    if ckpt.marlin.legacy and sc.dtype != "F16":
-        yield _issue("MRL-04", m, "s", f"legacy Marlin readers take F16 scales, got {sc.dtype}")
+    if ckpt.marlin.scale_dtype not in (None, sc.dtype):
+        yield _issue("MRL-04", m, "s", f"{sc.dtype}, but quantization_config.marlin.scale_dtype says "
+                     f"{ckpt.marlin.scale_dtype}")
+    if ckpt.marlin.legacy:
+        unmet = [need for need, bad in (
+            (f"F16 scales (got {sc.dtype})", sc.dtype != "F16"),
+            (f"N % {LEGACY_N_MULTIPLE} == 0 (N = {n})", n % LEGACY_N_MULTIPLE),
+            (f"K % {LEGACY_K_MULTIPLE} == 0 (K = {k})", k % LEGACY_K_MULTIPLE),
+            ("dense layers (this is an MoE expert)", re.match(EXPERT_MODULE, m.prefix) or lead)) if bad]
+        if unmet:
+            yield _issue("MRL-08", m, None, f"tagged for the legacy Marlin readers, which need {'; '.join(unmet)}")
     want = {"zp": (*lead, groups, n // 8), "g_idx": (*lead, k), "perm": (*lead, k)}
     for name in ("zp", "g_idx", "perm"):
         if name in t and (t[name].dtype != "I32" or tuple(t[name].shape) != want[name]):

@@ -187,6 +187,17 @@ def test_marlin_source_dtypes_that_are_no_dtype_of_the_role_are_mrl_01(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("code,rule", [("F16", "MRL-04"), ("F32", "MRL-01"), (["BF16"], "MRL-01")])
+def test_marlin_scale_dtype_that_is_not_the_files_is_refused(tmp_path, code, rule):
+    src = marlin_copy(tmp_path)
+    edit_config(src, lambda c: mblock(c).__setitem__("scale_dtype", code))
+    r = cli("validate", str(src), "--json")
+    assert r.returncode == 1 and {i["rule"] for i in json.loads(r.stdout)["issues"]} == {rule}
+    r = cli("convert", str(src), str(tmp_path / "o"), "--to", "compressed-tensors")
+    assert r.returncode == 1 and f"[{rule}]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 E0 = "model.layers.0.block_sparse_moe.experts"
 
 

@@ -150,7 +150,7 @@ def test_marlin_config_says_what_the_files_hold(tmp_path):
     source = json.loads((src / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "ctformat-marlin" and "checkpoint_format" not in q
     assert q["marlin"] == {"layout": M.LAYOUT, "compressed_tensors": source, "source_dtypes":
-                           {"weight_scale": "BF16", "weight_shape": "I64"},
+                           {"weight_scale": "BF16", "weight_shape": "I64"}, "scale_dtype": "BF16",
                            "stacked_experts": {f"model.layers.{i}.block_sparse_moe.experts": {
                                "experts": 4, "w13": ["w1", "w3"], "w2": "w2"} for i in range(2)}}
     c = open_checkpoint(tmp_path / "m")
@@ -159,21 +159,41 @@ def test_marlin_config_says_what_the_files_hold(tmp_path):
     assert c.tensors["model.layers.0.block_sparse_moe.experts.w2.s"].shape == (4, 2, 128)
 
 
+W4_G128 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+
+
 def test_legacy_subset_gets_the_legacy_tags_and_loads_back(tmp_path):
-    src = REAL / "llmcompressor-0.14" / "w4a16-sym-g128"
-    if not src.is_dir():
-        pytest.skip("shared/real-checkpoints not present")
+    src = small_ckpt(tmp_path / "src", W4_G128, shape=(256, 384))      # dense, N % 256 == 0, K % 128 == 0
     stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16)   # exact for these scales
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert stats["legacy_format"] and {k: q[k] for k in ("quant_method", "checkpoint_format", "is_marlin_format",
                                                          "bits", "group_size", "desc_act", "sym")} == {
         "quant_method": "gptq", "checkpoint_format": "marlin", "is_marlin_format": True, "bits": 4,
         "group_size": 128, "desc_act": False, "sym": True}
+    assert q["marlin"]["scale_dtype"] == "F16" and q["marlin"]["source_dtypes"]["weight_scale"] == "BF16"
     c = open_checkpoint(tmp_path / "m")
     assert {t.dtype for n, t in c.tensors.items() if n.endswith(".s")} == {"F16"}
     convert_to_ct(tmp_path / "m", tmp_path / "ct", device="cpu")
     assert_same_checkpoint(src, tmp_path / "ct")                          # bf16 scales restored
     assert [i.rule for i in validate_checkpoint(tmp_path / "m", target="vllm").issues] == ["VLLM-05"]
+
+
+@pytest.mark.parametrize("case", ["moe", "n64", "k192"])
+def test_legacy_tags_only_where_every_legacy_reader_reads(case, tmp_path):
+    """MoE experts (vLLM <= 0.10.1 has no Marlin MoE method), N % 256 or K % 128 not zero
+    (AutoGPTQ, IST-DASLab): ctformat-marlin, even with F16 scales, group 128, 4-bit symmetric."""
+    if case == "moe":
+        src = REAL / "llmcompressor-0.14" / "w4a16-sym-g128"
+        if not src.is_dir():
+            pytest.skip("shared/real-checkpoints not present")
+    elif case == "n64":
+        src = small_ckpt(tmp_path / "src", W4_G128, shape=(64, 128))
+    else:
+        src = small_ckpt(tmp_path / "src", dict(W4_G128, strategy="channel", group_size=None), shape=(256, 192))
+    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16)
+    q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert stats["legacy_format"] is False and q["quant_method"] == "ctformat-marlin" and "bits" not in q
+    assert validate_checkpoint(tmp_path / "m").ok
 
 
 # -- refusals ------------------------------------------------------------------------------
