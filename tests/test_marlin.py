@@ -95,11 +95,36 @@ def test_stacked_experts_repack_in_one_call_equals_reference():
 @pytest.mark.parametrize("name", sorted(inp.BIG_CASES))
 def test_mixtral_8x22b_sizes_equal_reference_digests(name):
     bits, k, n, gs, sdtype, *_ = inp.BIG_CASES[name]
-    out = M.to_marlin(ct_inputs(inp.BIG_CASES[name]), bits, gs)
-    for key, t in (("B", out["B"]), ("s", out["s"].view(torch.int16))):
-        want = BIG[f"{name}.{key}"]
+    out = M.to_marlin(ct_inputs(inp.BIG_CASES[name]), bits, None if gs == -1 else gs)
+    keys = sorted(key.rpartition(".")[2] for key in BIG if key.startswith(name + "."))
+    assert keys == sorted(out)
+    for key in keys:
+        t, want = out[key], BIG[f"{name}.{key}"]
+        t = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
         assert list(t.shape) == want["shape"]
         assert hashlib.sha256(t.numpy().tobytes()).hexdigest() == want["sha256"], key
+
+
+@pytest.mark.parametrize("name", ["u4_k128_n128_g64_bf16", "u8_k128_n128_g64_f16"])
+def test_stacked_w13_equals_reference_of_gate_and_up_as_one_weight(name, tmp_path):
+    """vLLM's fused-MoE path repacks w13 = cat(gate, up) along N as one weight. convert
+    --stack-experts repacks gate and up apart and concatenates: the reference of the whole."""
+    bits, k, n, gs, *_ = case = inp.CASES[name]
+    full, half = ct_inputs(case), n // 2
+    scheme_json = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": gs}
+    p = "model.layers.0.block_sparse_moe.experts.0"
+    t = {f"{p}.{part}.{key}": v[rows] for part, rows in (("w1", slice(0, half)), ("w3", slice(half, n)))
+         for key, v in full.items()}
+    t.update({f"{p}.w1.weight_shape": torch.tensor([half, k]), f"{p}.w3.weight_shape": torch.tensor([half, k])})
+    down = (torch.randn(k, half, generator=torch.Generator().manual_seed(8)) * 0.02).to(full["weight_scale"].dtype)
+    t.update({f"{p}.w2.{key}": v for key, v in compress(down, QuantScheme.from_json(scheme_json, where="t")).items()})
+    q = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme_json}}}
+    save_checkpoint(tmp_path / "src", t, {"model_type": "mixtral", "quantization_config": q})
+    convert_to_marlin(tmp_path / "src", tmp_path / "m", device="cpu", stack_experts=True)
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    for key in ("B", "s"):
+        assert torch.equal(got[f"model.layers.0.block_sparse_moe.experts.w13.{key}"][0], REF[f"{name}.{key}"]), key
 
 
 def test_worked_example_of_the_spec():
@@ -283,6 +308,66 @@ def test_inspect_reports_the_marlin_layout(tmp_path, capsys):
     assert d["parameters"]["total"] == sum(t.numel for t in src.tensors.values() if not t.name.endswith(
         ("weight_packed", "weight_scale", "weight_shape"))) + d["parameters"]["quantized"]
     assert d["modules_quantized"] == sum(m.quantized for m in src.modules().values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["marlin", "compressed-tensors"])
+def test_sigkill_while_writing_never_leaves_a_checkpoint_lookalike(tmp_path, target):
+    """Killed once its hidden temporary folder exists (it is writing), at several delays after:
+    OUT is absent, or whole if the run got there first."""
+    import subprocess
+    import time
+
+    from conftest import ROOT
+    from test_convert import big_checkpoint
+    src = big_checkpoint(tmp_path / "src")
+    if target == "compressed-tensors":
+        convert_to_marlin(src, tmp_path / "m", device="cpu")
+        src = tmp_path / "m"
+    killed_mid_run = 0
+    for delay in (0.0, 0.1, 0.4):
+        out = tmp_path / f"out-{delay}"
+        proc = subprocess.Popen([sys.executable, "-m", "ctformat", "convert", str(src), str(out), "--to", target,
+                                 "--device", "cpu", "--max-shard-size", "5MB"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(f".out-{delay}*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if out.exists():            # the run finished before the kill: then it must be whole
+            assert validate_checkpoint(out).ok and len(open_checkpoint(out).tensors) == 48 * (2 if target == "marlin"
+                                                                                              else 3), delay
+        else:
+            killed_mid_run += 1
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".out-{delay}")]
+        assert all(".tmp-" in n for n in leftovers), leftovers   # only a hidden temp folder may remain
+    assert killed_mid_run, "no kill landed while the conversion was writing"
+
+
+@pytest.mark.parametrize("target", ["marlin", "compressed-tensors"])
+def test_shard_corrupted_mid_run_leaves_no_output(tmp_path, monkeypatch, target):
+    """Headers fine at open, data gone by the time it is read: the run stops, nothing at OUT."""
+    import shutil
+    src = tmp_path / "src"
+    if target == "marlin":
+        shutil.copytree(FIXTURES / "tiny-mixtral-g64", src)
+    else:
+        convert_to_marlin(FIXTURES / "tiny-mixtral-g64", src, device="cpu")
+    files = type(open_checkpoint(src).files)
+    readinto, calls = files.readinto, {"n": 0}
+
+    def flaky(self, name, start, buf):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            (src / name).write_bytes((src / name).read_bytes()[:start])     # truncated under our feet
+        return readinto(self, name, start, buf)
+    monkeypatch.setattr(files, "readinto", flaky)
+    convert = convert_to_marlin if target == "marlin" else convert_to_ct
+    with pytest.raises(Exception, match=r"truncated.*\[HDR-06\]"):
+        convert(src, tmp_path / "o", device="cpu")
+    assert calls["n"] >= 20 and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_truncated_shard_is_refused_and_leaves_nothing(tmp_path):
