@@ -76,7 +76,9 @@ def test_kernel_on_fixture_checkpoints(name):
 @pytest.mark.parametrize("path", sorted(REAL.glob("*/*")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_kernel_on_real_checkpoints(path):
     ckpt = open_checkpoint(path)
-    mods = [m for m in ckpt.modules().values() if m.quantized][:6]     # attention and experts of layer 0
+    mods = [m for m in ckpt.modules().values() if m.quantized]
+    if DEVICE == "cpu":         # the interpreter is slow: attention and experts of layer 0
+        mods = mods[:6]
     for m in mods:
         got, want = both(ckpt.load_module(m), m.scheme)
         assert torch.equal(got, want), m.prefix
