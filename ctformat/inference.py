@@ -213,9 +213,10 @@ def _hf_config(ckpt: Checkpoint):
         raise UnsupportedError(f"{ckpt.label}: config.json names no model_type; transformers cannot build it")
     try:
         return AutoConfig.for_model(model_type, **raw)
-    except (ValueError, KeyError) as err:
-        raise UnsupportedError(f"{ckpt.label}: transformers does not know the architecture {model_type!r} "
-                               f"({raw.get('architectures')}): {str(err).splitlines()[0][:200]}") from None
+    except (ValueError, KeyError):      # its message lists every model type it knows: not a one-liner
+        import transformers
+        raise UnsupportedError(f"{ckpt.label}: transformers {transformers.__version__} does not know the "
+                               f"architecture {model_type!r} ({raw.get('architectures')})") from None
 
 
 def _build(config, dtype: torch.dtype) -> nn.Module:

@@ -21,8 +21,7 @@ transformers = pytest.importorskip("transformers")
 E014, E041 = REAL / "llmcompressor-0.14", REAL / "llmcompressor-0.4.1"
 DENSE = E014 / "dense"
 # both naming eras (0.14: experts.N.gate_proj/up_proj/down_proj; 0.4.1: w1/w2/w3), with zero points and g_idx
-REAL_CASES = [E014 / "w4a16-sym-g128", E014 / "w4a16-asym-g128", E041 / "w4a16-gptq-actorder-group-g128",
-              E041 / "w4a16-asym-gptq-g128"]
+REAL_CASES = sorted(p for p in REAL.glob("*/*") if p.name != "dense") if REAL.is_dir() else []   # all 9
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent")
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -122,6 +121,22 @@ def test_compare_with_itself_is_zero_and_with_dense_is_small():
     assert 0.05 < w["max"] < 0.2 and w["worst"][0]["rel_error"] == w["max"]
     # routers and lm_head are stored dense in both: exactly equal
     assert {r["module"] for r in w["worst"]}.isdisjoint({"lm_head", "model.layers.0.block_sparse_moe.gate"})
+
+
+@needs_real
+def test_cli_compare_json_is_the_report_of_the_api(tmp_path, capsys):
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(9))
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    q = E014 / "w4a16-gptq-g128"          # GPTQ of DENSE
+    code, out, err = cli(capsys, "compare", str(q), str(DENSE), "--input-ids", str(tmp_path / "ids.json"),
+                         "--dtype", "float32", "--device", "cpu", "--worst", "2", "--json")
+    doc = json.loads(out)
+    want = compare(q, DENSE, ids, device="cpu", dtype=torch.float32, worst=2)
+    assert code == 0 and doc["schema"] == "ctformat.compare/1" and doc["a"] == str(q) and doc["b"] == str(DENSE)
+    for key in ("positions", "kl_mean", "kl_max", "kl_p50", "kl_p90", "kl_p99", "top1_agreement"):
+        assert doc[key] == want[key], key
+    assert doc["weights"] == want["weights"] and len(doc["weights"]["worst"]) == 2
+    assert 0 < doc["kl_max"] < 0.05 and "Traceback" not in err
 
 
 def test_kl_stats_match_a_direct_computation():
@@ -225,7 +240,7 @@ def test_read_input_ids_forms(tmp_path):
             read_input_ids(tmp_path / "ids")
 
 
-def test_unknown_architecture_is_a_clear_error(tmp_path):
+def test_unknown_architecture_is_a_clear_error(tmp_path, capsys):
     import shutil
     shutil.copytree(FIXTURES / "tiny-mixtral-ct019", tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -233,6 +248,11 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedError, match="does not know the architecture 'frobnicator'"):
         load_model(tmp_path / "m", device="cpu")
+    (tmp_path / "ids.json").write_text("[1, 2, 3]")
+    code, out, err = cli(capsys, "run", str(tmp_path / "m"), "--input-ids", str(tmp_path / "ids.json"))
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "does not know the architecture 'frobnicator'" in err
+    assert len(err) < 300, err
 
 
 def test_weights_transformers_would_not_read_are_an_error(tmp_path):
@@ -247,10 +267,13 @@ def test_weights_transformers_would_not_read_are_an_error(tmp_path):
 
 def cli(capsys, *args):
     from ctformat_cli.main import main
-    with pytest.raises(SystemExit) as exit_:
+    try:
         main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
     out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return code, out, err
 
 
 @needs_real
