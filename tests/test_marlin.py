@@ -239,6 +239,8 @@ W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "gro
     ("MCV-01", lambda p: FIXTURES / "int3-g32-dense", {}),
     ("MCV-02", lambda p: small_ckpt(p, dict(W4, group_size=16)), {}),
     ("MCV-02", lambda p: small_ckpt(p, dict(W4, strategy="tensor", group_size=None)), {}),
+    ("MCV-02", lambda p: small_ckpt(p, dict(W4, group_size=256), shape=(64, 512)), {}),   # two groups of 256
+    ("MCV-03", lambda p: small_ckpt(p, W4, shape=(96, 128)), {}),          # N % 64
     ("MCV-03", lambda p: FIXTURES / "tiny-mixtral", {}),
     ("MCV-03", lambda p: small_ckpt(p, W4, shape=(64, 64)), {}),
     ("MCV-04", lambda p: small_ckpt(p, dict(W4, num_bits=8, symmetric=False)), {}),
