@@ -175,12 +175,17 @@ class Checkpoint:
             from .marlin import decompress as marlin_decompress
             return marlin_decompress(tensors, dtype=dtype)
         from .quant import decompress
+        shape = self.checked_shape(module, tensors["weight_shape"])
+        return decompress(tensors, module.scheme, layout=self.layout(module, shape[-1]), dtype=dtype)
+
+    def checked_shape(self, module: Module, weight_shape: torch.Tensor) -> tuple[int, ...]:
+        """A module's loaded weight_shape, checked against the headers (DATA-05, TEN-08)."""
         from .validate import shape_issue
-        shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+        shape = tuple(int(v) for v in weight_shape.tolist())
         bad = shape_issue(self, module, shape)
         if bad is not None:
             raise bad.as_error()
-        return decompress(tensors, module.scheme, layout=self.layout(module, shape[-1]), dtype=dtype)
+        return shape
 
 
 def open_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoint:

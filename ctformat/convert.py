@@ -227,7 +227,7 @@ def convert_to_marlin(model: str | Path, out: str | Path, *, scale_dtype: torch.
     plan = _marlin_plan(ckpt, stacks, scale_dtype)
     roles = {role: {m.tensors[role].dtype for m in quantized if role in m.tensors}
              for role in ("weight_scale", "weight_shape", "weight_zero_point")}
-    legacy = _legacy(quantized, scale_dtype, stacks)
+    legacy = _legacy(quantized, scale_dtype)
     marlin = MarlinConfig(ckpt.quant, ckpt.config["quantization_config"], {r: d.pop() for r, d in roles.items() if d},
                           {base: entry for base, entry in stacks.items()}, legacy, _scale_code(quantized[0], scale_dtype))
     config = dict(ckpt.config, quantization_config=marlin.to_json())
@@ -299,13 +299,14 @@ def _stacks(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, dict[str, An
     return out
 
 
-def _legacy(quantized: list[Module], scale_dtype: torch.dtype | None, stacks: dict) -> bool:
+def _legacy(quantized: list[Module], scale_dtype: torch.dtype | None) -> bool:
     """Whether the output fits every legacy Marlin reader (spec §10.7): dense layers only (no
-    vLLM <= 0.10.1 MoE method), and AutoGPTQ's and IST-DASLab's shape limits."""
+    vLLM <= 0.10.1 MoE method, so no experts, stacked or not), and AutoGPTQ's and IST-DASLab's
+    shape limits."""
     sizes = {m.scheme.group_size if m.scheme.strategy is Strategy.GROUP else -1 for m in quantized}
     scale_f16 = (scale_dtype == torch.float16 if scale_dtype is not None
                  else all(m.tensors["weight_scale"].dtype == "F16" for m in quantized))
-    return (not stacks and scale_f16 and len(sizes) == 1 and sizes <= set(LEGACY_GROUP_SIZES)
+    return (scale_f16 and len(sizes) == 1 and sizes <= set(LEGACY_GROUP_SIZES)
             and all(m.scheme.num_bits == 4 and m.scheme.symmetric and "weight_g_idx" not in m.tensors
                     and not _EXPERTS.match(m.prefix) and len(m.tensors["weight_packed"].shape) == 2
                     and m.tensors["weight_packed"].shape[0] % LEGACY_N_MULTIPLE == 0

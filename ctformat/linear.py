@@ -116,11 +116,8 @@ def split_stack(ckpt: Checkpoint, module: Module, *, parts: int = 1, device: str
         from .marlin import decompress as marlin_decompress, split_stacked
         return [QuantLinear(t, partial(marlin_decompress, dtype=dtype)) for t in split_stacked(loaded, parts)]
     from .quant import decompress
-    from .validate import shape_issue
-    shape = loaded.pop("weight_shape")
-    bad = shape_issue(ckpt, module, tuple(int(v) for v in shape.tolist()))
-    if bad is not None:
-        raise bad.as_error()
-    dequantize = partial(decompress, scheme=module.scheme, layout=ckpt.layout(module, int(shape[-1])), dtype=dtype)
-    return [QuantLinear({**{k: t[e] for k, t in loaded.items()}, "weight_shape": shape[1:]}, dequantize)
-            for e in range(int(shape[0]))]
+    stored_shape = loaded.pop("weight_shape")
+    experts, *_, in_features = ckpt.checked_shape(module, stored_shape)
+    dequantize = partial(decompress, scheme=module.scheme, layout=ckpt.layout(module, in_features), dtype=dtype)
+    return [QuantLinear({**{k: t[e] for k, t in loaded.items()}, "weight_shape": stored_shape[1:]}, dequantize)
+            for e in range(experts)]
