@@ -21,7 +21,7 @@ from .errors import (CheckpointNotFoundError, ConfigError, HeaderError, OutputEx
 from .header import TensorInfo, parse_index, read_header
 from .scheme import MarlinConfig, QuantGroup, QuantizationConfig, QuantScheme
 from .spec import (DENSE, DTYPE_SIZES, EMBEDDING_NAMES, INDEX_NAME, MARLIN_PARAMS, PADDED, PICKLE_SUFFIXES,
-                   SINGLE_NAME)
+                   QUANT_PARAMS, SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,14 @@ class Module:
 
     @property
     def quantized(self) -> bool:
-        return "weight_packed" in self.tensors or "B" in self.tensors
+        """Carries any tensor of a quantization tensor set, complete or not (spec §2.2): such a
+        module is never copied as plain tensors; TEN-01 / MRL-02 say what it lacks."""
+        return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
+
+    @property
+    def quant_tensor(self) -> str:
+        """The first tensor of its quantization set that is present (where issues point)."""
+        return next((k for k in (*QUANT_PARAMS, *MARLIN_PARAMS) if k in self.tensors), next(iter(self.tensors)))
 
     @property
     def marlin(self) -> bool:

@@ -197,6 +197,7 @@ def _open_for_convert(model: str | Path, out: str | Path, device: str) -> tuple[
 
 def _run(ckpt: Checkpoint, src: Path, out, plan: list[Step], config: dict, dev: torch.device, max_shard_size: int,
          force: bool, progress, counts: dict[str, int]) -> dict[str, Any]:
+    _check_plan(ckpt, plan)
     total = sum(ckpt.tensors[n].nbytes for step in plan for n in step.sources)
     stats = {**counts, "tensors_copied": 0, "bytes_read": 0, "cpu_fallbacks": 0, "device": str(dev),
              "output": str(out)}
@@ -205,6 +206,20 @@ def _run(ckpt: Checkpoint, src: Path, out, plan: list[Step], config: dict, dev: 
         _pipeline(ckpt, plan, writer, dev, stats, progress, total)
         writer.close(config)
     return stats
+
+
+def _check_plan(ckpt: Checkpoint, plan: list[Step]) -> None:
+    """Every input tensor is read by exactly one step, and every quantized module is computed,
+    not copied: a plan that would drop or duplicate data is a bug, stopped before writing."""
+    read = [n for step in plan for n in step.sources]
+    copied = {step.sources[0] for step in plan if step.work is None}
+    lost = set(ckpt.tensors) - set(read)
+    params = set(QUANT_PARAMS + MARLIN_PARAMS)
+    stray = sorted(n for n in copied if ckpt.modules()[n.rpartition(".")[0]].quantized
+                   and n.rpartition(".")[2] in params)
+    if lost or len(read) != len(set(read)) or stray:
+        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, or copies "
+                           f"quantized tensors as they are ({stray[:3]})")
 
 
 # -- Marlin (spec §10) ---------------------------------------------------------------------

@@ -58,6 +58,8 @@ def _params(m: Module) -> int:
         b = m.tensors.get("B")
         k, n, _, _ = marlin_shape(m) if b is not None and "s" in m.tensors else (0, 0, 0, 0)
         return prod(b.shape[:-2]) * k * n if b is not None else 0
+    if "weight_packed" not in m.tensors:
+        return 0                                  # an incomplete tensor set (TEN-01): validate says so
     return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
 
 

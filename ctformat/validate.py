@@ -134,9 +134,9 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
     if ckpt.marlin is not None and m.marlin:
         return list(_marlin_issues(ckpt, m))
     if m.quantized and m.ignored:
-        return [_issue("TEN-09", m, "weight_packed", "module is matched by ignore but stored quantized")]
+        return [_issue("TEN-09", m, m.quant_tensor, "module is matched by ignore but stored quantized")]
     if m.quantized and scheme is None:
-        return [_issue("TEN-10", m, "weight_packed", "quantized tensors, but no config group targets this module")]
+        return [_issue("TEN-10", m, m.quant_tensor, "quantized tensors, but no config group targets this module")]
     if not m.quantized:
         if scheme is not None and not m.ignored and m.linear and "weight" in m.tensors:
             return [_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module, "
