@@ -35,7 +35,7 @@ convert_checkpoint(sys.argv[1], sys.argv[2], converter=CompressedTensorsDequanti
 
 def make(root: Path, gb: float) -> tuple[int, int]:
     import torch
-    from ctformat.checkpoint import CheckpointWriter
+    from ctformat.writer import CheckpointWriter
     out_f, in_f = 16384, 6144
     per = out_f * in_f // 2 + out_f * in_f // 128 * 2 + 16
     n = max(1, int(gb * 1e9 // per))

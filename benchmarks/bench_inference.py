@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctformat.convert import resolve_device  # noqa: E402
+from ctformat.pipeline import resolve_device  # noqa: E402
 from ctformat.inference import ReferenceModel  # noqa: E402
 from ctformat.linear import QuantLinear  # noqa: E402
 from ctformat.scheme import QuantScheme  # noqa: E402

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import click
 
-from . import render
-from .main import EXIT_CODES
+from ctformat.errors import UsageError
 
-INFER_EXIT_CODES = EXIT_CODES + """
-  (run, compare: 1 also for an architecture transformers does not know, or weights it
-  would not read; 2 also for --text without a tokenizer, token ids out of range, and
-  compare of two different architectures)"""
+from . import render
+from .render import INFER_EXIT_CODES
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -29,28 +26,10 @@ def _common(f):
 
 
 def _ids(model: str, text: str | None, input_ids: str | None):
-    from ctformat.errors import UsageError
     from ctformat.inference import read_input_ids, tokenize
     if (text is None) == (input_ids is None):
         raise UsageError("give exactly one of --text and --input-ids")
     return tokenize(model, text) if text is not None else read_input_ids(input_ids)
-
-
-class _layer_progress:
-    """Decoder layers done, on stderr, when it is a terminal and the output is not JSON."""
-
-    def __init__(self, label: str, disable: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=render.err, transient=True, disable=disable or not render.err.is_terminal)
-        self.task = self.bar.add_task(label, total=None)
-
-    def __enter__(self):
-        self.bar.start()
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
 
 
 @click.command(epilog=INFER_EXIT_CODES)
@@ -65,26 +44,16 @@ def run(model: str, text: str | None, input_ids: str | None, device: str, dtype:
 
     Example: ctformat run ../shared/real-checkpoints/llmcompressor-0.4.1/w4a16-gptq-g128 --text "Hello"
     """
-    from ctformat.convert import DTYPES
+    from ctformat.dtypes import float_dtype
     from ctformat.inference import run as run_model
     ids = _ids(model, text, input_ids)
-    with _layer_progress("layers", disable=as_json) as progress:
-        doc = run_model(model, ids, top_k=top_k, generate=generate, device=device, dtype=DTYPES[dtype],
+    with render.ProgressBar("layers", unit="items", disable=as_json) as progress:
+        doc = run_model(model, ids, top_k=top_k, generate=generate, device=device, dtype=float_dtype(dtype),
                         stream=stream, progress=progress)
     if as_json:
         render.emit_json(doc)
-        return
-    render.out.print(f"[bold]{doc['model']}[/]: {len(ids[0])} token(s) in, {doc['dtype']} on {doc['device']}"
-                     f"{' (streamed)' if doc['streamed'] else ''}, {doc['timing']['seconds']:.2f} s")
-    for b, top in enumerate(doc["next_token"]):
-        render.out.print(f"next token{f' (sequence {b})' if len(doc['next_token']) > 1 else ''}:")
-        for t in top:
-            shown = "" if t["text"] is None else f" {t['text']!r}"
-            render.out.print(f"  {t['id']:>7}{shown:<16} {t['prob']:.4f}")
-    for b, g in enumerate(doc["generated_ids"]):
-        if g:
-            text_g = doc["generated_text"][b] if doc["generated_text"] else None
-            render.out.print(f"generated: {g}" + (f" {text_g!r}" if text_g is not None else ""))
+    else:
+        render.run_result(doc)
 
 
 @click.command(epilog=INFER_EXIT_CODES)
@@ -100,26 +69,13 @@ def compare(a: str, b: str, text: str | None, input_ids: str | None, device: str
 
     Example: ctformat compare QUANTIZED DENSE --input-ids ids.json
     """
-    from ctformat.convert import DTYPES
+    from ctformat.dtypes import float_dtype
     from ctformat.inference import compare as compare_models
     ids = _ids(a, text, input_ids)
-    with _layer_progress("layers", disable=as_json) as progress:
-        doc = compare_models(a, b, ids, device=device, dtype=DTYPES[dtype], stream=stream, worst=worst,
+    with render.ProgressBar("layers", unit="items", disable=as_json) as progress:
+        doc = compare_models(a, b, ids, device=device, dtype=float_dtype(dtype), stream=stream, worst=worst,
                              progress=progress)
     if as_json:
         render.emit_json(doc)
-        return
-    w = doc["weights"]
-    render.out.print(f"A {doc['a']}\nB {doc['b']}\n{doc['positions']} positions, {doc['dtype']} on {doc['device']}, "
-                     f"{doc['seconds']:.2f} s")
-    render.out.print(f"KL(A||B) nats  mean {doc['kl_mean']:.3e}  p50 {doc['kl_p50']:.3e}  p90 {doc['kl_p90']:.3e}  "
-                     f"p99 {doc['kl_p99']:.3e}  max {doc['kl_max']:.3e}")
-    render.out.print(f"top-1 agreement {doc['top1_agreement']:.4f}")
-    if w["modules"]:
-        render.out.print(f"weights: {w['modules']} modules, relative error mean {w['mean']:.3e}, max {w['max']:.3e}")
-        for row in w["worst"]:
-            render.out.print(f"  {row['rel_error']:.3e}  {row['module']}")
-    for side in ("a", "b"):
-        if w[f"only_in_{side}"]:
-            render.out.print(f"only in {side.upper()}: {len(w[f'only_in_{side}'])} modules, "
-                             f"e.g. {w[f'only_in_{side}'][0]}")
+    else:
+        render.compare_result(doc)

@@ -1,16 +1,34 @@
-"""Everything the CLI shows: rich tables for people, JSON for programs. Results to stdout,
-errors and progress to stderr."""
+"""Everything the CLI shows: rich tables and lines for people, JSON for programs, one progress
+bar, one error line. Results go to stdout; errors and progress to stderr."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctformat.errors import CtFormatError
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success (validate: no errors; warnings allowed)
+  1  errors found in the checkpoint, or it could not be read
+  2  usage error (bad option or argument)
+  3  internal error (a bug; rerun with --debug and report it)"""
+
+INFER_EXIT_CODES = EXIT_CODES + """
+  (run, compare: 1 also for an architecture transformers does not know, or weights it
+  would not read; 2 also for --text without a tokenizer, token ids out of range, and
+  compare of two different architectures)"""
+
+# library keyword that would allow what an error refused -> what the user types
+OPTION_HINTS = {"force": "use --force to replace it", "allow_lossy_scales": "pass --allow-lossy-scales to convert anyway",
+                "device": "use --device cpu"}
 
 
 def size(n: int | None) -> str:
@@ -35,6 +53,42 @@ def emit_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2))
 
 
+# -- errors ------------------------------------------------------------------------------
+def error(exc: Exception) -> int:
+    """One line on stderr for an exception that ends a command; its exit code."""
+    if isinstance(exc, CtFormatError):
+        text = exc.render(OPTION_HINTS.get(exc.option or ""))
+        err.print(f"[red]Error:[/] {escape(text)}", markup=True, highlight=False)
+        return exc.exit_code
+    if isinstance(exc, (OSError, MemoryError)):
+        err.print(f"[red]Error:[/] {escape(str(exc))}")
+        return 1
+    err.print(f"[red]Internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)")
+    return 3
+
+
+class ProgressBar:
+    """A rich progress bar on stderr, as a progress(done, total) callback; `unit` is "bytes"
+    (size, speed, ETA) or "items" (done/total, elapsed, gone when finished)."""
+
+    def __init__(self, label: str, *, unit: str = "bytes", disable: bool = False) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+        columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) if unit == "bytes"
+                   else (MofNCompleteColumn(), TimeElapsedColumn()))
+        self.bar = Progress(TextColumn(label), BarColumn(), *columns, console=err, transient=unit != "bytes",
+                            disable=disable or not err.is_terminal)
+        self.task = self.bar.add_task(label, total=None)
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.bar.start()
+        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+# -- inspect -----------------------------------------------------------------------------
 def summary(d: dict[str, Any]) -> None:
     t = Table(title=f"[bold]{d['path']}[/]", show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
@@ -82,6 +136,7 @@ def tensors(rows: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
+# -- validate ----------------------------------------------------------------------------
 def report(r: dict[str, Any]) -> None:
     """One line per issue (grep-friendly), then the verdict."""
     for i in r["issues"]:
@@ -91,3 +146,45 @@ def report(r: dict[str, Any]) -> None:
     verdict = "[green]OK[/]" if r["ok"] else "[red]FAILED[/]"
     out.print(f"{verdict} {r['path']}: {r['errors']} error(s), {r['warnings']} warning(s), "
               f"{r['modules_checked']} quantized modules checked{' (deep)' if r['deep'] else ''}")
+
+
+# -- convert -----------------------------------------------------------------------------
+def converted(r, seconds: float) -> None:
+    """One line: what a conversion (a ConvertResult) wrote."""
+    out.print(f"wrote {r.output}: {r.modules} modules {r.verb}, {r.tensors_copied} tensors copied, "
+              f"{size(r.bytes_read)} read in {seconds:.1f} s on {r.device}"
+              + (f" ({r.cpu_fallbacks} on the CPU after GPU out-of-memory)" if r.cpu_fallbacks else "")
+              + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
+                 if r.details.get("legacy_format") else ""))
+
+
+# -- run and compare ---------------------------------------------------------------------
+def run_result(doc: dict[str, Any]) -> None:
+    out.print(f"[bold]{doc['model']}[/]: {len(doc['input_ids'][0])} token(s) in, {doc['dtype']} on {doc['device']}"
+              f"{' (streamed)' if doc['streamed'] else ''}, {doc['timing']['seconds']:.2f} s")
+    for b, top in enumerate(doc["next_token"]):
+        out.print(f"next token{f' (sequence {b})' if len(doc['next_token']) > 1 else ''}:")
+        for t in top:
+            shown = "" if t["text"] is None else f" {t['text']!r}"
+            out.print(f"  {t['id']:>7}{shown:<16} {t['prob']:.4f}")
+    for b, g in enumerate(doc["generated_ids"]):
+        if g:
+            text_g = doc["generated_text"][b] if doc["generated_text"] else None
+            out.print(f"generated: {g}" + (f" {text_g!r}" if text_g is not None else ""))
+
+
+def compare_result(doc: dict[str, Any]) -> None:
+    w = doc["weights"]
+    out.print(f"A {doc['a']}\nB {doc['b']}\n{doc['positions']} positions, {doc['dtype']} on {doc['device']}, "
+              f"{doc['seconds']:.2f} s")
+    out.print(f"KL(A||B) nats  mean {doc['kl_mean']:.3e}  p50 {doc['kl_p50']:.3e}  p90 {doc['kl_p90']:.3e}  "
+              f"p99 {doc['kl_p99']:.3e}  max {doc['kl_max']:.3e}")
+    out.print(f"top-1 agreement {doc['top1_agreement']:.4f}")
+    if w["modules"]:
+        out.print(f"weights: {w['modules']} modules, relative error mean {w['mean']:.3e}, max {w['max']:.3e}")
+        for row in w["worst"]:
+            out.print(f"  {row['rel_error']:.3e}  {row['module']}")
+    for side in ("a", "b"):
+        if w[f"only_in_{side}"]:
+            out.print(f"only in {side.upper()}: {len(w[f'only_in_{side}'])} modules, "
+                      f"e.g. {w[f'only_in_{side}'][0]}")

@@ -8,27 +8,30 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from ._version import __version__
 from .errors import (CheckpointNotFoundError, ConfigError, CtFormatError, HeaderError, OutputExistsError,
-                     SpecError, TensorError, UnsupportedError, WriterError)
+                     SpecError, TensorError, UnsupportedError, UsageError, WriterError)
 from .header import TensorInfo
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Strategy
 
-__version__ = "0.1.0"
-
+# name -> module that defines it, imported on first use
 _LAZY = {
     "pack_to_int32": "pack", "unpack_from_int32": "pack", "packed_width": "scheme",
     "quantize": "quant", "dequantize": "quant", "calculate_qparams": "quant", "compress": "quant",
     "decompress": "quant",
     "open_checkpoint": "checkpoint", "Checkpoint": "checkpoint", "Module": "checkpoint",
-    "CheckpointWriter": "checkpoint", "save_checkpoint": "checkpoint",
-    "validate_checkpoint": "validate", "Report": "validate", "Issue": "validate",
-    "summarize": "summary", "Summary": "summary",
-    "open_hub_checkpoint": "hub", "convert_to_dense": "convert", "dequantize_checkpoint": "convert",
+    "open_model": "source", "open_hub_checkpoint": "hub", "dequantize_module": "dequant",
+    "CheckpointWriter": "writer", "save_checkpoint": "writer",
+    "validate_checkpoint": "validate", "Report": "report", "Issue": "report",
+    "summarize": "summary",
+    "convert_to_dense": "convert", "convert_to_marlin": "convert", "convert_to_ct": "convert",
+    "dequantize_checkpoint": "convert", "ConvertResult": "pipeline",
     "QuantLinear": "linear", "QuantExperts": "linear", "load_model": "inference", "ReferenceModel": "inference",
 }
 
 __all__ = [
-    "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError", "UnsupportedError",
+    "__version__", "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError", "UnsupportedError",
+    "UsageError",
     "CheckpointNotFoundError", "OutputExistsError", "WriterError", "TensorInfo", "QuantScheme",
     "QuantGroup", "QuantizationConfig", "Strategy", *_LAZY,
 ]

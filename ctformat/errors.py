@@ -1,8 +1,9 @@
 """The one exception hierarchy of ctformat.
 
-Every error raised on purpose is a ``CtFormatError``. Errors about input that breaks a
-numbered rule of ``spec/ctformat.md`` carry that rule ID, the file and the tensor or key
-they concern, so the CLI, the validator and the tests all speak the same IDs.
+Every error raised on purpose is a ``CtFormatError``. An error that concerns a numbered rule
+of ``spec/ctformat.md`` (a broken input, or a valid input a target cannot hold) carries that
+rule ID, the file and the tensor or key it concerns, so the CLI, the validator and the tests
+all speak the same IDs and nobody parses them out of a message.
 """
 from __future__ import annotations
 
@@ -15,25 +16,35 @@ __all__ = [
 
 
 class CtFormatError(Exception):
-    """Base for every error ctformat raises on purpose."""
+    """Base for every error ctformat raises on purpose; `rule` is set when a spec rule applies."""
 
     exit_code: ClassVar[int] = 1
 
-
-class SpecError(CtFormatError, ValueError):
-    """Input breaks a numbered rule of spec/ctformat.md."""
-
-    def __init__(self, message: str, *, rule: str, file: str | None = None,
-                 where: str | None = None) -> None:
+    def __init__(self, message: str, *, rule: str | None = None, file: str | None = None,
+                 where: str | None = None, option: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.rule = rule      # e.g. "HDR-04"
+        self.rule = rule      # e.g. "HDR-04", "MCV-03"
         self.file = file      # file the problem is in, as the user named it
         self.where = where    # tensor name, module prefix or JSON key path
+        self.option = option  # the keyword argument that would allow it (force, allow_lossy_scales)
 
     def __str__(self) -> str:
+        return self.render()
+
+    def render(self, note: str | None = None) -> str:
+        """file: where: message (note) [rule], each part where present."""
         loc = ": ".join(p for p in (self.file, self.where) if p)
-        return f"{loc}: {self.message} [{self.rule}]" if loc else f"{self.message} [{self.rule}]"
+        text = f"{loc}: {self.message}" if loc else self.message
+        text += f" ({note})" if note else ""
+        return f"{text} [{self.rule}]" if self.rule else text
+
+
+class SpecError(CtFormatError, ValueError):
+    """Input breaks a numbered rule of spec/ctformat.md (the rule is required)."""
+
+    def __init__(self, message: str, *, rule: str, file: str | None = None, where: str | None = None) -> None:
+        super().__init__(message, rule=rule, file=file, where=where)
 
 
 class ConfigError(SpecError):
@@ -55,11 +66,12 @@ class UsageError(CtFormatError, ValueError):
 
 
 class UnsupportedError(CtFormatError, NotImplementedError):
-    """Valid in the wild, but not something ctformat reads or writes (yet)."""
+    """Valid in the wild, but not something ctformat (or the chosen target) reads or writes;
+    refusals of a conversion carry their rule (MCV-..)."""
 
 
 class CheckpointNotFoundError(CtFormatError, FileNotFoundError):
-    """The model path does not exist or holds no checkpoint."""
+    """The model path does not exist or holds no checkpoint (FILE-01 for a model path)."""
 
 
 class OutputExistsError(CtFormatError, FileExistsError):

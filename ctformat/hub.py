@@ -7,21 +7,14 @@ used instead. Tensor data (validate --deep) is read by range, one tensor at a ti
 """
 from __future__ import annotations
 
-import re
-
-from . import __version__
+from ._version import __version__
 from .checkpoint import Checkpoint, open_checkpoint, read_checkpoint
 from .errors import CheckpointNotFoundError, CtFormatError, HeaderError
 from .header import TensorInfo, header_length, parse_header
 
-__all__ = ["is_repo_id", "open_hub_checkpoint", "HubFiles"]
+__all__ = ["open_hub_checkpoint", "HubFiles"]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FIRST_READ = 100_000          # one request covers most headers, as huggingface_hub does
-
-
-def is_repo_id(model: str) -> bool:
-    return bool(_REPO_ID.match(model)) and ".." not in model
 
 
 class HubFiles:
@@ -94,9 +87,9 @@ def open_hub_checkpoint(repo_id: str, revision: str | None = None, *, strict: bo
         info = HfApi(endpoint=endpoint, library_name="ctformat", library_version=__version__).model_info(
             repo_id, revision=revision)
     except RepositoryNotFoundError:
-        raise CheckpointNotFoundError(f"{repo_id}: no such model on the Hub, or no access to it [FILE-01]") from None
+        raise CheckpointNotFoundError(f"{repo_id}: no such model on the Hub, or no access to it", rule="FILE-01") from None
     except RevisionNotFoundError:
-        raise CheckpointNotFoundError(f"{repo_id}: no revision {revision!r} [FILE-01]") from None
+        raise CheckpointNotFoundError(f"{repo_id}: no revision {revision!r}", rule="FILE-01") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
         return _open_cached(repo_id, revision, strict, cache_dir)
     except Exception as err:  # network failures come as httpx errors, not OSError
@@ -119,14 +112,6 @@ def _open_cached(repo_id: str, revision: str | None, strict: bool, cache_dir: st
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointNotFoundError(f"{repo_id}: offline and not in the local Hub cache ({type(err).__name__}) "
-                                      "[FILE-01]") from None
+        raise CheckpointNotFoundError(f"{repo_id}: offline and not in the local Hub cache ({type(err).__name__})",
+                                      rule="FILE-01") from None
     return open_checkpoint(folder, strict=strict)
-
-
-def open_model(model: str, revision: str | None = None, *, strict: bool = True) -> Checkpoint:
-    """MODEL as the CLI takes it: an existing local path, else a Hub repo id."""
-    from pathlib import Path
-    if Path(model).exists() or not is_repo_id(model):
-        return open_checkpoint(model, strict=strict)
-    return open_hub_checkpoint(model, revision, strict=strict)

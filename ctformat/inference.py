@@ -18,10 +18,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .convert import _preflight, _rename, resolve_device, stacked_parts
+from .checkpoint import Checkpoint, Module, open_checkpoint
+from .dequant import dequantize_module
+from .dtypes import dtype_name
 from .errors import CtFormatError, UnsupportedError, UsageError
-from .linear import QuantLinear, split_stack, stack_size
+from .linear import QuantLinear, expert_layers, expert_count
+from .names import loader_name
+from .pipeline import resolve_device
+from .summary import summarize
+from .validate import raise_for_errors
 
 __all__ = ["ReferenceModel", "load_model", "run", "compare", "read_input_ids", "tokenize", "kl_stats",
            "weight_errors", "checkpoint_weights"]
@@ -181,17 +186,16 @@ def checkpoint_weights(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.de
     """Every weight of `ckpt` as stored (quantized modules as QuantLinear), named as
     transformers reads them (Mixtral experts renamed as in dense output, spec §7.2):
     (outside the decoder layers, one dict per decoder layer)."""
-    model_type = (ckpt.config or {}).get("model_type")
+    model_type = ckpt.model_type
     rest: Weights = {}
     layers: dict[int, Weights] = {}
     for prefix, m in ckpt.modules().items():
-        name = _rename(prefix, model_type if isinstance(model_type, str) else None, False)
+        name = loader_name(prefix, model_type)
         dot = f"{name}." if name else ""
         items: Weights = {}
         parts = _stacked(ckpt, m, dtype, device)
         if parts is not None:         # Marlin --stack-experts: one QuantLinear per expert and part
-            items.update({f"{_rename(p, model_type if isinstance(model_type, str) else None, False)}.weight": q
-                          for p, q in parts})
+            items.update({f"{loader_name(p, model_type)}.weight": q for p, q in parts})
         elif m.quantized:
             items[f"{name}.weight"] = QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype)
         for suffix, info in m.tensors.items():
@@ -233,8 +237,7 @@ def _should_stream(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -
     """Stream when the dense model would take more than 70 % of the free device memory."""
     if device.type != "cuda":
         return False
-    from .summary import summarize
-    dense = summarize(ckpt).data["parameters"]["total"] * torch.finfo(dtype).bits // 8
+    dense = summarize(ckpt)["parameters"]["total"] * torch.finfo(dtype).bits // 8
     free, _ = torch.cuda.mem_get_info(device)
     return dense > 0.7 * free
 
@@ -246,7 +249,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype = t
         raise CtFormatError(f"{path}: reference inference needs a local checkpoint folder")
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
-    _preflight(ckpt)
+    raise_for_errors(ckpt)
     config = _hf_config(ckpt)
     stream = _should_stream(ckpt, dtype, dev) if stream is None else stream
     model = _build(config, dtype)
@@ -321,7 +324,7 @@ def run(path: str | Path, input_ids: torch.Tensor, *, top_k: int = 5, generate: 
     tok = _tokenizer(path) if any((Path(path) / f).is_file() for f in _TOKENIZER_FILES) else None
     decode = (lambda i: tok.decode([i])) if tok is not None else (lambda i: None)
     return {
-        "schema": "ctformat.run/1", "model": str(path), "device": str(ref.device), "dtype": _name(dtype),
+        "schema": "ctformat.run/1", "model": str(path), "device": str(ref.device), "dtype": dtype_name(dtype),
         "streamed": ref.stream, "input_ids": input_ids.tolist(),
         "next_token": [[{"id": int(i), "text": decode(int(i)), "prob": float(p)} for p, i in zip(ps, ix)]
                        for ps, ix in zip(top.values, top.indices)],
@@ -342,12 +345,14 @@ def kl_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> dict[str, Any]:
             "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).double().mean())}
 
 
-def _stacked(ckpt: Checkpoint, m, dtype: torch.dtype | None, device) -> list[tuple[str, QuantLinear]] | None:
+def _stacked(ckpt: Checkpoint, m: Module, dtype: torch.dtype | None, device) -> list[tuple[str, QuantLinear]] | None:
     """(part module name, QuantLinear) for a stacked Marlin module (spec §10.6), else None."""
-    parts = stacked_parts(ckpt, m) if m.marlin else None
+    if ckpt.marlin is None or "s" not in m.tensors:
+        return None
+    parts = ckpt.marlin.stacked_parts(m.prefix, m.tensors["s"].shape[-1])
     if parts is None:
         return None
-    layers = split_stack(ckpt, m, parts=len(parts) // stack_size(m), device=device, dtype=dtype)
+    layers = expert_layers(ckpt, m, parts=len(parts) // expert_count(m), device=device, dtype=dtype)
     return [(name, layer) for (name, _), layer in zip(parts, layers)]
 
 
@@ -373,15 +378,14 @@ def weight_errors(a: str | Path, b: str | Path, *, device: str = "auto", worst: 
 
 
 def _linear_modules(ckpt: Checkpoint) -> dict[str, Any]:
-    mt = (ckpt.config or {}).get("model_type")
-    mt = mt if isinstance(mt, str) else None
+    mt = ckpt.model_type
     out: dict[str, Any] = {}
     for p, m in ckpt.modules().items():
-        parts = _stacked(ckpt, m, torch.float32, None) if m.linear else None
+        parts = _stacked(ckpt, m, torch.float32, None) if m.is_linear else None
         if parts is not None:
-            out.update({_rename(name, mt, False): q for name, q in parts})
-        elif m.linear:
-            out[_rename(p, mt, False)] = m
+            out.update({loader_name(name, mt): q for name, q in parts})
+        elif m.is_linear:
+            out[loader_name(p, mt)] = m
     return out
 
 
@@ -389,7 +393,7 @@ def _dense_weight(ckpt: Checkpoint, m, dev: torch.device) -> torch.Tensor:
     if isinstance(m, QuantLinear):              # one part of a stacked Marlin module
         return m.dequantize(m.stored(dev)).float()
     if m.quantized:
-        return ckpt.dequantize(m, dtype=torch.float32, device=dev)
+        return dequantize_module(ckpt, m, dtype=torch.float32, device=dev)
     return ckpt.load(m.tensors["weight"].name, dev).float()
 
 
@@ -417,12 +421,7 @@ def compare(a: str | Path, b: str | Path, input_ids: torch.Tensor, *, device: st
         _check_ids(input_ids, ref.model.config.vocab_size)
         logits.append(ref.logits(input_ids).cpu())
         del ref
-    return {"schema": "ctformat.compare/1", "a": str(a), "b": str(b), "dtype": _name(dtype),
+    return {"schema": "ctformat.compare/1", "a": str(a), "b": str(b), "dtype": dtype_name(dtype),
             "device": str(resolve_device(device)), **kl_stats(*logits),
             "weights": weight_errors(a, b, device=device, worst=worst),
             "seconds": round(time.perf_counter() - t0, 4)}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-

@@ -4,7 +4,7 @@ tensors and its CPU twin otherwise (quant.decompress). forward(x) is `x @ W.T` o
 dequantized W, bit for bit, in the dtype the weight is dequantized to (spec §11.1).
 
 Nothing here knows the on-disk layout: a layer built from a checkpoint dequantizes through
-Checkpoint.decompress_loaded, so every format the Checkpoint reads works unchanged.
+dequant.decompress_loaded, so every format the Checkpoint reads works unchanged.
 """
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, Module
+from .dequant import checked_shape, decompress_loaded, decompress_marlin
 from .errors import UsageError
+from .marlin import split_experts
+from .quant import decompress
 from .scheme import QuantScheme
-from .spec import DENSE
+from .spec import CROSS_WORD
 
-__all__ = ["QuantLinear", "QuantExperts", "split_stack", "stack_size"]
+__all__ = ["QuantLinear", "QuantExperts", "expert_layers", "expert_count"]
 
 Dequantize = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -40,17 +43,16 @@ class QuantLinear(nn.Module):
         """One quantized module of a checkpoint (its bias, if any, is not part of it)."""
         if not module.quantized:
             raise UsageError(f"{module.prefix}: stored dense, not quantized")
-        if stack_size(module):
-            raise UsageError(f"{module.prefix}: a stack of {stack_size(module)} experts; "
+        if expert_count(module):
+            raise UsageError(f"{module.prefix}: a stack of {expert_count(module)} experts; "
                              "QuantExperts.from_checkpoint reads it")
         tensors = {s: ckpt.load(i.name, device) for s, i in module.tensors.items() if s != "bias"}
-        return cls(tensors, partial(ckpt.decompress_loaded, module, dtype=dtype))
+        return cls(tensors, partial(decompress_loaded, ckpt, module, dtype=dtype))
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = CROSS_WORD,
                      dtype: torch.dtype | None = None) -> QuantLinear:
         """From pack-quantized tensors in memory (weight_packed, weight_scale, weight_shape, ...)."""
-        from .quant import decompress
         return cls(tensors, partial(decompress, scheme=scheme, layout=layout, dtype=dtype))
 
     def stored(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -84,7 +86,7 @@ class QuantExperts(nn.Module):
         """Per-expert modules in order, or stacked ones (3-D compressed-tensors, Marlin
         `experts.w13`/`.w2`), split into their experts."""
         return cls([layer for m in modules for layer in (
-            split_stack(ckpt, m, device=device, dtype=dtype) if stack_size(m)
+            expert_layers(ckpt, m, device=device, dtype=dtype) if expert_count(m)
             else [QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype)])])
 
     def dequantize(self) -> torch.Tensor:
@@ -100,24 +102,22 @@ class QuantExperts(nn.Module):
         return x @ self.dequantize().mT          # [E, tokens, in] -> [E, tokens, out]
 
 
-def stack_size(module: Module) -> int | None:
+def expert_count(module: Module) -> int | None:
     """E for a module stored as a stack of E experts (a 3-D weight), else None."""
     info = module.tensors.get("B") or module.tensors.get("weight_packed")
     return info.shape[0] if info is not None and len(info.shape) == 3 else None
 
 
-def split_stack(ckpt: Checkpoint, module: Module, *, parts: int = 1, device: str | torch.device | None = None,
+def expert_layers(ckpt: Checkpoint, module: Module, *, parts: int = 1, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None) -> list[QuantLinear]:
     """One QuantLinear per expert of a stacked module, and per part of each expert for a Marlin
     `w13` split into gate and up (`parts=2`; spec §10.6). Slicing is exact: every stored tensor
     carries the expert dimension first, and Marlin's layout is tile-local along N."""
     loaded = {s: ckpt.load(i.name, device) for s, i in module.tensors.items() if s != "bias"}
-    if module.marlin:
-        from .marlin import decompress as marlin_decompress, split_stacked
-        return [QuantLinear(t, partial(marlin_decompress, dtype=dtype)) for t in split_stacked(loaded, parts)]
-    from .quant import decompress
+    if module.is_marlin:
+        return [QuantLinear(t, partial(decompress_marlin, dtype=dtype)) for t in split_experts(loaded, parts)]
     stored_shape = loaded.pop("weight_shape")
-    experts, *_, in_features = ckpt.checked_shape(module, stored_shape)
-    dequantize = partial(decompress, scheme=module.scheme, layout=ckpt.layout(module, in_features), dtype=dtype)
+    experts, *_, in_features = checked_shape(ckpt, module, stored_shape)
+    dequantize = partial(decompress, scheme=module.scheme, layout=ckpt.word_layout(module, in_features), dtype=dtype)
     return [QuantLinear({**{k: t[e] for k, t in loaded.items()}, "weight_shape": stored_shape[1:]}, dequantize)
             for e in range(experts)]

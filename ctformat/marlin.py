@@ -12,14 +12,15 @@ from typing import Mapping
 
 import torch
 
+from .backend import use_triton
 from .errors import TensorError, UnsupportedError
-from .spec import MARLIN_GROUP_SIZES as GROUP_SIZES
-from .spec import MARLIN_LAYOUT as LAYOUT
+from .marlin_config import marlin_dims, marlin_group_size
+from .spec import MARLIN_TILE
 
-__all__ = ["LAYOUT", "TILE_K", "TILE_N", "GROUP_SIZES", "repack", "unrepack", "permute_scales",
-           "unpermute_scales", "pack_zero_points", "unpack_zero_points", "marlin_dims", "to_marlin", "to_ct"]
+__all__ = ["repack", "unrepack", "permute_scales", "unpermute_scales", "pack_zero_points", "unpack_zero_points",
+           "to_marlin", "to_ct", "split_experts", "marlin_check_shape"]
 
-TILE_K, TILE_N = 16, 64                   # a Marlin tile: 16 input rows x 64 output columns
+TILE_K, TILE_N = MARLIN_TILE
 _ZP_INTERLEAVE = (0, 2, 4, 6, 1, 3, 5, 7)  # 4-bit zero points: order inside each 8-column run
 
 
@@ -53,7 +54,7 @@ def _lead(t: torch.Tensor, order: tuple[int, ...]) -> tuple[int, ...]:
 def repack(weight_packed: torch.Tensor, num_bits: int, *, kernel: str = "auto") -> torch.Tensor:
     """CT weight_packed [..., N, K*b/32] (int32, packed along K) -> Marlin B [..., K/16, N*b/2]."""
     n, k = marlin_check_shape(weight_packed, num_bits)
-    if _use_kernel(kernel, weight_packed):
+    if use_triton(kernel, weight_packed):
         from .kernels import marlin_repack
         return marlin_repack(weight_packed, num_bits, k)
     kt, nt = k // TILE_K, n // TILE_N
@@ -101,23 +102,14 @@ def _words(t: torch.Tensor, lead, rows: int) -> torch.Tensor:
 def marlin_check_shape(weight_packed: torch.Tensor, num_bits: int) -> tuple[int, int]:
     """(N, K) of a CT weight_packed that Marlin can tile, else a refusal naming the limit."""
     if num_bits not in (4, 8):
-        raise UnsupportedError(f"Marlin stores 4- and 8-bit weights, not {num_bits}-bit [MCV-01]")
+        raise UnsupportedError(f"Marlin stores 4- and 8-bit weights, not {num_bits}-bit", rule="MCV-01")
     if weight_packed.dtype != torch.int32:
         raise TensorError(f"weight_packed is {weight_packed.dtype}, not int32", rule="TEN-04")
     n, k = weight_packed.shape[-2], weight_packed.shape[-1] * 32 // num_bits
     if n % TILE_N or k % TILE_K:
         raise UnsupportedError(f"weight [{n}, {k}]: Marlin tiles need out_features % 64 == 0 and "
-                               f"in_features % 16 == 0 [MCV-03]")
+                               f"in_features % 16 == 0", rule="MCV-03")
     return n, k
-
-
-def _use_kernel(kernel: str, t: torch.Tensor) -> bool:
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
-    if kernel == "auto":
-        from importlib.util import find_spec
-        return t.device.type == "cuda" and find_spec("triton") is not None
-    return kernel == "triton"
 
 
 # -- scales and zero points ------------------------------------------------------------
@@ -169,13 +161,6 @@ def unpack_zero_points(zp: torch.Tensor) -> torch.Tensor:
     return z.contiguous().reshape(*lead, g, -1)
 
 
-def marlin_dims(b_shape, s_shape) -> tuple[int, int, int, int]:
-    """(K, N, bits, groups) of a Marlin module from its B and s shapes (as the kernel does)."""
-    k, n, groups = b_shape[-2] * TILE_K, s_shape[-1], s_shape[-2]
-    bits = 2 * b_shape[-1] // n if n else 0
-    return k, n, bits, groups
-
-
 # -- codes along K (act-order row order) -------------------------------------------------
 def _codes(packed: torch.Tensor, num_bits: int) -> torch.Tensor:
     """CT words [..., N, K*b/32] -> unsigned codes [..., N, K] (uint8), for 4 and 8 bits."""
@@ -207,11 +192,6 @@ def _ct_zero_point(z: torch.Tensor, dtype_code: str) -> torch.Tensor:
     if pad:
         z = torch.nn.functional.pad(z, (0, pad))
     return _pack_codes(z, 4).transpose(-1, -2).contiguous()
-
-
-def marlin_group_size(group_size: int | None, k: int) -> int:
-    """The Marlin group size of a CT scheme: -1 for channel-wise or one group spanning K."""
-    return -1 if group_size is None or group_size >= k else group_size
 
 
 # -- one module ------------------------------------------------------------------------
@@ -270,7 +250,7 @@ def to_ct(tensors: Mapping[str, torch.Tensor], *, scale_dtype: torch.dtype | Non
     return out
 
 
-def split_stacked(tensors: Mapping[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+def split_experts(tensors: Mapping[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """A stacked module's Marlin tensors -> one dict per expert and part (w13: gate, up), in
     that order. Exact: the layout is tile-local along N (spec §10.6)."""
     out = []
@@ -278,21 +258,3 @@ def split_stacked(tensors: Mapping[str, torch.Tensor], parts: int) -> list[dict[
         chunks = {k: tensors[k][e].chunk(parts, dim=-1) for k in ("B", "s", "zp") if k in tensors}
         out += [{k: c[j].contiguous() for k, c in chunks.items()} for j in range(parts)]
     return out
-
-
-def scheme_of(b_shape, s_shape, has_zp: bool, has_perm: bool):
-    """The CT scheme a Marlin module's shapes imply (for dequantization and MRL-06)."""
-    from .scheme import QuantScheme, Strategy
-    k, n, bits, groups = marlin_dims(b_shape, s_shape)
-    grouped = groups > 1
-    return QuantScheme(num_bits=bits, symmetric=not has_zp, strategy=Strategy.GROUP if grouped else Strategy.CHANNEL,
-                       group_size=k // groups if grouped else None, actorder="group" if has_perm else None)
-
-
-def decompress(tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense weight [..., N, K] of a Marlin module (through the inverse layout, then §5)."""
-    from .quant import decompress as ct_decompress
-    ct = to_ct(tensors)
-    scheme = scheme_of(tensors["B"].shape, tensors["s"].shape, "zp" in tensors, "perm" in tensors)
-    ct["weight_shape"] = ct["weight_shape"].to(tensors["B"].device)
-    return ct_decompress(ct, scheme, dtype=dtype)

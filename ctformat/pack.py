@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from .scheme import packed_width
-from .spec import DENSE, PADDED
+from .scheme import int_range, packed_width
+from .spec import CROSS_WORD, PADDED
 
 __all__ = ["packed_width", "pack_to_int32", "unpack_from_int32"]
 
@@ -20,7 +20,7 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian torch build in
 
 
 def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
-                  layout: str = DENSE) -> torch.Tensor:
+                  layout: str = CROSS_WORD) -> torch.Tensor:
     """Pack int8 values in [-2^(b-1), 2^(b-1)) into int32 words along `packed_dim`.
 
     `packed_dim` counts within the trailing 2-D matrix, so a stacked [E, out, in] tensor
@@ -31,7 +31,7 @@ def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
         raise ValueError(f"pack_to_int32 takes torch.int8 values, got {value.dtype}")
     if value.ndim < 1 or (packed_dim == 0 and value.ndim < 2) or packed_dim not in (0, 1):
         raise ValueError(f"packed_dim must be 0 or 1 of a matrix, got {packed_dim} for ndim {value.ndim}")
-    lo, hi = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    lo, hi = int_range(num_bits)
     if value.numel():
         vmin, vmax = torch.aminmax(value)
         if vmin < lo or vmax > hi:
@@ -47,7 +47,7 @@ def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
 
 
 def unpack_from_int32(value: torch.Tensor, num_bits: int, shape, packed_dim: int = 1, *,
-                      layout: str = DENSE) -> torch.Tensor:
+                      layout: str = CROSS_WORD) -> torch.Tensor:
     """Inverse of pack_to_int32; `shape` is the unpacked shape (weight_shape)."""
     _check_bits(num_bits)
     if value.dtype != torch.int32:
@@ -122,7 +122,7 @@ def _pack_rows(x: torch.Tensor, b: int, layout: str) -> torch.Tensor:
 _CHUNK = 1 << 22
 
 
-def _steps(numel: int, device: torch.device) -> range:
+def _steps(numel: int, device: torch.device) -> tuple[range, int]:
     step = _CHUNK if device.type == "cpu" else max(numel, 1)
     return range(0, numel, step), step
 

@@ -4,32 +4,31 @@ headers only; one finding per cause, not per module."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
+from .checkpoint import Checkpoint, Module
+from .names import expert_parts
+from .report import Issue, issue
 from .scheme import QuantScheme, Strategy
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .validate import Issue
+from .spec import EXPERT_RENAMES, MARLIN_GROUP_SIZES, MOE_PARTS
 
 __all__ = ["vllm_issues", "transformers_issues", "LINEAR_KERNELS"]
 
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
-_GATE_UP, _DOWN = ({"w1", "w3", "gate_proj", "up_proj"}, {"w2", "down_proj"})
-_MARLIN_GROUPS = (-1, 32, 64, 128)
+_GATES = {gate for gate, _, _ in MOE_PARTS}                     # w1, gate_proj
+_PROJECTIONS = sorted({name for parts in MOE_PARTS for name in parts})
 
 # CUDA WNA16 kernels for Linear layers (vLLM model_executor/kernels/linear/mixed_precision/*):
 # name -> predicate over (num_bits, symmetric, group_size or -1 for channel).
 LINEAR_KERNELS = {
-    "Marlin": lambda b, sym, g: (b in (4, 8) if sym else b == 4) and g in _MARLIN_GROUPS,
-    "Machete (SM90 only)": lambda b, sym, g: b in (4, 8) and g in (-1, 64, 128),
-    "TritonW4A16": lambda b, sym, g: b == 4 and g in (-1, 32, 64, 128, 256),
+    "Marlin": lambda num_bits, symmetric, group_size: (
+        (num_bits in (4, 8) if symmetric else num_bits == 4) and group_size in MARLIN_GROUP_SIZES),
+    "Machete (SM90 only)": lambda num_bits, symmetric, group_size: num_bits in (4, 8) and group_size in (-1, 64, 128),
+    "TritonW4A16": lambda num_bits, symmetric, group_size: num_bits == 4 and group_size in (-1, 32, 64, 128, 256),
 }
 
 
 def _issue(rule: str, where: str, message: str) -> Issue:
-    from .validate import Issue
-    return Issue(rule, "warning", "config.json", where, message)
+    """A profile's finding: always a warning, about the config (one per cause, not per module)."""
+    return issue(rule, "config.json", where, message)
 
 
 def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
@@ -87,22 +86,22 @@ def _moe_issues(ckpt: Checkpoint) -> list[Issue]:
     mods = ckpt.modules()
     out = []
     for prefix, m in mods.items():
-        hit = _EXPERT.match(prefix)
-        if not hit or hit.group(2) != "0" or hit.group(3) not in _GATE_UP - {"w3", "up_proj"}:
+        hit = expert_parts(prefix)
+        if hit is None or hit[1] != 0 or hit[2] not in _GATES:
             continue
-        base = f"{hit.group(1)}.0"
-        projs = [mods[f"{base}.{n}"] for n in sorted(_GATE_UP | _DOWN) if f"{base}.{n}" in mods]
+        base = f"{hit[0]}.0"
+        projs = [mods[f"{base}.{n}"] for n in _PROJECTIONS if f"{base}.{n}" in mods]
         kinds = {(p.quantized, p.scheme) for p in projs}
         if len(kinds) > 1:
             out.append(_issue("VLLM-03", base, "vLLM: \"All MoE projections need to have same quantization scheme "
                               "but found multiple\""))
             continue
         if m.quantized and m.scheme is not None and {"weight_packed", "weight_scale"} <= set(m.tensors):
-            out += _moe_backend(m, hit.group(1))     # an incomplete set is TEN-01's, not a backend question
+            out += _moe_backend(m, hit[0])     # an incomplete set is TEN-01's, not a backend question
     return out
 
 
-def _moe_backend(m, where: str) -> list[Issue]:
+def _moe_backend(m: Module, where: str) -> list[Issue]:
     s = m.scheme
     inter = m.tensors["weight_packed"].shape[-2]                                   # I: out of w1/gate_proj
     hidden = (m.tensors["weight_scale"].shape[-1] * s.group_size if s.strategy is Strategy.GROUP
@@ -115,7 +114,9 @@ def _moe_backend(m, where: str) -> list[Issue]:
         return [_issue("VLLM-03", where, "vLLM: \"CompressedTensors WNA16 MoE requires the MoE intermediate size "
                        f"per tensor-parallel partition (I) to be divisible by group_size (G)\" (I={inter}, G={gs})")]
     kinds_ok = s.num_bits == 4 or (s.num_bits == 8 and s.symmetric)
-    marlin = kinds_ok and gs in _MARLIN_GROUPS and hidden % 128 == 0 and (gs < 0 or inter % gs == 0)
+    # vLLM marlin_utils.check_moe_marlin_supports_layer: w13 is (n, k) = (2I, H), w2 is (H, I), and
+    # "moe marlin requires n % 128 == 0 and k % 64 == 0", hence H % 128 == 0
+    marlin = kinds_ok and gs in MARLIN_GROUP_SIZES and hidden % 128 == 0 and (gs < 0 or inter % gs == 0)
     triton = kinds_ok and s.strategy is Strategy.GROUP
     if not (marlin or triton):
         return [_issue("VLLM-03", where, f"int{s.num_bits} {'sym' if s.symmetric else 'asym'} {s.strategy.value} "
@@ -134,22 +135,19 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
     return out
 
 
-# transformers' per-architecture names for MoE experts on disk (what its weight conversion reads)
-_TRANSFORMERS_EXPERT_NAMES = {"mixtral": {"w1", "w2", "w3"}}
-
-
 def transformers_issues(ckpt: Checkpoint) -> list[Issue]:
     """The --target transformers profile: expert names that load as random values (TRF-01)."""
-    from .validate import Issue
-    model_type = (ckpt.config or {}).get("model_type")
-    names = _TRANSFORMERS_EXPERT_NAMES.get(model_type) if isinstance(model_type, str) else None
-    if not names:
+    model_type = ckpt.model_type
+    renames = EXPERT_RENAMES.get(model_type or "")
+    if not renames:
         return []
-    odd = sorted({hit.group(3) for p in ckpt.modules() if (hit := _EXPERT.match(p)) and hit.group(3) not in names})
+    names = set(renames.values())               # what transformers' model reads
+    parts = [hit[2] for p in ckpt.modules() if (hit := expert_parts(p))]
+    odd = sorted({part for part in parts if part not in names})
     if not odd:
         return []
-    count = sum(1 for p in ckpt.modules() if (hit := _EXPERT.match(p)) and hit.group(3) in odd)
-    return [Issue("TRF-01", "warning", "config.json", "model_type", f"{model_type} experts are stored as "
+    count = sum(1 for part in parts if part in odd)
+    return [_issue("TRF-01", "model_type", f"{model_type} experts are stored as "
                   f"{'/'.join(odd)} ({count} modules); transformers' {model_type} reads only "
                   f"{'/'.join(sorted(names))} and leaves these experts at random values without an error. "
                   "`ctformat convert --to dense` writes the names it reads")]

@@ -11,27 +11,24 @@ from typing import Mapping
 
 import torch
 
+from .backend import use_triton
 from .errors import TensorError, UnsupportedError
+from .dtypes import float_dtype
 from .pack import pack_to_int32, unpack_from_int32
-from .scheme import QuantScheme, Strategy
-from .spec import DENSE
+from .scheme import QuantScheme, Strategy, int_range
+from .spec import CROSS_WORD
 
-__all__ = ["calculate_qparams", "quantize", "dequantize", "compress", "decompress", "int_range"]
-
-_DTYPES = {"torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32,
-           "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def int_range(num_bits: int) -> tuple[int, int]:
-    """Signed range of num_bits: int4 -> (-8, 7)."""
-    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+__all__ = ["calculate_qparams", "quantize", "dequantize", "compress", "decompress"]
 
 
 def _check_supported(scheme: QuantScheme) -> None:
     if scheme.strategy not in (Strategy.GROUP, Strategy.CHANNEL, Strategy.TENSOR):
         raise UnsupportedError(f"strategy {scheme.strategy.value!r} is not supported for pack-quantized weights")
-    if scheme.scale_dtype is not None and scheme.scale_dtype not in _DTYPES:
-        raise UnsupportedError(f"scale_dtype {scheme.scale_dtype!r} is not supported")
+    if scheme.scale_dtype is not None:
+        try:
+            float_dtype(scheme.scale_dtype)
+        except ValueError:
+            raise UnsupportedError(f"scale_dtype {scheme.scale_dtype!r} is not supported") from None
 
 
 def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -79,7 +76,7 @@ def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.
         zero_point = torch.clamp(qmin - lo / scale, qmin, qmax)
     eps_dtype = scale.dtype
     if scheme.scale_dtype is not None:   # rounded through scale_dtype, kept in the weight dtype
-        eps_dtype = _DTYPES[scheme.scale_dtype]
+        eps_dtype = float_dtype(scheme.scale_dtype)
         info = torch.finfo(eps_dtype)
         scale = torch.clamp(scale, info.min, info.max).to(eps_dtype).to(scale.dtype)
     scale = torch.where(scale == 0, torch.tensor(torch.finfo(eps_dtype).eps, dtype=scale.dtype,
@@ -121,7 +118,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
 
 def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor | None = None,
              zero_point: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
-             layout: str = DENSE, packed_zero_point: bool = True) -> dict[str, torch.Tensor]:
+             layout: str = CROSS_WORD, packed_zero_point: bool = True) -> dict[str, torch.Tensor]:
     """One module's pack-quantized tensors, keyed by local name (weight_packed, ...).
 
     `packed_zero_point=False` writes the pre-0.9.4 form (I8 [out, groups]); `layout` picks
@@ -141,7 +138,7 @@ def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor |
     return out
 
 
-def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
+def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = CROSS_WORD,
                dtype: torch.dtype | None = None, kernel: str = "auto") -> torch.Tensor:
     """Dense weight of one module from its pack-quantized tensors (local names).
 
@@ -158,7 +155,8 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
     if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[-1]):
         raise TensorError(f"weight_g_idx spans [{int(g_idx.min())}, {int(g_idx.max())}], outside "
                           f"[0, {scale.shape[-1]})", rule="DATA-03", where="weight_g_idx")
-    if _use_triton(kernel, packed, scheme):    # reads packed zero points itself
+    if use_triton(kernel, packed, fits=scheme.num_bits in (1, 2, 4, 8), what=f"{scheme.num_bits}-bit values"):
+        # the kernel reads packed zero points itself
         from .kernels import dequantize_packed
         _check_supported(scheme)
         gs = scheme.group_size if scheme.strategy is Strategy.GROUP else shape[-1]
@@ -187,17 +185,3 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
 
 _ROW_BLOCK_ELEMENTS = 1 << 23     # values per row block on the CPU (16 MiB of bf16): 2x fewer thread syncs
 # than 1 << 22 for 5% more time when idle, 2.2x less time with the other core busy
-
-
-def _use_triton(kernel: str, packed: torch.Tensor, scheme: QuantScheme) -> bool:
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
-    fits = scheme.num_bits in (1, 2, 4, 8)
-    if kernel == "triton":
-        if not fits:
-            raise UnsupportedError(f"the triton kernel handles 1, 2, 4 and 8 bits, not {scheme.num_bits}")
-        return True
-    if kernel == "torch" or not fits or packed.device.type != "cuda":
-        return False
-    from importlib.util import find_spec
-    return find_spec("triton") is not None

@@ -11,22 +11,41 @@ from enum import Enum
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .spec import (DENSE, DENSE_LAYOUT_SINCE, EMBEDDING_NAMES, LEGACY_GROUP_SIZES, MARLIN_LAYOUT, MARLIN_METHOD,
-                   MIXED_PRECISION, PACK_QUANTIZED, PADDED, QUANT_METHOD, ZP_PACKED_SINCE)
+from .spec import (CROSS_WORD, CROSS_WORD_SINCE, EMBEDDING_NAMES, FLOAT_NAMES, MIXED_PRECISION, PACK_QUANTIZED,
+                   PADDED, QUANT_METHOD)
 
-__all__ = ["packed_width", "Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig", "PRESETS", "parse_version",
-           "MarlinConfig"]
+__all__ = ["packed_width", "word_layout", "int_range", "Strategy", "QuantScheme", "QuantGroup", "QuantizationConfig",
+           "PRESETS", "parse_version"]
 
 
-def packed_width(n: int, num_bits: int, layout: str = DENSE) -> int:
+def packed_width(n: int, num_bits: int, layout: str = CROSS_WORD) -> int:
     """int32 words that hold n values of num_bits bits in the given layout (spec §3.3)."""
     if not isinstance(num_bits, int) or isinstance(num_bits, bool) or not 1 <= num_bits <= 8:
         raise ValueError(f"num_bits must be an integer in 1..8, got {num_bits!r}")
     if layout == PADDED:
         return -(-n // (32 // num_bits))
-    if layout != DENSE:
-        raise ValueError(f"layout must be {DENSE!r} or {PADDED!r}, got {layout!r}")
+    if layout != CROSS_WORD:
+        raise ValueError(f"layout must be {CROSS_WORD!r} or {PADDED!r}, got {layout!r}")
     return -(-n * num_bits // 32)
+
+
+def word_layout(num_bits: int, width: int, in_features: int, version: str | None) -> str:
+    """Word layout of a module's values (spec §3.3): the packed width decides when it fits only
+    one layout; otherwise compressed-tensors >= 0.18 (`version`) wrote cross-word, older padded."""
+    if 8 % num_bits == 0:
+        return CROSS_WORD                     # both layouts are the same bits
+    cross, padded = packed_width(in_features, num_bits, CROSS_WORD), packed_width(in_features, num_bits, PADDED)
+    if width == cross != padded:
+        return CROSS_WORD
+    if width == padded != cross:
+        return PADDED
+    v = parse_version(version)
+    return CROSS_WORD if v is not None and v[:2] >= CROSS_WORD_SINCE else PADDED
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """Signed range of num_bits: int4 -> (-8, 7)."""
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
 
 
 class Strategy(str, Enum):
@@ -45,8 +64,9 @@ _GROUP_KEYS = {"targets", "weights", "input_activations", "output_activations", 
 _TOP_KEYS = {"config_groups", "format", "global_compression_ratio", "ignore", "kv_cache_scheme",
              "quant_method", "quantization_status", "version", "sparsity_config", "transform_config",
              "moe_sparsity_config", "run_compressed", "dequantize", "use_optimized_inference"}
+# scale_dtype as compressed-tensors writes it: "torch.bfloat16", or the bare name
+_SCALE_DTYPES = {None, *FLOAT_NAMES, *(f"torch.{name}" for name in FLOAT_NAMES)}
 # True and "dynamic" are the spellings of "group" older compressed-tensors wrote (g_idx stored)
-_SCALE_DTYPES = {None, "torch.float16", "torch.bfloat16", "torch.float32", "float16", "bfloat16", "float32"}
 _ACTORDER = {None: None, False: None, "weight": "weight", "static": "static", "group": "group", True: "group",
              "dynamic": "group"}
 
@@ -238,16 +258,6 @@ class QuantizationConfig:
     def version_tuple(self) -> tuple[int, ...] | None:
         return parse_version(self.version)
 
-    def layout(self) -> str:
-        """Word layout of 3/5/6/7-bit tensors when their width cannot tell (spec §3.3)."""
-        v = self.version_tuple
-        return DENSE if v is not None and v[:2] >= DENSE_LAYOUT_SINCE else PADDED
-
-    def zp_packed(self) -> bool | None:
-        """Whether zero points are packed int32; None when the version does not say."""
-        v = self.version_tuple
-        return None if v is None else v >= ZP_PACKED_SINCE
-
     # -- targets and ignore -------------------------------------------------------------
     def is_ignored(self, module: str) -> bool:
         return any(_match(module, pat, linear=False) for pat in self.ignore)
@@ -275,106 +285,3 @@ def _match(module: str, target: str, *, linear: bool) -> int:
     if target == "Embedding":
         return 3 if module.rsplit(".", 1)[-1] in EMBEDDING_NAMES else 0
     return 0
-
-
-# -- Marlin checkpoints (spec §10.7) -------------------------------------------------------
-_ROLES = ("weight_scale", "weight_shape", "weight_zero_point")
-_ROLE_DTYPES = {"weight_scale": ("F16", "BF16", "F32"), "weight_shape": ("I64", "I32"), "weight_zero_point": ("I32", "I8")}
-
-
-@dataclass(frozen=True)
-class MarlinConfig:
-    """config.json["quantization_config"] of a Marlin checkpoint ctformat wrote: the source
-    compressed-tensors config (kept whole, for the reverse) plus what the layout changed."""
-
-    source: QuantizationConfig
-    source_json: Mapping[str, Any]
-    source_dtypes: Mapping[str, str]
-    stacked: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    legacy: bool = False
-    scale_dtype: str | None = None       # dtype code of every `s` (absent before it was recorded)
-
-    @staticmethod
-    def detect(obj: Any) -> bool:
-        """Whether a quantization_config says Marlin (ctformat's, or the legacy tags)."""
-        if not isinstance(obj, Mapping):
-            return False
-        return obj.get("quant_method") == MARLIN_METHOD or (
-            obj.get("quant_method") == "gptq" and ("marlin" in obj or obj.get("checkpoint_format") == "marlin"
-                                                   or obj.get("is_marlin_format") is True))
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any], *, where: str = "quantization_config") -> MarlinConfig:
-        def bad(msg: str, key: str = "marlin") -> ConfigError:
-            return ConfigError(msg, rule="MRL-01", where=f"{where}.{key}")
-        block = obj.get("marlin")
-        if not isinstance(block, Mapping):
-            raise bad("no `marlin` object: a legacy Marlin checkpoint from another tool (AutoGPTQ), which "
-                      "ctformat does not read")
-        if block.get("layout") != MARLIN_LAYOUT:
-            raise bad(f"layout {block.get('layout')!r}, expected {MARLIN_LAYOUT!r}", "marlin.layout")
-        try:
-            source = QuantizationConfig.from_json(block.get("compressed_tensors"), where=f"{where}.marlin.compressed_tensors")
-        except ConfigError as err:
-            raise bad(f"compressed_tensors: {err.message} [{err.rule}]", "marlin.compressed_tensors") from None
-        dtypes, stacked = block.get("source_dtypes"), block.get("stacked_experts", {})
-        if not isinstance(dtypes, Mapping) or not set(dtypes) <= set(_ROLES) or "weight_scale" not in dtypes:
-            raise bad(f"source_dtypes {dtypes!r} is not an object of {', '.join(_ROLES)}", "marlin.source_dtypes")
-        for role, code in dtypes.items():
-            if not isinstance(code, str) or code not in _ROLE_DTYPES[role]:
-                raise bad(f"{role} dtype {code!r} is not one of {', '.join(_ROLE_DTYPES[role])}",
-                          f"marlin.source_dtypes.{role}")
-        if not isinstance(stacked, Mapping) or not all(_stack_entry_ok(v) for v in stacked.values()):
-            raise bad("stacked_experts is not an object of {experts, w13: [gate, up], w2}", "marlin.stacked_experts")
-        scale_dtype = block.get("scale_dtype")
-        if scale_dtype is not None and scale_dtype not in ("F16", "BF16"):
-            raise bad(f"scale_dtype {scale_dtype!r} is not F16 or BF16", "marlin.scale_dtype")
-        cfg = cls(source, block["compressed_tensors"], dict(dtypes), dict(stacked), obj.get("quant_method") == "gptq",
-                  scale_dtype)
-        if cfg.legacy:
-            cfg._check_legacy(obj, bad)
-        return cfg
-
-    def _check_legacy(self, obj: Mapping[str, Any], bad) -> None:
-        schemes = {g.weights for g in self.source.groups if g.weights is not None}
-        sizes = {s.group_size if s.strategy is Strategy.GROUP else -1 for s in schemes}
-        fits = (all(s.num_bits == 4 and s.symmetric and not s.has_g_idx for s in schemes) and len(sizes) == 1
-                and sizes <= set(LEGACY_GROUP_SIZES) and not self.stacked)
-        if not fits:
-            raise bad("quant_method gptq (the legacy Marlin tags) on a checkpoint outside the legacy subset "
-                      "(4-bit, symmetric, group 128 or channel, no act-order, no stacked experts)", "quant_method")
-        want = {"bits": 4, "group_size": sizes.pop(), "sym": True, "desc_act": False}
-        for key, value in want.items():
-            if obj.get(key) != value:
-                raise bad(f"{key} is {obj.get(key)!r}, but the modules say {value!r}", key)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"quant_method": MARLIN_METHOD}
-        if self.legacy:
-            s = next(g.weights for g in self.source.groups if g.weights is not None)
-            out = {"quant_method": "gptq", "checkpoint_format": "marlin", "is_marlin_format": True, "bits": 4,
-                   "group_size": s.group_size if s.strategy is Strategy.GROUP else -1, "desc_act": False,
-                   "sym": True, "lm_head": False}
-        out["marlin"] = {"layout": MARLIN_LAYOUT, "compressed_tensors": dict(self.source_json),
-                         "source_dtypes": dict(self.source_dtypes), "stacked_experts": dict(self.stacked)}
-        if self.scale_dtype is not None:
-            out["marlin"]["scale_dtype"] = self.scale_dtype
-        return out
-
-    def part_name(self, prefix: str) -> str:
-        """The module name the source config matches for `prefix` (a stacked module: its first part)."""
-        base, _, last = prefix.rpartition(".")
-        entry = self.stacked.get(base)
-        if entry is None or last not in ("w13", "w2"):
-            return prefix
-        part = entry["w13"][0] if last == "w13" else entry["w2"]
-        return f"{base}.0.{part}"
-
-
-def _stack_entry_ok(v: Any) -> bool:
-    """{experts: E > 0, w13: [gate, up], w2: down}: three distinct plain module names."""
-    if not (isinstance(v, Mapping) and isinstance(v.get("experts"), int) and not isinstance(v["experts"], bool)
-            and v["experts"] > 0 and isinstance(v.get("w13"), list) and len(v["w13"]) == 2):
-        return False
-    names = [*v["w13"], v.get("w2")]
-    return all(isinstance(x, str) and x and "." not in x for x in names) and len(set(names)) == 3

@@ -5,22 +5,25 @@ Nothing else lives here; every constant is defined in the written spec.
 from __future__ import annotations
 
 __all__ = [
-    "DTYPE_SIZES", "FLOAT_DTYPES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
-    "MIXED_PRECISION", "PARAM_SUFFIXES", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME",
-    "SINGLE_NAME", "RULES", "DENSE", "PADDED", "DENSE_LAYOUT_SINCE", "ZP_PACKED_SINCE",
-    "EMBEDDING_NAMES", "FUSED_SIBLINGS", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS",
-    "MARLIN_GROUP_SIZES", "LEGACY_GROUP_SIZES", "LEGACY_N_MULTIPLE", "LEGACY_K_MULTIPLE", "EXPERT_MODULE",
-    "MARLIN_LIMITS",
+    "DTYPES", "DTYPE_SIZES", "FLOAT_DTYPES", "FLOAT_NAMES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
+    "MIXED_PRECISION", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
+    "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
+    "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS",
 ]
 
-# safetensors dtype code -> bytes per element (spec §1.2).
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+# safetensors dtype code -> (bytes per element, torch dtype name) (spec §1.2). The one dtype table.
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "F8_E8M0": (1, "float8_e8m0fnu"),
+    "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
 }
+DTYPE_SIZES: dict[str, int] = {code: size for code, (size, _) in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+# dtype names options and configs use (`--dtype`, scale_dtype without its "torch." prefix) -> code
+FLOAT_NAMES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 HEADER_SIZE_CAP = 100_000_000          # bytes; the cap the safetensors library enforces
 INDEX_NAME = "model.safetensors.index.json"
@@ -32,14 +35,12 @@ PACK_QUANTIZED = "pack-quantized"
 MIXED_PRECISION = "mixed-precision"
 
 # The two word layouts of pack-quantized (spec §3.3). They agree for 1, 2, 4 and 8 bits.
-DENSE = "dense"        # ceil(n*b/32) words, values may straddle words (CT >= 0.18)
+CROSS_WORD = "dense"   # ceil(n*b/32) words, values may straddle words (CT >= 0.18); "dense" in CT's words
 PADDED = "padded"      # 32//b values per word, top bits unused (CT 0.5 .. 0.17)
-DENSE_LAYOUT_SINCE = (0, 18)
-ZP_PACKED_SINCE = (0, 9, 4)
+CROSS_WORD_SINCE = (0, 18)
 
-# Tensors of one quantized Linear, by suffix (spec §2.1).
+# Tensors of one quantized Linear, by suffix (spec §2).
 QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
-PARAM_SUFFIXES = QUANT_PARAMS + ("weight", "bias", "input_global_scale")
 
 # Module names that hold a 2-D `weight` but are embeddings, not Linear (spec §4.3).
 EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "wte", "wpe", "word_embeddings",
@@ -52,17 +53,25 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
+# A per-expert MoE module: (prefix.experts, expert index, part name) (spec §10.6).
+EXPERT_MODULE = r"^(.*\.experts)\.(\d+)\.([^.]+)$"
+# The projections of one expert, (gate, up, down), in the two naming eras (spec §7.2).
+MOE_PARTS: tuple[tuple[str, str, str], ...] = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+# Expert names an architecture's transformers loader reads, where they differ from what
+# llm-compressor >= 0.12 writes: model_type -> {on disk: read} (spec §7.2).
+EXPERT_RENAMES: dict[str, dict[str, str]] = {"mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
+
 # The Marlin layout (spec §10).
 MARLIN_LAYOUT = "gptq_marlin_repack/vllm-0.33"
 MARLIN_METHOD = "ctformat-marlin"        # quant_method of Marlin output outside the legacy subset
 MARLIN_PARAMS = ("B", "s", "zp", "g_idx", "perm")
+MARLIN_TILE = (16, 64)                   # (K, N) of one tile: 16 input rows x 64 output columns
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
-LEGACY_GROUP_SIZES = (-1, 128)
-LEGACY_N_MULTIPLE, LEGACY_K_MULTIPLE = 256, 128      # AutoGPTQ / IST-DASLab Marlin (spec §10.7)
-# A per-expert MoE module: (prefix.experts, expert index, part name) (spec §10.6).
-EXPERT_MODULE = r"^(.*\.experts)\.(\d+)\.([^.]+)$"
-# Refusals of convert --to marlin (spec §10.9): ID -> statement.
-MARLIN_LIMITS: dict[str, str] = {
+# What every legacy Marlin reader takes (spec §10.7): vLLM <= 0.10.1, AutoGPTQ 0.7, IST-DASLab.
+LEGACY_MARLIN = {"num_bits": 4, "group_sizes": (-1, 128), "scale_dtype": "F16", "n_multiple": 256,
+                 "k_multiple": 128}
+# Refusals of convert --to marlin / --to compressed-tensors (spec §10.9): ID -> statement.
+MARLIN_REFUSALS: dict[str, str] = {
     "MCV-01": "quantized modules are 4- or 8-bit",
     "MCV-02": "group size is -1, 32, 64 or 128",
     "MCV-03": "N % 64 == 0, K % 16 == 0, and (N % 64, K % 128) or (N % 128, K % 64) are zero",

@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from math import prod
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
+from .marlin_config import marlin_dims
 from .scheme import Strategy
 from .spec import MARLIN_LAYOUT
 
-__all__ = ["Summary", "summarize", "fold_names"]
+__all__ = ["summarize", "fold_names", "tensor_rows"]
 
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
           "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
           "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx"}
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    data: dict[str, Any]          # the --json document (schema ctformat.inspect/1)
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
@@ -53,11 +48,12 @@ def _natural(s: str) -> list:
 
 def _params(m: Module) -> int:
     """Weights a quantized module stands for (Marlin: K x N from B and s; spec §10.1)."""
-    if m.marlin:
-        from .validate import marlin_shape
-        b = m.tensors.get("B")
-        k, n, _, _ = marlin_shape(m) if b is not None and "s" in m.tensors else (0, 0, 0, 0)
-        return prod(b.shape[:-2]) * k * n if b is not None else 0
+    if m.is_marlin:
+        b, s = m.tensors.get("B"), m.tensors.get("s")
+        if b is None or s is None:
+            return 0                              # an incomplete tensor set (MRL-02): validate says so
+        k, n, _, _ = marlin_dims(b.shape, s.shape)
+        return prod(b.shape[:-2]) * k * n
     if "weight_packed" not in m.tensors:
         return 0                                  # an incomplete tensor set (TEN-01): validate says so
     return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
@@ -71,11 +67,12 @@ def _in_features(m: Module) -> int:
     scale = m.tensors.get("weight_scale")
     if s is not None and s.strategy is Strategy.GROUP and scale is not None and len(scale.shape) >= 2:
         return scale.shape[-1] * s.group_size
-    bits = s.num_bits if s is not None else 4
+    bits = s.num_bits if s is not None else 4     # no group targets it (TEN-10): an int4 guess for the count
     return packed.shape[-1] * 32 // bits
 
 
-def summarize(ckpt: Checkpoint) -> Summary:
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    """The `inspect --json` document (schema ctformat.inspect/1), from headers and config."""
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
     by_role, by_dtype = defaultdict(int), defaultdict(int)
@@ -98,7 +95,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
                        "actorder": w.actorder if w else None, "modules": len(members),
                        "modules_folded": fold_names(members)})
     ignored = [m.prefix for m in mods.values() if m.ignored]
-    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.linear]
+    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear]
     total = sum(t.nbytes for t in ckpt.tensors.values())
     shard_sizes = defaultdict(int)
     for t in ckpt.tensors.values():
@@ -129,7 +126,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
         "tensors": len(ckpt.tensors),
         "modules_quantized": len(quantized),
     }
-    return Summary(data)
+    return data
 
 
 def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES, ROOT
-from ctformat.checkpoint import open_checkpoint, save_checkpoint
+from ctformat.dequant import dequantize_module
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.convert import convert_to_dense
 from ctformat.errors import CtFormatError, OutputExistsError, TensorError, UsageError
 from ctformat.quant import compress
@@ -47,7 +49,7 @@ def test_g_idx_out_of_range_is_data_03_everywhere(tmp_path):
     tensors["model.layers.0.self_attn.o_proj.weight_g_idx"] = t["weight_g_idx"]
     bad = save_checkpoint(tmp_path / "bad", tensors, json.loads((src / "config.json").read_text()))
     with pytest.raises(TensorError, match=r"\[DATA-03\]"):
-        open_checkpoint(bad).dequantize(open_checkpoint(bad).modules()["model.layers.0.self_attn.o_proj"])
+        dequantize_module(open_checkpoint(bad), open_checkpoint(bad).modules()["model.layers.0.self_attn.o_proj"])
     r = cli("convert", str(bad), str(tmp_path / "out"), "--to", "dense")
     assert r.returncode == 1 and "[DATA-03]" in r.stderr and not (tmp_path / "out").exists()
 
@@ -234,12 +236,12 @@ def test_validate_and_errors_keep_bracketed_text(tmp_path):
 
 def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
     import threading
-    from ctformat import checkpoint
+    from ctformat import writer
     def fail(self, name, t):          # slow enough that the next result already waits in the queue
         import time
         time.sleep(0.5)
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint.CheckpointWriter, "write", fail)
+    monkeypatch.setattr(writer.CheckpointWriter, "write", fail)
     box = []
     th = threading.Thread(target=lambda: box.append(pytest.raises(OSError, convert_to_dense, FIXTURES / "tiny-mixtral",
                                                                   tmp_path / "o", device="cpu")), daemon=True)

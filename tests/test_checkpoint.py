@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import FIXTURES, ROOT, tree_snapshot
-from ctformat.checkpoint import CheckpointWriter, open_checkpoint, save_checkpoint
+from ctformat.dequant import dequantize_module
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import CheckpointWriter, save_checkpoint
 from ctformat.errors import HeaderError, OutputExistsError, WriterError
 
 
@@ -121,7 +123,7 @@ def test_hf_cache_snapshot_of_symlinks_opens(tmp_path):
         (snap / f.name).symlink_to(blobs / f"sha-{f.name}")
     ckpt = open_checkpoint(snap)
     m = ckpt.modules()["model.layers.0.self_attn.q_proj"]
-    assert ckpt.dequantize(m).shape == (64, 64)
+    assert dequantize_module(ckpt, m).shape == (64, 64)
 
 
 def test_module_view_groups_tensors_and_resolves_schemes():
@@ -131,7 +133,7 @@ def test_module_view_groups_tensors_and_resolves_schemes():
     assert set(q.tensors) == {"weight_packed", "weight_scale", "weight_shape"} and q.scheme.num_bits == 4
     gate = mods["model.layers.0.block_sparse_moe.gate"]
     assert gate.ignored and not gate.quantized
-    assert not mods["model.embed_tokens"].linear and not mods["model.norm"].linear
+    assert not mods["model.embed_tokens"].is_linear and not mods["model.norm"].is_linear
 
 
 def test_mixed_groups_resolve_per_module():

@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import BAD, FIXTURES, REAL, ROOT, tree_snapshot
-from ctformat.checkpoint import open_checkpoint, save_checkpoint
+from ctformat.dequant import dequantize_module
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.convert import convert_to_dense
 from ctformat.errors import CtFormatError, HeaderError, OutputExistsError
 from ctformat.validate import validate_checkpoint
@@ -38,7 +40,7 @@ def test_dense_output_loads_in_transformers_with_ctformat_weights(src, tmp_path)
     transformers = pytest.importorskip("transformers")
     before = tree_snapshot(src)
     out = tmp_path / "dense"
-    stats = convert_to_dense(src, out, device="cpu", max_shard_size=1_500_000)
+    stats = convert_to_dense(src, out, device="cpu", max_shard_size=1_500_000).to_json()
     assert tree_snapshot(src) == before                          # the input is never touched
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
@@ -50,7 +52,7 @@ def test_dense_output_loads_in_transformers_with_ctformat_weights(src, tmp_path)
     for prefix, m in quantized.items():
         head, _, leaf = prefix.rpartition(".")
         name = f"{head}.{renames.get(leaf, leaf) if '.experts.' in prefix else leaf}.weight"
-        assert torch.equal(written[name], ckpt.dequantize(m)), name
+        assert torch.equal(written[name], dequantize_module(ckpt, m)), name
     if "model.embed_tokens.weight" not in ckpt.tensors:
         return                       # a few modules, not a whole model: nothing for transformers to load
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
@@ -76,7 +78,7 @@ def test_dtype_is_scale_dtype_result_cast(dtype, tmp_path):
     ckpt = open_checkpoint(FIXTURES / "int4-g32")
     m = ckpt.modules()["model.layers.0.self_attn.v_proj"]
     got = dense_tensors(tmp_path / "o")["model.layers.0.self_attn.v_proj.weight"]
-    assert got.dtype == dtype and torch.equal(got, ckpt.dequantize(m).to(dtype))
+    assert got.dtype == dtype and torch.equal(got, dequantize_module(ckpt, m).to(dtype))
 
 
 @pytest.mark.parametrize("rule", ["HDR-06", "TEN-01", "DATA-05", "FILE-05"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.pack import pack_to_int32, unpack_from_int32
 from ctformat.quant import compress, decompress
@@ -50,13 +51,13 @@ def test_fixture_checkpoints_dequantize_identically_on_cuda():
         ckpt = open_checkpoint(FIXTURES / name)
         for m in ckpt.modules().values():
             if m.quantized:
-                assert torch.equal(ckpt.dequantize(m, device="cuda").cpu(), ckpt.dequantize(m)), (name, m.prefix)
+                assert torch.equal(dequantize_module(ckpt, m, device="cuda").cpu(), dequantize_module(ckpt, m)), (name, m.prefix)
 
 
 def test_convert_falls_back_to_cpu_when_gpu_memory_runs_out(tmp_path):
     import json
 
-    from ctformat.checkpoint import save_checkpoint
+    from ctformat.writer import save_checkpoint
     from ctformat.convert import convert_to_dense
     s = QuantScheme.from_json({"num_bits": 4, "strategy": "group", "group_size": 128}, where="oom")
     tensors = {}
@@ -69,7 +70,7 @@ def test_convert_falls_back_to_cpu_when_gpu_memory_runs_out(tmp_path):
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1e-6)      # a few kB: every module's upload fails
     try:
-        stats = convert_to_dense(src, tmp_path / "gpu", device="cuda")
+        stats = convert_to_dense(src, tmp_path / "gpu", device="cuda").to_json()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     convert_to_dense(src, tmp_path / "cpu", device="cpu")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, REAL
+from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.inference import compare, load_model
 from ctformat.linear import QuantLinear
@@ -23,7 +24,7 @@ def test_quant_linear_on_cuda_uses_the_kernel_bits(folder):
     m = next(m for p, m in ckpt.modules().items() if m.quantized and "q_proj" in p)
     layer = QuantLinear.from_checkpoint(ckpt, m, device="cuda", dtype=torch.bfloat16)
     w = layer.dequantize()
-    assert w.is_cuda and torch.equal(w.cpu(), ckpt.dequantize(m, dtype=torch.bfloat16))   # kernel == CPU twin
+    assert w.is_cuda and torch.equal(w.cpu(), dequantize_module(ckpt, m, dtype=torch.bfloat16))   # kernel == CPU twin
     x = torch.randn(3, 9, w.shape[1], device="cuda", dtype=torch.bfloat16)
     assert torch.equal(layer(x), x @ w.T)
 

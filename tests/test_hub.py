@@ -14,8 +14,10 @@ from huggingface_hub import constants as hf_constants
 import pytest
 
 from conftest import FIXTURES, ROOT
+from ctformat.dequant import dequantize_module
 from ctformat.errors import CheckpointNotFoundError
-from ctformat.hub import is_repo_id, open_hub_checkpoint
+from ctformat.hub import open_hub_checkpoint
+from ctformat.source import is_repo_id
 from ctformat.summary import summarize
 from ctformat.validate import validate_checkpoint
 from hubserver import FakeHub
@@ -70,8 +72,8 @@ def test_repo_id_recognition():
 
 
 def test_hub_summary_equals_local_summary(hub, tmp_path):
-    remote = summarize(open_hub_checkpoint("org/tiny-mixtral", endpoint=hub.url, cache_dir=tmp_path)).data
-    local = summarize(__import__("ctformat").open_checkpoint(FIXTURES / "tiny-mixtral")).data
+    remote = summarize(open_hub_checkpoint("org/tiny-mixtral", endpoint=hub.url, cache_dir=tmp_path))
+    local = summarize(__import__("ctformat").open_checkpoint(FIXTURES / "tiny-mixtral"))
     assert remote.pop("path").startswith("org/tiny-mixtral@") and local.pop("path")
     assert remote == local
 
@@ -115,7 +117,7 @@ def test_offline_mode_uses_the_local_cache(hub, tmp_path, monkeypatch):
     before = len(hub.requests)
     ckpt = open_hub_checkpoint("org/int4-g32", cache_dir=tmp_path)
     assert len(hub.requests) == before             # not one request
-    assert ckpt.dequantize(ckpt.modules()["model.layers.0.self_attn.q_proj"]).shape == (64, 64)
+    assert dequantize_module(ckpt, ckpt.modules()["model.layers.0.self_attn.q_proj"]).shape == (64, 64)
     with pytest.raises(CheckpointNotFoundError, match="offline and not in the local Hub cache"):
         open_hub_checkpoint("org/tiny-mixtral", cache_dir=tmp_path)
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES, REAL
-from ctformat.checkpoint import open_checkpoint, save_checkpoint
+from ctformat.dequant import dequantize_module
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.convert import convert_to_dense
 from ctformat.errors import CtFormatError, UnsupportedError, UsageError
 from ctformat.inference import compare, kl_stats, load_model, read_input_ids
@@ -157,7 +159,7 @@ def test_quant_linear_forward_is_x_times_dequantized_weight(folder, dtype):
     m = next(m for p, m in ckpt.modules().items() if m.quantized and "q_proj" in p)
     layer = QuantLinear.from_checkpoint(ckpt, m, dtype=dtype)
     w = layer.dequantize()
-    assert torch.equal(w, ckpt.dequantize(m, dtype=dtype))
+    assert torch.equal(w, dequantize_module(ckpt, m, dtype=dtype))
     x = torch.randn(2, 7, w.shape[1], generator=torch.Generator().manual_seed(3)).to(dtype)
     assert torch.equal(layer(x), x @ w.T)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, w))     # what nn.Linear computes
@@ -191,7 +193,7 @@ def test_quant_layers_read_marlin_checkpoints(tmp_path):
     p = "model.layers.0.block_sparse_moe.experts"
     for name in ("model.layers.0.self_attn.q_proj", f"{p}.1.w1"):
         layer = QuantLinear.from_checkpoint(mod, mod.modules()[name], dtype=torch.float32)
-        w = ct.dequantize(ct.modules()[name], dtype=torch.float32)
+        w = dequantize_module(ct, ct.modules()[name], dtype=torch.float32)
         assert torch.equal(layer.dequantize(), w)
         x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(5))
         assert torch.equal(layer(x), x @ w.T)
@@ -199,7 +201,7 @@ def test_quant_layers_read_marlin_checkpoints(tmp_path):
         QuantLinear.from_checkpoint(stk, stk.modules()[f"{p}.w13"])
     for part, names in (("w13", ("w1", "w3")), ("w2", ("w2",))):
         experts = QuantExperts.from_checkpoint(stk, [stk.modules()[f"{p}.{part}"]], dtype=torch.float32)
-        want = torch.stack([torch.cat([ct.dequantize(ct.modules()[f"{p}.{e}.{n}"], dtype=torch.float32)
+        want = torch.stack([torch.cat([dequantize_module(ct, ct.modules()[f"{p}.{e}.{n}"], dtype=torch.float32)
                                        for n in names]) for e in range(4)])
         assert len(experts.experts) == 4 and torch.equal(experts.dequantize(), want)
         x = torch.randn(4, 5, want.shape[-1], generator=torch.Generator().manual_seed(6))
@@ -219,7 +221,7 @@ def test_quant_experts_split_a_stacked_compressed_tensors_module(tmp_path):
     with pytest.raises(UsageError, match="a stack of 3 experts"):
         QuantLinear.from_checkpoint(ckpt, m)
     experts = QuantExperts.from_checkpoint(ckpt, [m])
-    stack = ckpt.dequantize(m)
+    stack = dequantize_module(ckpt, m)
     assert len(experts.experts) == 3 and stack.shape == (3, 40, 64) and torch.equal(experts.dequantize(), stack)
 
 

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import BAD, DEVICE, FIXTURES, REAL, tree_snapshot
+from ctformat.spec import MARLIN_LAYOUT
 from ctformat import marlin as M
-from ctformat.checkpoint import open_checkpoint, save_checkpoint
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.convert import convert_to_ct, convert_to_dense, convert_to_marlin
 from ctformat.errors import UnsupportedError
 from ctformat.quant import compress
@@ -158,7 +160,7 @@ def test_round_trip_is_the_identity_and_dequantizes_the_same(src, stack, tmp_pat
         assert not (tmp_path / "m").exists()
         return
     before = tree_snapshot(src)
-    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", stack_experts=stack, max_shard_size=1_000_000)
+    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", stack_experts=stack, max_shard_size=1_000_000).to_json()
     assert tree_snapshot(src) == before and stats["modules_repacked"] > 0
     assert validate_checkpoint(tmp_path / "m", deep=True).issues == ()
     convert_to_ct(tmp_path / "m", tmp_path / "ct", device="cpu")
@@ -174,7 +176,7 @@ def test_marlin_config_says_what_the_files_hold(tmp_path):
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     source = json.loads((src / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "ctformat-marlin" and "checkpoint_format" not in q
-    assert q["marlin"] == {"layout": M.LAYOUT, "compressed_tensors": source, "source_dtypes":
+    assert q["marlin"] == {"layout": MARLIN_LAYOUT, "compressed_tensors": source, "source_dtypes":
                            {"weight_scale": "BF16", "weight_shape": "I64"}, "scale_dtype": "BF16",
                            "stacked_experts": {f"model.layers.{i}.block_sparse_moe.experts": {
                                "experts": 4, "w13": ["w1", "w3"], "w2": "w2"} for i in range(2)}}
@@ -189,7 +191,7 @@ W4_G128 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
 
 def test_legacy_subset_gets_the_legacy_tags_and_loads_back(tmp_path):
     src = small_ckpt(tmp_path / "src", W4_G128, shape=(256, 384))      # dense, N % 256 == 0, K % 128 == 0
-    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16)   # exact for these scales
+    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16).to_json()   # exact
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert stats["legacy_format"] and {k: q[k] for k in ("quant_method", "checkpoint_format", "is_marlin_format",
                                                          "bits", "group_size", "desc_act", "sym")} == {
@@ -215,7 +217,7 @@ def test_legacy_tags_only_where_every_legacy_reader_reads(case, tmp_path):
         src = small_ckpt(tmp_path / "src", W4_G128, shape=(64, 128))
     else:
         src = small_ckpt(tmp_path / "src", dict(W4_G128, strategy="channel", group_size=None), shape=(256, 192))
-    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16)
+    stats = convert_to_marlin(src, tmp_path / "m", device="cpu", scale_dtype=torch.float16).to_json()
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert stats["legacy_format"] is False and q["quant_method"] == "ctformat-marlin" and "bits" not in q
     assert validate_checkpoint(tmp_path / "m").ok
@@ -306,7 +308,7 @@ def test_inspect_reports_the_marlin_layout(tmp_path, capsys):
     assert cli(["inspect", str(tmp_path / "m"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     src = open_checkpoint(FIXTURES / "tiny-mixtral-g64")
-    assert d["format"] == "marlin" and d["marlin"]["layout"] == M.LAYOUT and not d["marlin"]["legacy_readers"]
+    assert d["format"] == "marlin" and d["marlin"]["layout"] == MARLIN_LAYOUT and not d["marlin"]["legacy_readers"]
     assert d["parameters"]["total"] == sum(t.numel for t in src.tensors.values() if not t.name.endswith(
         ("weight_packed", "weight_scale", "weight_shape"))) + d["parameters"]["quantized"]
     assert d["modules_quantized"] == sum(m.quantized for m in src.modules().values())

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import FIXTURES, tree_snapshot
-from ctformat.checkpoint import open_checkpoint, save_checkpoint
+from ctformat.checkpoint import open_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.convert import convert_to_ct, convert_to_dense, convert_to_marlin
 from ctformat.errors import CtFormatError
 from ctformat.summary import summarize

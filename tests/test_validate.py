@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, ROOT, tree_snapshot
-from ctformat.spec import RULES
+from ctformat.spec import MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
@@ -25,6 +25,11 @@ def test_spec_lists_exactly_the_rules_of_the_code():
     text = (ROOT / "spec" / "ctformat.md").read_text()
     table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL)-\d\d)`?\s*\|", text, re.M))
     assert table_ids == set(RULES)
+
+
+def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
+    text = (ROOT / "spec" / "ctformat.md").read_text()
+    assert set(re.findall(r"^\|\s*`(MCV-\d\d)`\s*\|", text, re.M)) == set(MARLIN_REFUSALS)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))

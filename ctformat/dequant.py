@@ -1,0 +1,58 @@
+"""One module of a checkpoint to its dense weight, whatever layout it is stored in: checked
+against its scheme first (validate's static rules and weight_shape, spec §6), then decompressed
+(pack-quantized: quant, spec §5; Marlin: back through the inverse layout, spec §10.10)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .checkpoint import Checkpoint, Module
+from .errors import ConfigError
+from .marlin import to_ct
+from .marlin_config import scheme_of
+from .quant import decompress
+from .validate import check_module, shape_issue
+
+__all__ = ["dequantize_module", "decompress_loaded", "checked_shape", "decompress_marlin"]
+
+
+def dequantize_module(ckpt: Checkpoint, module: Module, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                      dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+    """The dense weight of one quantized module, checked against its scheme first; `tensors`
+    (its tensors by suffix, on any device) when already loaded, else read from the files."""
+    if module.scheme is None:
+        raise ConfigError("no config group targets this module", rule="TEN-10", where=module.prefix)
+    for found in check_module(ckpt, module):
+        if found.severity == "error":
+            raise found.as_error()
+    if tensors is None:
+        tensors = ckpt.load_module(module, device)
+    return decompress_loaded(ckpt, module, tensors, dtype=dtype)
+
+
+def decompress_loaded(ckpt: Checkpoint, module: Module, tensors: Mapping[str, torch.Tensor], *,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight from a module's loaded tensors (any device) whose static rules already
+    hold; its weight_shape values are checked against the headers (DATA-05, TEN-08)."""
+    if module.is_marlin:
+        return decompress_marlin(tensors, dtype=dtype)
+    shape = checked_shape(ckpt, module, tensors["weight_shape"])
+    return decompress(tensors, module.scheme, layout=ckpt.word_layout(module, shape[-1]), dtype=dtype)
+
+
+def checked_shape(ckpt: Checkpoint, module: Module, weight_shape: torch.Tensor) -> tuple[int, ...]:
+    """A module's loaded weight_shape, checked against the headers (DATA-05, TEN-08)."""
+    shape = tuple(int(v) for v in weight_shape.tolist())
+    bad = shape_issue(ckpt, module, shape)
+    if bad is not None:
+        raise bad.as_error()
+    return shape
+
+
+def decompress_marlin(tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight [..., N, K] of a Marlin module (through the inverse layout, then §5)."""
+    ct = to_ct(tensors)
+    scheme = scheme_of(tensors["B"].shape, tensors["s"].shape, "zp" in tensors, "perm" in tensors)
+    ct["weight_shape"] = ct["weight_shape"].to(tensors["B"].device)
+    return decompress(ct, scheme, dtype=dtype)

@@ -1,0 +1,243 @@
+"""The conversion engine every target shares (spec §7.3): a plan of Steps, each reading some
+input tensors and writing some outputs, run through three stages — a reader thread, the
+compute in the calling thread (GPU when asked, CPU after an out-of-memory), a writer thread —
+with queues of depth one, so memory holds a few tensors, never the model.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from .checkpoint import Checkpoint, Module, open_checkpoint
+from .errors import CtFormatError, UsageError
+from .header import TensorInfo
+from .validate import raise_for_errors
+from .writer import CheckpointWriter, check_apart
+
+__all__ = ["Step", "ConvertResult", "Writer", "resolve_device", "open_for_convert", "copy_step", "by_suffix",
+           "file_order", "module_sources", "run_conversion", "run_steps", "compute"]
+
+Progress = Callable[[int, int], None]        # (bytes done, bytes in all)
+
+
+@dataclass
+class Step:
+    """One unit of conversion work: read `sources`, compute, write `outputs` in order.
+    `work` gets the source tensors by name (on the compute device) and returns one tensor
+    per output; without `work` the single source is copied as it is. `module` names the
+    quantized module a computing step converts (None for a copy)."""
+
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    sources: list[str]
+    work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
+    module: str | None = None
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did, for the caller to report."""
+
+    target: str                     # "dense", "marlin", "compressed-tensors"
+    verb: str                       # what was done to each quantized module: "dequantized", "repacked"
+    output: str
+    device: str
+    modules: int = 0                # quantized modules converted
+    tensors_copied: int = 0
+    bytes_read: int = 0
+    cpu_fallbacks: int = 0          # steps run on the CPU after the GPU ran out of memory
+    details: dict[str, Any] = field(default_factory=dict)   # target-specific facts (legacy_format, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f"modules_{self.verb}": self.modules, "tensors_copied": self.tensors_copied,
+                "bytes_read": self.bytes_read, "cpu_fallbacks": self.cpu_fallbacks, "device": self.device,
+                "output": self.output, **self.details}
+
+
+class Writer(Protocol):
+    """Where a conversion's outputs go: a plan up front (constructor), then these two."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def close(self, config: Mapping[str, Any] | None = None) -> Any: ...
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" (CUDA when there is one), "cpu", "cuda" or "cuda:N", checked against this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CtFormatError(f"device {device}: no CUDA device here (torch {torch.__version__}, cuda available: no)",
+                            option="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CtFormatError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def open_for_convert(model: str | Path, out: str | Path, device: str) -> tuple[Path, torch.device, Checkpoint]:
+    """The local input, the device and the checkpoint, everything refusable refused first."""
+    src = Path(model)
+    if not src.exists():
+        raise CtFormatError(f"{model}: convert needs a local checkpoint (download a Hub repo first, e.g. "
+                            f"`hf download {model}`)")
+    dev = resolve_device(device)
+    check_apart(Path(out), src)
+    ckpt = open_checkpoint(src)
+    raise_for_errors(ckpt)
+    return src, dev, ckpt
+
+
+def copy_step(ckpt: Checkpoint, name: str, out_name: str | None = None) -> Step:
+    info = ckpt.tensors[name]
+    return Step([(out_name or name, info.dtype, info.shape)], [name])
+
+
+def module_sources(m: Module, params: frozenset[str] | tuple[str, ...]) -> list[str]:
+    """The names of a module's tensors that belong to its quantization set: what a step reads."""
+    return [info.name for suffix, info in m.tensors.items() if suffix in params]
+
+
+def by_suffix(m: Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's source tensors (full names) -> one module's tensors by suffix."""
+    return {suffix: tensors[info.name] for suffix, info in m.tensors.items() if info.name in tensors}
+
+
+def file_order(ckpt: Checkpoint) -> list[TensorInfo]:
+    """Tensors in the order they lie on disk: plans follow it, so reading is sequential."""
+    return sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.start))
+
+
+def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str]) -> None:
+    """Every input tensor is read by exactly one step, and no tensor of a quantized module's
+    set (`params`) is copied as it is: a plan that would drop or duplicate data is a bug,
+    stopped before anything is written (spec §7.1)."""
+    read = [n for step in plan for n in step.sources]
+    copied = {step.sources[0] for step in plan if step.work is None}
+    lost = set(ckpt.tensors) - set(read)
+    mods = ckpt.modules()
+    stray = sorted(n for n in copied if n.rpartition(".")[2] in params and mods[n.rpartition(".")[0]].quantized)
+    if lost or len(read) != len(set(read)) or stray:
+        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, or copies "
+                           f"quantized tensors as they are ({stray[:3]})")
+
+
+def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
+                   target: str, verb: str, device: torch.device, params: frozenset[str], max_shard_size: int,
+                   force: bool, progress: Progress | None = None) -> ConvertResult:
+    """Run `plan` into a CheckpointWriter at `out` (published by close) and say what was done."""
+    check_plan(ckpt, plan, params)
+    result = ConvertResult(target, verb, str(out), str(device))
+    with CheckpointWriter(out, [o for step in plan for o in step.outputs], max_shard_size=max_shard_size,
+                          force=force, source=src) as writer:
+        run_steps(ckpt, plan, writer, device, result, progress)
+        writer.close(config)
+    return result
+
+
+def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.device, result: ConvertResult,
+              progress: Progress | None = None) -> None:
+    """read (thread) -> compute (this thread) -> write (thread); queues of one bound memory."""
+    total = sum(ckpt.tensors[n].nbytes for step in plan for n in step.sources)
+    loaded: queue.Queue = queue.Queue(maxsize=1)      # one step read ahead
+    computed: queue.Queue = queue.Queue(maxsize=1)    # one result waiting while another is written
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    writer_done = threading.Event()                   # a dead writer takes no end marker
+
+    def read() -> None:
+        try:
+            for step in plan:
+                if stop.is_set():
+                    return
+                _put(loaded, (step, {n: ckpt.load(n) for n in step.sources}), stop)
+        except BaseException as err:  # handed to the main thread, which raises it
+            errors.append(err)
+        finally:
+            _put(loaded, None, stop)
+
+    def write() -> None:
+        done = 0
+        try:
+            while (item := computed.get()) is not None:
+                step, tensors, nbytes = item
+                for (name, _, _), t in zip(step.outputs, tensors):
+                    writer.write(name, t)
+                done += nbytes
+                if progress:
+                    progress(done, total)
+        except BaseException as err:
+            errors.append(err)
+            stop.set()
+        finally:
+            writer_done.set()
+
+    threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=write, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while (item := loaded.get()) is not None and not errors:
+            step, tensors = item
+            nbytes = sum(t.nbytes for t in tensors.values())
+            result.bytes_read += nbytes
+            out = compute(step, tensors, device, result)
+            if step.work is None:
+                result.tensors_copied += 1
+            else:
+                result.modules += 1
+            _put(computed, (step, out, nbytes), stop)
+    finally:
+        # Order matters: a failure anywhere stops the reader first; the writer then gets its end
+        # marker (or is already dead: writer_done), is joined, and only then is the reader's queue
+        # drained, so a reader blocked on a full queue can see `stop` and end.
+        if errors:
+            stop.set()
+        _put(computed, None, writer_done)
+        threads[1].join()
+        stop.set()
+        _drain(loaded)
+        threads[0].join()
+    if errors:
+        raise errors[0]
+
+
+def compute(step: Step, tensors: dict[str, torch.Tensor], device: torch.device,
+            result: ConvertResult) -> list[torch.Tensor]:
+    """A step's outputs on the CPU; on CUDA, an out-of-memory reruns the step on the CPU."""
+    if step.work is None:
+        return [tensors[step.sources[0]]]
+    if device.type == "cuda":
+        try:
+            on_dev = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+            return [t.cpu() for t in step.work(on_dev)]
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            result.cpu_fallbacks += 1          # this step on the CPU: same bits, slower
+    return step.work(tensors)
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if stop.is_set():
+                return
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
