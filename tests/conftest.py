@@ -26,15 +26,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 BAD = FIXTURES / "bad"
-REAL = ROOT.parent / "shared" / "real-checkpoints"
+# Checkpoints written by llm-compressor itself: the vendored subset (fixtures/real, always
+# there), plus the rest of the reference set beside the checkout when a developer has it.
+REAL = FIXTURES / "real"
+FORMATS = FIXTURES / "formats"          # one real checkpoint per compressed-tensors format
+_MORE_REAL = ROOT.parent / "shared" / "real-checkpoints"
+REAL_FOLDERS = sorted({p.relative_to(base).as_posix(): p for base in (_MORE_REAL, REAL) if base.is_dir()
+                       for p in base.glob("*/*") if (p / "config.json").is_file()}.values(),
+                      key=lambda p: (p.parent.name, p.name))
+IN_CI = bool(os.environ.get("CI"))
+GPU_SKIP = "needs a CUDA device"
 
 
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
+        skip = pytest.mark.skip(reason=GPU_SKIP)
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# In CI a skip means a peer or a fixture is missing, and the proof it stands for did not run:
+# that is a failure there. Only GPU tests may skip (CI has no GPU; the device runs them).
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+def _fail_skip_in_ci(report) -> None:
+    if IN_CI and report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if GPU_SKIP not in reason:
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
 
 
 def tree_snapshot(path: Path) -> dict[str, bytes]:

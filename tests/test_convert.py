@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import BAD, FIXTURES, REAL, ROOT, tree_snapshot
+from conftest import BAD, FIXTURES, REAL_FOLDERS, ROOT, tree_snapshot
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -22,7 +22,7 @@ from ctformat.validate import validate_checkpoint
 
 SOURCES = [FIXTURES / n for n in ("tiny-mixtral", "tiny-mixtral-ct019", "int4-g32-asym-i8zp", "int4-g32-actorder",
                                   "int3-g32-padded", "mixed-groups")]
-SOURCES += sorted(p for p in REAL.glob("*/*") if p.name != "dense") if REAL.is_dir() else []
+SOURCES += [p for p in REAL_FOLDERS if p.name != "dense"]
 
 
 def dense_tensors(path):

@@ -14,7 +14,6 @@ from ctformat.linear import QuantLinear
 
 pytestmark = pytest.mark.gpu
 Q = REAL / "llmcompressor-0.14" / "w4a16-sym-g128"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent")
 IDS = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
@@ -29,7 +28,6 @@ def test_quant_linear_on_cuda_uses_the_kernel_bits(folder):
     assert torch.equal(layer(x), x @ w.T)
 
 
-@needs_real
 def test_streamed_equals_resident_on_cuda_and_uses_less_memory():
     def peak(stream):
         torch.cuda.empty_cache()
@@ -43,7 +41,6 @@ def test_streamed_equals_resident_on_cuda_and_uses_less_memory():
     assert p_streamed < p_resident
 
 
-@needs_real
 def test_cuda_logits_agree_with_cpu():
     gpu = load_model(Q, device="cuda", dtype=torch.float32, stream=True).logits(IDS).cpu()
     cpu = load_model(Q, device="cpu", dtype=torch.float32, stream=True).logits(IDS)
@@ -51,7 +48,6 @@ def test_cuda_logits_agree_with_cpu():
     assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() > 0.95
 
 
-@needs_real
 def test_compare_on_cuda():
     same = compare(Q, Q, IDS, device="cuda", dtype=torch.bfloat16)
     assert same["kl_max"] == 0 and same["top1_agreement"] == 1 and same["weights"]["max"] == 0

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import FIXTURES, REAL
+from conftest import FIXTURES, REAL, REAL_FOLDERS
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -23,8 +23,7 @@ transformers = pytest.importorskip("transformers")
 E014, E041 = REAL / "llmcompressor-0.14", REAL / "llmcompressor-0.4.1"
 DENSE = E014 / "dense"
 # both naming eras (0.14: experts.N.gate_proj/up_proj/down_proj; 0.4.1: w1/w2/w3), with zero points and g_idx
-REAL_CASES = sorted(p for p in REAL.glob("*/*") if p.name != "dense") if REAL.is_dir() else []   # all 9
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent")
+REAL_CASES = [p for p in REAL_FOLDERS if p.name != "dense"]
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -34,7 +33,6 @@ def hf_logits(folder, ids):
         return model(ids, use_cache=False).logits
 
 
-@needs_real
 @pytest.mark.parametrize("src", REAL_CASES + [DENSE], ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_logits_equal_transformers_on_ctformat_dense_output(src, tmp_path):
     convert_to_dense(src, tmp_path / "d", dtype=torch.float32, device="cpu")
@@ -44,7 +42,6 @@ def test_logits_equal_transformers_on_ctformat_dense_output(src, tmp_path):
         assert torch.equal(got, expected), stream
 
 
-@needs_real
 def test_experts_under_either_name_are_read_not_left_random(tmp_path):
     """transformers ignores experts.N.gate_proj (random values); ctformat reads both eras' names."""
     src = E014 / "w4a16-sym-g128"
@@ -56,7 +53,6 @@ def test_experts_under_either_name_are_read_not_left_random(tmp_path):
     assert not torch.allclose(ours, trap, atol=1e-3)
 
 
-@needs_real
 def test_streaming_holds_one_decoder_layer_at_a_time():
     ref = load_model(E014 / "w4a16-sym-g128", device="cpu", dtype=torch.float32, stream=True)
     live = []
@@ -108,7 +104,6 @@ def test_dense_llama_equals_transformers(tie, tmp_path):
     assert 0 < near["kl_mean"] < 0.05 and near["weights"]["modules"] == 14 + (not tie)
 
 
-@needs_real
 def test_compare_with_itself_is_zero_and_with_dense_is_small():
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
     q = E014 / "w4a16-sym-g128"
@@ -125,7 +120,6 @@ def test_compare_with_itself_is_zero_and_with_dense_is_small():
     assert {r["module"] for r in w["worst"]}.isdisjoint({"lm_head", "model.layers.0.block_sparse_moe.gate"})
 
 
-@needs_real
 def test_cli_compare_json_is_the_report_of_the_api(tmp_path, capsys):
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(9))
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
@@ -278,7 +272,6 @@ def cli(capsys, *args):
     return code, out, err
 
 
-@needs_real
 def test_cli_run_and_compare(capsys, tmp_path):
     src = str(E041 / "w4a16-gptq-g128")
     (tmp_path / "ids.json").write_text(json.dumps(IDS.tolist()))
@@ -293,7 +286,6 @@ def test_cli_run_and_compare(capsys, tmp_path):
     assert "top-1 agreement 1.0000" in out and "mean 0.000e+00" in out
 
 
-@needs_real
 def test_cli_bad_input_exit_codes(capsys, tmp_path):
     (tmp_path / "ids.json").write_text("[1, 256]")
     code, out, err = cli(capsys, "run", str(DENSE), "--text", "hi", "--device", "cpu")
@@ -309,7 +301,6 @@ def test_cli_bad_input_exit_codes(capsys, tmp_path):
     assert code == 1 and "needs a local checkpoint" in err and "Traceback" not in err
 
 
-@needs_real
 @pytest.mark.parametrize("stack", [False, True], ids=["per-module", "stacked"])
 def test_marlin_checkpoint_gives_the_same_logits(tmp_path, stack):
     """A Marlin checkpoint (per-expert, or experts stacked as w13/w2) gives its source's logits,

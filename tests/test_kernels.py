@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, FIXTURES, REAL
+from conftest import DEVICE, FIXTURES, REAL_FOLDERS
 from ctformat.checkpoint import open_checkpoint
 from ctformat.quant import compress, decompress
 from ctformat.scheme import QuantScheme
@@ -72,8 +72,7 @@ def test_kernel_on_fixture_checkpoints(name):
             assert torch.equal(got, want), m.prefix
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared/real-checkpoints not present")
-@pytest.mark.parametrize("path", sorted(REAL.glob("*/*")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", REAL_FOLDERS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_kernel_on_real_checkpoints(path):
     ckpt = open_checkpoint(path)
     mods = [m for m in ckpt.modules().values() if m.quantized]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BAD, DEVICE, FIXTURES, REAL, tree_snapshot
+from conftest import BAD, DEVICE, FIXTURES, REAL, REAL_FOLDERS, tree_snapshot
 from ctformat.spec import MARLIN_LAYOUT
 from ctformat import marlin as M
 from ctformat.checkpoint import open_checkpoint
@@ -28,7 +28,7 @@ import marlin_inputs as inp  # noqa: E402
 
 REF = load_file(FIXTURES / "marlin" / "vllm-0.33.0-reference.safetensors")
 BIG = json.loads((FIXTURES / "marlin" / "vllm-0.33.0-reference.json").read_text())["big_cases"]
-REAL_QUANTIZED = sorted(p for p in REAL.glob("*/*") if p.name != "dense") if REAL.is_dir() else []
+REAL_QUANTIZED = [p for p in REAL_FOLDERS if p.name != "dense"]
 KERNELS = ["torch", "triton"]          # triton runs in the interpreter on a CPU-only machine
 
 
@@ -211,8 +211,6 @@ def test_legacy_tags_only_where_every_legacy_reader_reads(case, tmp_path):
     (AutoGPTQ, IST-DASLab): ctformat-marlin, even with F16 scales, group 128, 4-bit symmetric."""
     if case == "moe":
         src = REAL / "llmcompressor-0.14" / "w4a16-sym-g128"
-        if not src.is_dir():
-            pytest.skip("shared/real-checkpoints not present")
     elif case == "n64":
         src = small_ckpt(tmp_path / "src", W4_G128, shape=(64, 128))
     else:
@@ -254,8 +252,6 @@ W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "gro
 ])
 def test_unsupported_input_is_refused_before_any_output(rule, make, kw, tmp_path):
     src = make(tmp_path / "src")
-    if not src.exists():
-        pytest.skip("shared/real-checkpoints not present")
     if rule == "MCV-06":           # a MoE with one expert missing
         src = small_moe_missing_expert(tmp_path / "moe")
     with pytest.raises(UnsupportedError, match=rf"\[{rule}\]$"):

@@ -1,4 +1,5 @@
-"""Checkpoints written by llm-compressor itself (../shared/real-checkpoints, see its README).
+"""Checkpoints written by llm-compressor itself (fixtures/real, see its README; more from
+../shared/real-checkpoints when present).
 
 They are ground truth for what real producers write. Every folder must open and every
 quantized module must dequantize; the results must equal compressed-tensors' own
@@ -13,19 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REAL, REAL_FOLDERS
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.quant import compress
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-checkpoints"
-if not REAL.is_dir():
-    pytest.skip(f"{REAL} is absent", allow_module_level=True)
-
-FOLDERS = sorted(p for p in REAL.glob("*/*") if p.is_dir())
-LLMC_014 = [p for p in FOLDERS if p.parent.name == "llmcompressor-0.14" and p.name != "dense"]
+FOLDERS = REAL_FOLDERS                        # vendored ones always, the rest where ../shared has them
+QUANTIZED = [p for p in FOLDERS if p.name != "dense"]
+LLMC_014 = [p for p in QUANTIZED if p.parent.name == "llmcompressor-0.14"]
 LLMC_041 = [p for p in FOLDERS if p.parent.name == "llmcompressor-0.4.1"]
 DENSE = REAL / "llmcompressor-0.14" / "dense"
-RTN_FOLDERS = ["w4a16-sym-g128", "w4a16-asym-g128", "w4a16-sym-channel", "w8a16-sym-g128"]
+RTN_FOLDERS = [p for p in LLMC_014 if p.name in ("w4a16-sym-g128", "w4a16-asym-g128", "w4a16-sym-channel",
+                                                 "w8a16-sym-g128")]
 EXPERT_RENAME = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
@@ -68,11 +68,9 @@ def test_checkpoint_opens_and_dequantizes_every_quantized_module(folder):
         assert w.abs().amax() > 0, m.prefix
 
 
-@pytest.mark.parametrize("folder", FOLDERS, ids=_id)
+@pytest.mark.parametrize("folder", QUANTIZED, ids=_id)
 def test_checkpoint_ignored_modules_stay_dense(folder):
     ck = open_checkpoint(folder)
-    if ck.quant is None:
-        pytest.skip("unquantized model")
     for name in ("lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"):
         m = ck.modules()[name]
         assert m.ignored and not m.quantized, name
@@ -151,14 +149,10 @@ def test_dequantize_matches_compressed_tensors_llmc041(folder):
 
 # -- data-free check of quantize: the dense model the 0.14 folders came from -------------
 
-@pytest.mark.skipif(not DENSE.is_dir(), reason="llmcompressor-0.14/dense is absent")
-@pytest.mark.parametrize("name", RTN_FOLDERS)
-def test_compress_reproduces_llmc014_round_to_nearest_checkpoint(name):
+@pytest.mark.parametrize("folder", RTN_FOLDERS, ids=_id)
+def test_compress_reproduces_llmc014_round_to_nearest_checkpoint(folder):
     """QuantizationModifier (memoryless min-max observer, round to nearest) folders:
     compress(dense weight) must give the stored tensors exactly (dtype, shape, bits)."""
-    folder = REAL / "llmcompressor-0.14" / name
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
     dense, ck = open_checkpoint(DENSE), open_checkpoint(folder)
     mods = _quantized(ck)
     assert len(mods) == 32
@@ -172,12 +166,9 @@ def test_compress_reproduces_llmc014_round_to_nearest_checkpoint(name):
             _assert_bit_equal(got[key], stored[key], f"{m.prefix}.{key}")
 
 
-@pytest.mark.skipif(not DENSE.is_dir(), reason="llmcompressor-0.14/dense is absent")
 def test_compress_differs_when_checkpoint_is_gptq():
     """Guard for the test above: GPTQ changes the ints, so RTN must not reproduce them."""
     folder = REAL / "llmcompressor-0.14" / "w4a16-gptq-g128"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
     dense, ck = open_checkpoint(DENSE), open_checkpoint(folder)
     m = ck.modules()["model.layers.0.self_attn.q_proj"]
     got = compress(dense.load("model.layers.0.self_attn.q_proj.weight"), m.scheme)

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from conftest import BAD, FIXTURES, ROOT, tree_snapshot
+from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
 from ctformat.spec import MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
 TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
-GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name not in ("bad", "marlin", "__pycache__"))
+GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 DEEP = ("DATA", "MRL-07")
 
 
@@ -68,10 +68,7 @@ def test_deep_reports_progress_per_module():
 
 
 def test_vllm_profile_is_silent_on_loadable_real_checkpoints():
-    from conftest import REAL
-    if not REAL.is_dir():
-        pytest.skip("shared/real-checkpoints not present")
-    for path in sorted(REAL.glob("llmcompressor-0.14/*")):
+    for path in (p for p in REAL_FOLDERS if p.parent.name == "llmcompressor-0.14"):
         assert validate_checkpoint(path, target="vllm").issues == (), path.name
     old = validate_checkpoint(REAL / "llmcompressor-0.4.1" / "w4a16-gptq-actorder-group-g128", target="vllm")
     assert {i.rule for i in old.issues} == {"VLLM-01"} and old.ok      # a warning: ctformat still reads it
@@ -82,9 +79,6 @@ def test_vllm_profile_off_by_default():
 
 
 def test_transformers_profile_flags_llmcompressor_014_expert_names():
-    from conftest import REAL
-    if not REAL.is_dir():
-        pytest.skip("shared/real-checkpoints not present")
     new = validate_checkpoint(REAL / "llmcompressor-0.14" / "w4a16-sym-g128", target="transformers")
     assert [i.rule for i in new.issues] == ["TRF-01"] and "gate_proj" in new.issues[0].message
     old = validate_checkpoint(REAL / "llmcompressor-0.4.1" / "w4a16-gptq-g128", target="transformers")
