@@ -33,16 +33,18 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class Step:
-    """One source module: the tensors it reads and how they become output tensors."""
+    """One unit of work, the shape of pipeline.Step: read `sources` (full names), and write
+    `outputs` in order; `work` gets {name: tensor} and returns one tensor per output; without
+    `work` the single source is copied. `module` names the quantized module converted."""
 
-    prefix: str
-    reads: list[str]                                  # full source tensor names
-    run: Callable[[Tensors], Tensors] | None = None   # local names in -> local names out; None = copy
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    sources: list[str]
+    work: Callable[[Tensors], list[torch.Tensor]] | None = None
+    module: str | None = None
 
 
 @dataclass
 class Plan:
-    tensors: list[tuple[str, str, tuple[int, ...]]]   # writer plan: (name, dtype code, shape), in order
     steps: list[Step]
     config: dict[str, Any]                            # the whole config.json
     extra_files: dict[str, Any] = field(default_factory=dict)   # more JSON files (quantize_config.json)
@@ -56,9 +58,21 @@ def _is_dense_linear(m: Module) -> bool:
     return (w is not None and len(w.shape) == 2 and last not in EMBEDDING_NAMES and not last.endswith("norm"))
 
 
-def _copy(m: Module) -> tuple[list[tuple[str, str, tuple[int, ...]]], Step]:
-    plan = [(i.name, i.dtype, tuple(i.shape)) for i in m.tensors.values()]
-    return plan, Step(m.prefix, [i.name for i in m.tensors.values()])
+def _copy(m: Module) -> list[Step]:
+    return [Step([(i.name, i.dtype, tuple(i.shape))], [i.name]) for i in m.tensors.values()]
+
+
+def _module_step(m: Module, want: Mapping[str, tuple[str, tuple[int, ...]]], extra: Mapping[str, Any],
+                 convert: Callable[[Tensors], Tensors]) -> Step:
+    """A quantized module: its tensors in, `want` (then the copied `extra`, e.g. bias) out."""
+    outputs = [(f"{m.prefix}.{s}", c, sh) for s, (c, sh) in want.items()]
+    outputs += [(i.name, i.dtype, tuple(i.shape)) for i in extra.values()]
+
+    def work(t: Tensors) -> list[torch.Tensor]:
+        local = {n.rpartition(".")[2]: v for n, v in t.items()}
+        out = convert({s: v for s, v in local.items() if s not in extra})
+        return [out[s] for s in want] + [local[s] for s in extra]
+    return Step(outputs, [i.name for i in m.tensors.values()], work, m.prefix)
 
 
 def _one_dtype(ckpt: Checkpoint, mods: list[Module]) -> dict[str, str]:
@@ -121,21 +135,16 @@ def plan_to_gptq(ckpt: Checkpoint, target: str, *, fmt: str | None = None, allow
         _check_awq(schemes, dense_linear)
     layout = layouts.pop() if layouts else DENSE
     prov = Provenance(ckpt.config["quantization_config"], ckpt.quant, dtypes, layout, lossy[0])
-    plan, steps = [], []
+    steps = []
     for m in mods:
-        if not m.quantized:
-            p, s = _copy(m)
-        else:
-            p, s = _quant_step(m, shapes[m.prefix], schemes[m.prefix], target, fmt, layout)
-        plan += p
-        steps.append(s)
+        steps += [_quant_step(m, shapes[m.prefix], schemes[m.prefix], target, fmt, layout)] if m.quantized else _copy(m)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     if target == GPTQ_METHOD:
         qc = gptq_config_json(schemes, dense_linear, fmt, prov)
-        return Plan(plan, steps, {**config, "quantization_config": qc}, {QUANTIZE_CONFIG_NAME: qc},
+        return Plan(steps, {**config, "quantization_config": qc}, {QUANTIZE_CONFIG_NAME: qc},
                     lossy_scales=(lossy[0], lossy[1]))
     qc = awq_config_json(next(iter(schemes.values())), dense_linear, prov)
-    return Plan(plan, steps, {**config, "quantization_config": qc}, skip_files=(QUANTIZE_CONFIG_NAME,),
+    return Plan(steps, {**config, "quantization_config": qc}, skip_files=(QUANTIZE_CONFIG_NAME,),
                 lossy_scales=(lossy[0], lossy[1]))
 
 
@@ -171,20 +180,15 @@ def _check_awq(schemes: Mapping[str, ModuleScheme], dense: list[str]) -> None:
                                    "would skip both [GCV-05]")
 
 
-def _quant_step(m: Module, shape, ms: ModuleScheme, target: str, fmt: str, layout: str):
+def _quant_step(m: Module, shape, ms: ModuleScheme, target: str, fmt: str, layout: str) -> Step:
     n, k = shape
     want = gptq_shapes(n, k, ms) if target == GPTQ_METHOD else awq_shapes(n, k, ms)
-    extra = {s: i for s, i in m.tensors.items() if s not in QUANT_PARAMS}          # bias
-    plan = [(f"{m.prefix}.{s}", c, sh) for s, (c, sh) in want.items()]
-    plan += [(i.name, i.dtype, tuple(i.shape)) for i in extra.values()]
     scheme = m.scheme
-
-    def run(t: Tensors) -> Tensors:
-        core = {s: v for s, v in t.items() if s in QUANT_PARAMS}
-        out = (to_gptq(core, scheme, fmt=fmt, layout=layout) if target == GPTQ_METHOD
-               else to_awq(core, scheme, layout=layout))
-        return {**out, **{s: t[s] for s in extra}}
-    return plan, Step(m.prefix, [i.name for i in m.tensors.values()], run)
+    if target == GPTQ_METHOD:
+        convert = lambda t: to_gptq(t, scheme, fmt=fmt, layout=layout)   # noqa: E731
+    else:
+        convert = lambda t: to_awq(t, scheme, layout=layout)             # noqa: E731
+    return _module_step(m, want, {s: i for s, i in m.tensors.items() if s not in QUANT_PARAMS}, convert)
 
 
 # -- GPTQ / AWQ -> CT ----------------------------------------------------------------------
@@ -227,16 +231,11 @@ def plan_from_gptq(ckpt: Checkpoint, cfg: GptqConfig) -> Plan:
     if prov is None:
         ct_json = ct_config_json(schemes, dense_linear)
         prov = Provenance(ct_json, QuantizationConfig.from_json(ct_json), {"weight_scale": "F16"})
-    plan, steps = [], []
+    steps = []
     for m in mods:
-        if m.prefix not in quant:
-            p, s = _copy(m)
-        else:
-            p, s = _ct_step(m, schemes[m.prefix], ks[m.prefix], cfg, prov)
-        plan += p
-        steps.append(s)
+        steps += [_ct_step(m, schemes[m.prefix], ks[m.prefix], cfg, prov)] if m.prefix in quant else _copy(m)
     config = {k: v for k, v in (ckpt.config or {}).items() if k != "quantization_config"}
-    return Plan(plan, steps, {**config, "quantization_config": dict(prov.source_json)},
+    return Plan(steps, {**config, "quantization_config": dict(prov.source_json)},
                 skip_files=(QUANTIZE_CONFIG_NAME,))
 
 
@@ -248,17 +247,13 @@ def _ct_step(m: Module, ms: ModuleScheme, k: int, cfg: GptqConfig, prov: Provena
                           f"the {cfg.method} config {ms}", rule="GPTQ-11", where=m.prefix)
     n = m.tensors["scales"].shape[-1]
     want = ct_shapes(n, k, scheme, prov.source_dtypes, prov.layout)
+    if cfg.method == AWQ_METHOD:
+        convert = lambda t: from_awq(t, ms, scheme, dtypes=prov.source_dtypes, layout=prov.layout)  # noqa: E731
+    else:
+        convert = lambda t: from_gptq(t, ms, scheme, v1=cfg.v1, k=k, dtypes=prov.source_dtypes,  # noqa: E731
+                                      layout=prov.layout)
     extra = {s: i for s, i in m.tensors.items() if s not in ("qweight", "qzeros", "scales", "g_idx")}
-    plan = [(f"{m.prefix}.{s}", c, sh) for s, (c, sh) in want.items()]
-    plan += [(i.name, i.dtype, tuple(i.shape)) for i in extra.values()]
-
-    def run(t: Tensors) -> Tensors:
-        if cfg.method == AWQ_METHOD:
-            out = from_awq(t, ms, scheme, dtypes=prov.source_dtypes, layout=prov.layout)
-        else:
-            out = from_gptq(t, ms, scheme, v1=cfg.v1, k=k, dtypes=prov.source_dtypes, layout=prov.layout)
-        return {**{s: out[s] for s in want}, **{s: t[s] for s in extra}}
-    return plan, Step(m.prefix, [i.name for i in m.tensors.values()], run)
+    return _module_step(m, want, extra, convert)
 
 
 def _agrees(ct: ModuleScheme, ms: ModuleScheme, method: str) -> bool:
@@ -287,16 +282,16 @@ class _Writer(CheckpointWriter):
 
 
 def write_plan(ckpt: Checkpoint, plan: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Run a plan serially: one module's tensors in memory at a time."""
-    source = ckpt.root if ckpt.root is not None else None
-    with _Writer(out, plan.tensors, force=force, source=source, extra_files=plan.extra_files,
+    """Run a plan serially (one step's tensors in memory at a time); pipeline.run_steps is the
+    threaded equivalent."""
+    outputs = [o for step in plan.steps for o in step.outputs]
+    with _Writer(out, outputs, force=force, source=ckpt.root, extra_files=plan.extra_files,
                  skip_files=plan.skip_files) as w:
         for step in plan.steps:
-            names = {n.rpartition(".")[2]: n for n in step.reads}
-            t = {s: ckpt.load(n) for s, n in names.items()}
-            result = t if step.run is None else step.run(t)
-            for s, v in result.items():
-                w.write(f"{step.prefix}.{s}", v)
+            t = {n: ckpt.load(n) for n in step.sources}
+            result = list(t.values()) if step.work is None else step.work(t)
+            for (name, _, _), v in zip(step.outputs, result, strict=True):
+                w.write(name, v)
         return w.close(plan.config)
 
 
