@@ -13,7 +13,6 @@ import torch
 from .errors import TensorError, UnsupportedError
 from .gptq import ct_tensors, gptq_scales, zero_codes
 from .gptq_config import AWQ_ORDER, ModuleScheme
-from .pack import pack_to_int32, unpack_from_int32
 from .scheme import QuantScheme, Strategy
 from .spec import DENSE
 
@@ -32,6 +31,29 @@ def deinterleave(nibbles: torch.Tensor) -> torch.Tensor:
     return nibbles.unflatten(-1, (-1, 8))[..., list(_INVERSE)].flatten(-2)
 
 
+# AWQ_ORDER puts columns 8c + (0, 2), (4, 6), (1, 3), (5, 7) into bytes 0..3 of word c (low, high
+# nibble): with j = 4*b2 + 2*b1 + b0, column 8c + j is byte b2 + 2*b0, nibble b1. So words are
+# built from uint8 code planes directly: one transpose of the codes, a few nibble ops.
+def _words_from_codes(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes [..., R, N] (uint8) -> AWQ words [..., R, N/8]."""
+    v = u.unflatten(-1, (-1, 2, 2, 2))                                # [..., c, b2, b1, b0]
+    lo, hi = v[..., 0, :].transpose(-1, -2), v[..., 1, :].transpose(-1, -2)   # [..., c, b0, b2]
+    return (lo | (hi << 4)).contiguous().flatten(-3).view(torch.int32)
+
+
+def _codes_from_words(w: torch.Tensor) -> torch.Tensor:
+    """AWQ words [..., R, N/8] -> unsigned codes [..., R, N] (uint8)."""
+    by = w.contiguous().view(torch.uint8).unflatten(-1, (-1, 2, 2))   # [..., c, b0, b2]
+    v = torch.stack((by & 0x0F, by >> 4), dim=-1)                     # [..., c, b0, b2, b1]
+    return v.permute(*range(v.ndim - 3), v.ndim - 2, v.ndim - 1, v.ndim - 3).flatten(-4)
+
+
+def _ct_codes(packed: torch.Tensor, shape) -> torch.Tensor:
+    """CT 4-bit weight_packed [..., N, K/8] -> unsigned codes [..., N, K] (uint8)."""
+    by = packed.contiguous().view(torch.uint8)
+    return torch.stack((by & 0x0F, by >> 4), dim=-1).flatten(-2)[..., : shape[-1]]
+
+
 def to_awq(ct: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE) -> dict[str, torch.Tensor]:
     """A CT module's 4-bit tensors -> qweight [..., K, N/8], qzeros [..., G, N/8], scales [..., G, N]."""
     shape = tuple(int(v) for v in ct["weight_shape"].tolist())
@@ -40,22 +62,15 @@ def to_awq(ct: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str =
         raise UnsupportedError(f"AWQ GEMM stores 4-bit weights with out_features % 8 == 0, got "
                                f"{scheme.num_bits}-bit [{n}, {k}] [GCV-01/GCV-02]")
     groups = -(-k // scheme.group_size) if scheme.strategy is Strategy.GROUP else 1
-    q = unpack_from_int32(ct["weight_packed"], 4, shape, layout=layout)           # [..., N, K] signed
-    z = zero_codes(ct, scheme, n, groups, layout) - 8                              # [..., G, N] signed
-    return {"qweight": pack_to_int32(interleave(q.transpose(-1, -2)).contiguous(), 4),
-            "qzeros": pack_to_int32(interleave(z.to(torch.int8)).contiguous(), 4),
+    u = _ct_codes(ct["weight_packed"], shape).transpose(-1, -2)                     # [..., K, N]
+    z = zero_codes(ct, scheme, n, groups, layout).to(torch.uint8)                   # [..., G, N]
+    return {"qweight": _words_from_codes(u), "qzeros": _words_from_codes(z),
             "scales": gptq_scales(ct["weight_scale"], n)}
-
-
-def _unpack(words: torch.Tensor, rows: int) -> torch.Tensor:
-    """AWQ words [..., R, N/8] -> signed codes [..., R, N] in column order."""
-    n = words.shape[-1] * 8
-    return deinterleave(unpack_from_int32(words, 4, (*words.shape[:-1], n)))
 
 
 def check_awq(a: Mapping[str, torch.Tensor], ms: ModuleScheme) -> list[TensorError]:
     """AWQ-06: with zero_point false every stored zero is 8."""
-    if ms.sym and not bool((_unpack(a["qzeros"], 0) == 0).all()):
+    if ms.sym and not bool((_codes_from_words(a["qzeros"]) == 8).all()):
         return [TensorError("zero_point is false, but not every stored zero is 8", rule="AWQ-06", where="qzeros")]
     return []
 
@@ -68,8 +83,9 @@ def from_awq(a: Mapping[str, torch.Tensor], ms: ModuleScheme, scheme: QuantSchem
         raise issues[0]
     qweight = a["qweight"]
     k, n = qweight.shape[-2], qweight.shape[-1] * 8
-    q = _unpack(qweight, k).transpose(-1, -2).contiguous()                       # [..., N, K]
-    z = _unpack(a["qzeros"], 0).to(torch.int16) + 8
+    u = _codes_from_words(qweight).transpose(-1, -2)                             # [..., N, K]
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous().view(torch.int32)   # k % 8 == 0 (AWQ-04)
+    z = _codes_from_words(a["qzeros"]).to(torch.int16)
     if scheme.symmetric and not bool((z == 8).all()):
         raise TensorError("the source is symmetric, but not every stored zero is 8", rule="GPTQ-11", where="qzeros")
-    return ct_tensors(pack_to_int32(q, 4), a["scales"], z, None, scheme, n=n, k=k, dtypes=dtypes, layout=layout)
+    return ct_tensors(packed, a["scales"], z, None, scheme, n=n, k=k, dtypes=dtypes, layout=layout)
