@@ -95,6 +95,8 @@ def _size(text: str) -> int:
 _TARGET_OPTIONS = {
     "dense": {"dtype": "bfloat16", "keep_names": False},
     "marlin": {"scale_dtype": None, "allow_lossy_scales": False, "stack_experts": False},
+    "gptq": {"gptq_format": None, "allow_lossy": False, "keep_names": False},
+    "awq": {"allow_lossy": False, "keep_names": False},
     "compressed-tensors": {},
 }
 
@@ -103,7 +105,8 @@ _TARGET_OPTIONS = {
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--to", "target", type=click.Choice(list(_TARGET_OPTIONS)), required=True,
-              help="Output layout: dense weights, vLLM's Marlin layout, or back from Marlin to pack-quantized.")
+              help="Output layout: dense weights, vLLM's Marlin layout, GPTQ, AWQ, or back from Marlin, GPTQ or "
+                   "AWQ to pack-quantized.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16",
               show_default=True, help="--to dense: dtype of the weights (computed in the scale dtype, then cast).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
@@ -111,10 +114,16 @@ _TARGET_OPTIONS = {
 @click.option("--allow-lossy-scales", is_flag=True, help="--to marlin: accept a --scale-dtype that rounds scales.")
 @click.option("--stack-experts", is_flag=True,
               help="--to marlin: store each MoE layer's experts stacked (w13 = gate+up, w2), as vLLM's fused MoE holds them.")
+@click.option("--gptq-format", type=click.Choice(["v1", "v2"]), default=None,
+              help="--to gptq: checkpoint_format gptq (v1, zero points stored minus one) or gptq_v2 "
+                   "(default: v1 when every module is symmetric, else v2).")
+@click.option("--allow-lossy", is_flag=True,
+              help="--to gptq/awq: write scales the float16 cast rounds (counted in the output and its config).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MiB...).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--keep-names", is_flag=True, help="--to dense: keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
+@click.option("--keep-names", is_flag=True, help="--to dense/gptq/awq: keep MoE module names as on disk (no Mixtral "
+              "renaming for transformers or GPTQModel).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, as_json: bool,
             **options) -> None:
@@ -125,7 +134,11 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
       copied; quantization_config is removed from config.json.
     --to marlin: every quantized module M becomes M.B, M.s (M.zp, M.g_idx, M.perm) in vLLM
       0.33's Marlin layout (spec §10); unsupported modules are refused before writing.
-    --to compressed-tensors: a Marlin checkpoint back to its pack-quantized source, bit for bit.
+    --to gptq / --to awq: every quantized module M becomes M.qweight, M.qzeros, M.scales (and
+      M.g_idx) as GPTQModel, transformers and vLLM read them (spec/gptq-awq.md); lossless,
+      and what cannot be held is refused before writing.
+    --to compressed-tensors: a Marlin, GPTQ or AWQ checkpoint back to pack-quantized (bit for
+      bit when ctformat wrote it).
 
     Example: ctformat convert fixtures/tiny-mixtral /tmp/tiny-dense --to dense
     """

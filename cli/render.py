@@ -28,7 +28,7 @@ INFER_EXIT_CODES = EXIT_CODES + """
 
 # library keyword that would allow what an error refused -> what the user types
 OPTION_HINTS = {"force": "use --force to replace it", "allow_lossy_scales": "pass --allow-lossy-scales to convert anyway",
-                "device": "use --device cpu"}
+                "allow_lossy": "pass --allow-lossy to write them rounded", "device": "use --device cpu"}
 
 
 def size(n: int | None) -> str:
@@ -102,7 +102,14 @@ def summary(d: dict[str, Any]) -> None:
         t.add_row("marlin layout", f"{m['layout']}, " + ("loadable by legacy Marlin readers" if m["legacy_readers"]
                                                           else "ctformat-marlin (no stock loader)")
                   + (f", {m['stacked_expert_layers']} stacked expert layer(s)" if m["stacked_expert_layers"] else ""))
-    t.add_row("producer", d["producer_version"] or "compressed-tensors < 0.6 era or unknown (no version key)")
+    if d.get("gptq"):
+        g = d["gptq"]
+        t.add_row(f"{g['method']} layout", (f"{g['format']}, " if g["method"] == "gptq" else "gemm, ")
+                  + ("ctformat provenance block (converts back bit for bit)" if g["provenance"]
+                     else "no ctformat provenance (another tool's file)")
+                  + (f", {g['dynamic_rules']} dynamic rule(s)" if g["dynamic_rules"] else ""))
+    t.add_row("producer", d["producer_version"] or ("unknown" if d.get("gptq") else
+                                                    "compressed-tensors < 0.6 era or unknown (no version key)"))
     t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} quantized, {count(p['dense'])} dense)")
     t.add_row("size on disk", f"{size(b['total'])} in {len(d['shards'])} shard(s), {d['tensors']} tensors")
     if d["bits_per_quantized_weight"]:
@@ -155,7 +162,12 @@ def converted(r, seconds: float) -> None:
               f"{size(r.bytes_read)} read in {seconds:.1f} s on {r.device}"
               + (f" ({r.cpu_fallbacks} on the CPU after GPU out-of-memory)" if r.cpu_fallbacks else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
-                 if r.details.get("legacy_format") else ""))
+                 if r.details.get("legacy_format") else "")
+              + (f", {r.target} format {r.details['format']}" if "format" in r.details else "")
+              + (f", {r.details['renamed_modules']} MoE module{'s' if r.details['renamed_modules'] != 1 else ''} "
+                 "renamed for GPTQModel" if r.details.get("renamed_modules") else "")
+              + (f"; {r.details['lossy_scales']} scales rounded to float16 (largest change "
+                 f"{r.details['largest_scale_change']:.3g})" if r.details.get("lossy_scales") else ""))
 
 
 # -- run and compare ---------------------------------------------------------------------

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .marlin_config import ROLE_DTYPES, SOURCE_ROLES
 from .scheme import QuantizationConfig, QuantScheme, Strategy
-from .spec import DENSE, PADDED
+from .spec import CROSS_WORD, PADDED, QUANTIZE_CONFIG_NAME
 
 __all__ = ["GPTQ_METHOD", "AWQ_METHOD", "GPTQ_V1", "GPTQ_V2", "AWQ_GEMM", "GPTQ_BITS", "AWQ_BITS", "AWQ_ORDER",
-           "GPTQ_PARAMS", "AWQ_PARAMS", "QUANTIZE_CONFIG_NAME", "PROVENANCE_KEY", "CT_VERSION", "RULES", "LIMITS",
-           "ModuleScheme", "Provenance", "GptqConfig", "detect", "read_gptq_config", "module_scheme",
-           "gptq_config_json", "awq_config_json", "ct_config_json", "exact_pattern"]
+           "PROVENANCE_KEY", "CT_VERSION", "ModuleScheme", "Provenance", "GptqConfig", "detect", "read_gptq_config",
+           "module_scheme", "ct_scheme", "gptq_config_json", "awq_config_json", "ct_config_json", "exact_pattern"]
 
 GPTQ_METHOD, AWQ_METHOD = "gptq", "awq"
 GPTQ_V1, GPTQ_V2 = "gptq", "gptq_v2"          # checkpoint_format / format values (§1.2)
@@ -22,46 +22,10 @@ AWQ_GEMM = "gemm"
 GPTQ_BITS = (2, 3, 4, 8)                        # 5-7 exist only as GPTQModel's planar gptq_p
 AWQ_BITS = (4,)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)            # column 8c + AWQ_ORDER[i] sits in nibble i of word c
-GPTQ_PARAMS = ("qweight", "qzeros", "scales", "g_idx")
-AWQ_PARAMS = ("qweight", "qzeros", "scales")
-QUANTIZE_CONFIG_NAME = "quantize_config.json"   # GPTQModel reads it before config.json
 PROVENANCE_KEY = "ctformat"                     # quantization_config.ctformat (§4.3)
 CT_VERSION = "0.20.0"                           # CT version whose layout a foreign file's reverse follows
 
-# Rules of spec/gptq-awq.md §7: ID -> (severity, statement).
-RULES: dict[str, tuple[str, str]] = {
-    "GPTQ-01": ("error", "the GPTQ config has quant_method gptq, bits 2/3/4/8, group_size -1 or positive, boolean sym and desc_act, format gptq or gptq_v2, a valid dynamic"),
-    "GPTQ-02": ("error", "a GPTQ module has qweight, qzeros, scales (g_idx with desc_act) and nothing else but bias"),
-    "GPTQ-03": ("error", "qweight is I32 [ceil(K*b/32), N]"),
-    "GPTQ-04": ("error", "scales is F16, BF16 or F32 [G, N]"),
-    "GPTQ-05": ("error", "qzeros is I32 [G, ceil(N*b/32)]"),
-    "GPTQ-06": ("error", "g_idx is I32 [K]"),
-    "GPTQ-07": ("error", "g_idx entries lie in [0, G), and are k // group_size without desc_act"),
-    "GPTQ-08": ("error", "every stored zero decodes to a code (v1: no 2^b - 1); with sym every zero is 2^(b-1)"),
-    "GPTQ-09": ("error", "padding bits of qweight and qzeros are zero"),
-    "GPTQ-10": ("warning", "scales are F16"),
-    "GPTQ-11": ("error", "the ctformat provenance block is valid and agrees with each module's GPTQ/AWQ scheme"),
-    "AWQ-01": ("error", "the AWQ config has quant_method awq, bits 4, group_size -1 or positive, boolean zero_point, version gemm"),
-    "AWQ-02": ("error", "an AWQ module has qweight, qzeros, scales, nothing else but bias, and is not in modules_to_not_convert"),
-    "AWQ-03": ("error", "qweight is I32 [K, N/8]"),
-    "AWQ-04": ("error", "scales is F16, BF16 or F32 [K/group_size, N]"),
-    "AWQ-05": ("error", "qzeros is I32 [G, N/8]"),
-    "AWQ-06": ("error", "with zero_point false every stored zero is 8"),
-}
-# Refusals of convert --to gptq / awq (spec/gptq-awq.md §6).
-LIMITS: dict[str, str] = {
-    "GCV-01": "bits are 2, 3, 4 or 8 for GPTQ, 4 for AWQ",
-    "GCV-02": "shapes loaders read: GPTQ K*b and N*b multiples of 32 (3-bit: K, N multiples of 32); AWQ N % 8, K % gs",
-    "GCV-03": "every scale survives the cast to float16 (unless allow_lossy)",
-    "GCV-04": "GPTQ v1 holds no zero point 0",
-    "GCV-05": "AWQ: no act-order, one scheme, lm_head dense, no dense name inside a quantized one",
-    "GCV-06": "no stacked [E, N, K] modules",
-    "GCV-07": "the input is pack-quantized with one dtype per tensor role and one 3-bit layout",
-}
-
 _SCHEME_KEYS = ("bits", "group_size", "sym", "desc_act")
-_DTYPE_ROLES = {"weight_scale": ("F16", "BF16", "F32"), "weight_shape": ("I64", "I32"),
-                "weight_zero_point": ("I32", "I8")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +50,13 @@ def module_scheme(s: QuantScheme) -> ModuleScheme:
     return ModuleScheme(s.num_bits, gs, s.symmetric, s.has_g_idx)
 
 
+def ct_scheme(ms: ModuleScheme) -> QuantScheme:
+    """The CT scheme of a GPTQ/AWQ module scheme (group size -1 = channel-wise), as spec §4.4 writes it."""
+    grouped = ms.group_size != -1
+    return QuantScheme(num_bits=ms.bits, symmetric=ms.sym, strategy=Strategy.GROUP if grouped else Strategy.CHANNEL,
+                       group_size=ms.group_size if grouped else None, actorder="group" if ms.desc_act else None)
+
+
 @dataclass(frozen=True)
 class Provenance:
     """quantization_config.ctformat: the CT source, so the reverse restores it bit for bit."""
@@ -93,8 +64,9 @@ class Provenance:
     source_json: Mapping[str, Any]
     source: QuantizationConfig
     source_dtypes: Mapping[str, str]
-    layout: str = DENSE
+    layout: str = CROSS_WORD
     lossy_scales: int = 0
+    names: Mapping[str, str] = field(default_factory=dict)   # module-name part written -> part in the source
 
     @classmethod
     def from_json(cls, obj: Any, *, where: str) -> Provenance:
@@ -108,22 +80,26 @@ class Provenance:
             raise bad(f"{err.message} [{err.rule}]", "compressed_tensors") from None
         dtypes = obj.get("source_dtypes")
         if (not isinstance(dtypes, Mapping) or "weight_scale" not in dtypes
-                or any(dtypes[r] not in _DTYPE_ROLES.get(r, ()) for r in dtypes)):
-            raise bad(f"{dtypes!r} is not an object of weight_scale, weight_shape, weight_zero_point dtype codes",
-                      "source_dtypes")
-        layout, lossy = obj.get("layout", DENSE), obj.get("lossy_scales", 0)
-        if layout not in (DENSE, PADDED):
-            raise bad(f"{layout!r} is not {DENSE!r} or {PADDED!r}", "layout")
+                or any(not isinstance(dtypes[r], str) or dtypes[r] not in ROLE_DTYPES.get(r, ()) for r in dtypes)):
+            raise bad(f"{dtypes!r} is not an object of {', '.join(SOURCE_ROLES)} dtype codes", "source_dtypes")
+        layout, lossy, names = obj.get("layout", CROSS_WORD), obj.get("lossy_scales", 0), obj.get("names", {})
+        if layout not in (CROSS_WORD, PADDED):
+            raise bad(f"{layout!r} is not {CROSS_WORD!r} or {PADDED!r}", "layout")
         if not isinstance(lossy, int) or isinstance(lossy, bool) or lossy < 0:
             raise bad(f"{lossy!r} is not a count", "lossy_scales")
-        return cls(obj["compressed_tensors"], source, dict(dtypes), layout, lossy)
+        if not isinstance(names, Mapping) or not all(isinstance(v, str) and v and "." not in v
+                                                      for v in (*names, *names.values())):
+            raise bad(f"{names!r} is not an object of module-name parts", "names")
+        return cls(obj["compressed_tensors"], source, dict(dtypes), layout, lossy, dict(names))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"compressed_tensors": dict(self.source_json), "source_dtypes": dict(self.source_dtypes)}
-        if self.layout != DENSE:
+        if self.layout != CROSS_WORD:
             out["layout"] = self.layout
         if self.lossy_scales:
             out["lossy_scales"] = self.lossy_scales
+        if self.names:
+            out["names"] = dict(self.names)
         return out
 
 
@@ -256,7 +232,11 @@ def read_gptq_config(config: Mapping[str, Any] | None, quantize_config: Mapping[
         if qc is None:
             raise ConfigError("no quantization_config and no quantize_config.json", rule="GPTQ-01", file="config.json")
         return GptqConfig.from_json(qc)
-    cfg = GptqConfig.from_json(quantize_config, where=QUANTIZE_CONFIG_NAME)
+    try:
+        cfg = GptqConfig.from_json(quantize_config, where="")
+    except ConfigError as err:
+        err.file, err.where = QUANTIZE_CONFIG_NAME, (err.where or "").lstrip(".") or None
+        raise
     if qc is not None and detect(qc) == GPTQ_METHOD:
         other = GptqConfig.from_json(qc)
         if (other.default, other.format) != (cfg.default, cfg.format):

@@ -1,16 +1,15 @@
-"""Shapes and dtypes of GPTQ, AWQ and CT module tensors, and the header-only GPTQ/AWQ rules
-(spec/gptq-awq.md §1, §2, §7). Torch-free: writers plan from these, validate checks with them.
+"""Shapes and dtypes of GPTQ, AWQ and CT module tensors (spec/gptq-awq.md §1, §2, §7).
+Torch-free: conversions plan from these, validate_gptq checks headers against them.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-from .errors import TensorError
-from .gptq_config import AWQ_METHOD, AWQ_PARAMS, GPTQ_PARAMS, ModuleScheme
+from .gptq_config import AWQ_METHOD, ModuleScheme
 from .header import TensorInfo
 from .scheme import QuantScheme, Strategy, packed_width
 
-__all__ = ["gptq_shapes", "awq_shapes", "ct_shapes", "in_features", "check_header"]
+__all__ = ["gptq_shapes", "awq_shapes", "ct_shapes", "in_features"]
 
 Shapes = dict[str, tuple[str, tuple[int, ...]]]      # suffix -> (dtype code, shape)
 
@@ -57,41 +56,3 @@ def in_features(tensors: Mapping[str, TensorInfo], ms: ModuleScheme, method: str
     if method == AWQ_METHOD:
         return rows
     return rows * 32 // ms.bits if rows * 32 % ms.bits == 0 else None
-
-
-def check_header(tensors: Mapping[str, TensorInfo], ms: ModuleScheme, method: str) -> list[TensorError]:
-    """GPTQ-02..06 / AWQ-02..05 of one module, from its headers (§7)."""
-    awq = method == AWQ_METHOD
-    pre = "AWQ" if awq else "GPTQ"
-    allowed = set(AWQ_PARAMS if awq else GPTQ_PARAMS) | {"bias"}
-    need = set(AWQ_PARAMS if awq else GPTQ_PARAMS[:3]) | ({"g_idx"} if ms.desc_act and not awq else set())
-    issues = []
-    if need - set(tensors) or set(tensors) - allowed:
-        issues.append(TensorError(f"has {sorted(tensors)}; needs {sorted(need)}, allows also bias"
-                                  + ("" if awq else " and g_idx"), rule=f"{pre}-02"))
-        return issues
-    k = in_features(tensors, ms, method)
-    q, s = tensors["qweight"], tensors["scales"]
-    if k is None or len(s.shape) < 2:
-        issues.append(TensorError(f"qweight {list(q.shape)} gives no in_features for {ms.bits} bits",
-                                  rule=f"{pre}-03", where="qweight"))
-        return issues
-    n, lead = s.shape[-1], tuple(s.shape[:-2])
-    if awq and (n % 8 or (ms.group_size != -1 and k % ms.group_size)):
-        issues.append(TensorError(f"[{n}, {k}] needs out_features % 8 == 0 and in_features % group_size == 0",
-                                  rule="AWQ-04", where="scales"))
-        return issues
-    want = (awq_shapes if awq else gptq_shapes)(n, k, ms, lead)
-    rule = {"qweight": f"{pre}-03", "scales": f"{pre}-04", "qzeros": f"{pre}-05", "g_idx": "GPTQ-06"}
-    for name, (code, shape) in want.items():
-        got = tensors.get(name)
-        if got is None:
-            continue
-        codes = ("F16", "BF16", "F32") if name == "scales" else (code,)
-        if got.dtype not in codes or tuple(got.shape) != shape:
-            issues.append(TensorError(f"{got.dtype} {list(got.shape)}, expected {'/'.join(codes)} {list(shape)}",
-                                      rule=rule[name], where=name))
-    if not awq and not issues and s.dtype != "F16":
-        issues.append(TensorError(f"scales are {s.dtype}; GPTQ loaders hold F16 and cast", rule="GPTQ-10",
-                                  where="scales"))
-    return issues

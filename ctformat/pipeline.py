@@ -133,12 +133,14 @@ def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str]) -> No
 
 def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
                    target: str, verb: str, device: torch.device, params: frozenset[str], max_shard_size: int,
-                   force: bool, progress: Progress | None = None) -> ConvertResult:
-    """Run `plan` into a CheckpointWriter at `out` (published by close) and say what was done."""
+                   force: bool, progress: Progress | None = None, extra_files: Mapping[str, Any] | None = None,
+                   skip_files: tuple[str, ...] = ()) -> ConvertResult:
+    """Run `plan` into a CheckpointWriter at `out` (published by close) and say what was done;
+    `extra_files` and `skip_files` as CheckpointWriter takes them."""
     check_plan(ckpt, plan, params)
     result = ConvertResult(target, verb, str(out), str(device))
     with CheckpointWriter(out, [o for step in plan for o in step.outputs], max_shard_size=max_shard_size,
-                          force=force, source=src) as writer:
+                          force=force, source=src, extra_files=extra_files, skip_files=skip_files) as writer:
         run_steps(ckpt, plan, writer, device, result, progress)
         writer.close(config)
     return result

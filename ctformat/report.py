@@ -15,7 +15,7 @@ __all__ = ["Issue", "Report", "issue", "module_issue"]
 
 # rule prefix -> the error an operation raises for it
 ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
-               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError}
+               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError, "GPTQ": TensorError, "AWQ": TensorError}
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from math import prod
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
+from .gptq_config import AWQ_METHOD
+from .gptq_layout import in_features
 from .marlin_config import marlin_dims
 from .scheme import Strategy
 from .spec import MARLIN_LAYOUT
@@ -16,6 +18,7 @@ __all__ = ["summarize", "fold_names", "tensor_rows"]
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
           "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
           "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx"}
+_GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales": "scales"}
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
@@ -54,6 +57,10 @@ def _params(m: Module) -> int:
             return 0                              # an incomplete tensor set (MRL-02): validate says so
         k, n, _, _ = marlin_dims(b.shape, s.shape)
         return prod(b.shape[:-2]) * k * n
+    if m.is_gptq:
+        s = m.tensors.get("scales")
+        k = None if m.gptq is None or s is None else in_features(m.tensors, m.gptq, m.family)
+        return 0 if k is None or len(s.shape) < 2 else prod(s.shape[:-2]) * s.shape[-1] * k   # else GPTQ-02/03
     if "weight_packed" not in m.tensors:
         return 0                                  # an incomplete tensor set (TEN-01): validate says so
     return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
@@ -75,17 +82,18 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     """The `inspect --json` document (schema ctformat.inspect/1), from headers and config."""
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
+    roles = _GPTQ_ROLES if ckpt.gptq is not None else _ROLES
     by_role, by_dtype = defaultdict(int), defaultdict(int)
     for t in ckpt.tensors.values():
         suffix = t.name.rpartition(".")[2]
-        by_role[_ROLES.get(suffix, "other")] += t.nbytes
+        by_role[roles.get(suffix, "other")] += t.nbytes
         by_dtype[t.dtype] += t.nbytes
     quantized = [m for m in mods.values() if m.quantized]
     q_params = sum(_params(m) for m in quantized)
     q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
     other_params = sum(t.numel for t in ckpt.tensors.values()
-                       if t.name.rpartition(".")[2] not in _ROLES or t.name.endswith(".weight"))
-    groups = []
+                       if t.name.rpartition(".")[2] not in roles or t.name.endswith(".weight"))
+    groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
     for g in (q.groups if q else ()):
         members = [m.prefix for m in quantized if m.group is g]
         w = g.weights
@@ -106,12 +114,12 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "architecture": (cfg.get("architectures") or [None])[0],
         "model_type": cfg.get("model_type"),
         "quant_method": (cfg.get("quantization_config") or {}).get("quant_method") if ckpt.marlin else
-                        "compressed-tensors" if q else None,
-        "format": "marlin" if ckpt.marlin else q.format if q else None,
+                        "compressed-tensors" if q else ckpt.gptq.method if ckpt.gptq else None,
+        "format": "marlin" if ckpt.marlin else q.format if q else ckpt.gptq.format if ckpt.gptq else None,
         "marlin": None if ckpt.marlin is None else {
             "layout": MARLIN_LAYOUT, "legacy_readers": ckpt.marlin.legacy, "stacked_expert_layers": len(ckpt.marlin.stacked),
             "source_format": q.format},
-        "producer_version": q.version if q else None,
+        "producer_version": q.version if q else _gptq_producer(ckpt),
         "quantization_status": q.quantization_status if q else None,
         "config_groups": groups,
         "ignore": list(q.ignore) if q else [],
@@ -126,7 +134,51 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tensors": len(ckpt.tensors),
         "modules_quantized": len(quantized),
     }
+    if ckpt.gptq is not None:                 # present for GPTQ/AWQ checkpoints only (spec/gptq-awq.md §7.1)
+        data["gptq"] = _gptq_block(ckpt)
     return data
+
+
+def _gptq_groups(ckpt: Checkpoint, quantized: list[Module]) -> list[dict[str, Any]]:
+    """A GPTQ/AWQ file's schemes as config groups: the default one, then each per-module override."""
+    cfg = ckpt.gptq
+    by_scheme: dict[Any, list[str]] = {cfg.default: []}
+    for m in quantized:
+        if m.gptq is not None:
+            by_scheme.setdefault(m.gptq, []).append(m.prefix)
+    out = []
+    for i, (ms, members) in enumerate(by_scheme.items()):
+        if i and not members:
+            continue
+        out.append({"name": "default" if ms == cfg.default else f"dynamic_{i}", "targets": ["Linear"] if i == 0 else
+                    members, "format": cfg.format, "num_bits": ms.bits,
+                    "strategy": "channel" if ms.group_size == -1 else "group",
+                    "group_size": None if ms.group_size == -1 else ms.group_size, "symmetric": ms.sym,
+                    "actorder": "group" if ms.desc_act else None, "modules": len(members),
+                    "modules_folded": fold_names(members)})
+    return out
+
+
+def _gptq_block(ckpt: Checkpoint) -> dict[str, Any]:
+    cfg = ckpt.gptq
+    return {"method": cfg.method, "format": cfg.format, "provenance": cfg.provenance is not None,
+            "lm_head": cfg.lm_head, "dynamic_rules": len(cfg.dynamic),
+            "modules_to_not_convert": list(cfg.not_convert) if cfg.method == AWQ_METHOD else None,
+            "renamed_parts": dict(cfg.provenance.names) if cfg.provenance is not None else {}}
+
+
+def _gptq_producer(ckpt: Checkpoint) -> str | None:
+    """ctformat (from which compressed-tensors), or GPTQModel's meta.quantizer, when the file says."""
+    cfg = ckpt.gptq
+    if cfg is None:
+        return None
+    if cfg.provenance is not None:
+        return f"ctformat, from compressed-tensors {cfg.provenance.source.version or '(no version key)'}"
+    meta = cfg.raw.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(quantizer, list):
+        return ", ".join(map(str, quantizer))
+    return quantizer if isinstance(quantizer, str) else None
 
 
 def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:

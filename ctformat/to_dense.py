@@ -8,19 +8,20 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, Module, open_checkpoint
+from .checkpoint import GPTQ_FAMILIES, Checkpoint, Module, open_checkpoint
 from .dequant import decompress_loaded
 from .dtypes import dtype_code, dtype_name
+from .gptq_layout import in_features
 from .marlin_config import marlin_dims
 from .names import loader_name
 from .pipeline import (ConvertResult, Step, by_suffix, compute, copy_step, file_order, module_sources,
                        open_for_convert, resolve_device, run_conversion)
-from .spec import MARLIN_PARAMS, QUANT_PARAMS
+from .spec import GPTQ_PARAMS, MARLIN_PARAMS, QUANT_PARAMS, QUANTIZE_CONFIG_NAME
 from .validate import raise_for_errors
 
 __all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan"]
 
-_PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS)
+_PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS + GPTQ_PARAMS)
 
 
 def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False) -> list[Step]:
@@ -28,7 +29,7 @@ def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False) -
     model_type, mods, plan, done = ckpt.model_type, ckpt.modules(), [], set()
 
     def rename(prefix: str) -> str:
-        return loader_name(prefix, model_type, keep_names)
+        return prefix if keep_names else loader_name(ckpt.source_name(prefix), model_type)
     for info in file_order(ckpt):
         prefix, _, suffix = info.name.rpartition(".")
         m = mods[prefix]
@@ -51,6 +52,9 @@ def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename: Callabl
             return Step(outs, sources, lambda t: _split_dense(
                 decompress_loaded(ckpt, m, by_suffix(m, t), dtype=dtype), [r for _, r in parts]), m.prefix)
         shape = (*m.tensors["B"].shape[:-2], n, k)
+    elif m.is_gptq:
+        scales = m.tensors["scales"].shape
+        shape = (*scales[:-2], scales[-1], in_features(m.tensors, m.gptq, ckpt.gptq.method))
     else:
         shape = tuple(int(v) for v in ckpt.load(m.tensors["weight_shape"].name).tolist())
     return Step([(f"{rename(m.prefix)}.weight", code, shape)], sources,
@@ -74,9 +78,11 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "torch_dtype":
             config[key] = dtype_name(dtype)
+    # GPTQModel reads quantize_config.json before config.json: dense output must not carry one
+    skip = (QUANTIZE_CONFIG_NAME,) if ckpt.family in GPTQ_FAMILIES else ()
     return run_conversion(ckpt, src, out, dense_plan(ckpt, dtype, keep_names), config, target="dense",
                           verb="dequantized", device=dev, params=_PARAMS, max_shard_size=max_shard_size,
-                          force=force, progress=progress)
+                          force=force, progress=progress, skip_files=skip)
 
 
 def dequantize_checkpoint(model: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "auto",

@@ -2,7 +2,7 @@
 
 Static checks read headers and config only; `deep=True` also reads each quantized
 module's tensors (one module at a time) for the DATA rules. The Marlin rules are
-validate_marlin's; the loader profiles (--target) are profiles'.
+validate_marlin's, the GPTQ/AWQ rules validate_gptq's; the loader profiles (--target) are profiles'.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .report import Issue, Report, module_issue
 from .scheme import Strategy, int_range, packed_width
 from .source import open_model
 from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED
+from .validate_gptq import gptq_data_issues, gptq_issues
 from .validate_marlin import marlin_data_issues, marlin_issues
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ __all__ = ["validate", "validate_checkpoint", "check_module", "check_module_data
            "raise_for_errors"]
 
 PROFILES = {"vllm": vllm_issues, "transformers": transformers_issues}
+# Rules of a config the module rules cannot be judged without (beside every CFG rule)
+_CONFIG_RULES = ("MRL-01", "GPTQ-01", "AWQ-01", "GPTQ-11")
 
 
 def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
@@ -50,7 +53,7 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
     issues = [Issue.from_error(p) for p in ckpt.problems]
     modules = ckpt.modules()
     quantized = [m for m in modules.values() if m.quantized]
-    if any(i.rule.startswith("CFG") or i.rule == "MRL-01" for i in issues):
+    if any(i.rule.startswith("CFG") or i.rule in _CONFIG_RULES for i in issues):
         return Report(path, tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
     issues += _config_warnings(ckpt)
     for m in modules.values():
@@ -60,7 +63,7 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
         issues += PROFILES[target](ckpt)
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
-        todo = [m for m in quantized if m.scheme is not None
+        todo = [m for m in quantized if (m.scheme is not None or m.gptq is not None)
                 and not any(w == m.prefix or w.startswith(m.prefix + ".") for w in bad)]
         for k, m in enumerate(todo):
             issues += check_module_data(ckpt, m)
@@ -92,7 +95,10 @@ def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
 
 
 def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
-    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08)."""
+    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08,
+    GPTQ-02..11, AWQ-02..05)."""
+    if m.is_gptq:
+        return list(gptq_issues(ckpt, m))
     scheme = m.scheme
     if ckpt.marlin is not None and m.is_marlin:
         return list(marlin_issues(ckpt, m))
@@ -226,6 +232,8 @@ def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     if m.is_marlin:
         return marlin_data_issues(ckpt, m)
+    if m.is_gptq:
+        return gptq_data_issues(ckpt, m)
     import torch
     s = m.scheme
     t = ckpt.load_module(m)

@@ -57,16 +57,20 @@ class CheckpointWriter:
     data, so tensors stream straight to disk and memory holds one tensor at a time. All
     files go to a temporary folder beside `out`, renamed to `out` by close(); an exception
     inside the `with` block removes the temporary folder, so a failed run leaves nothing.
-    `source` is the input (a folder or a file): its other files are copied when it is a folder.
+    `source` is the input (a folder or a file): its other files are copied when it is a folder,
+    except those named in `skip_files`; `extra_files` (name -> JSON object) are written beside
+    config.json (a target's own config files, such as GPTQ's quantize_config.json).
     """
 
     def __init__(self, out: str | os.PathLike, plan: Iterable[tuple[str, str, tuple[int, ...]]], *,
                  max_shard_size: int = 5_000_000_000, force: bool = False,
-                 source: str | os.PathLike | None = None) -> None:
+                 source: str | os.PathLike | None = None, extra_files: Mapping[str, Any] | None = None,
+                 skip_files: Iterable[str] = ()) -> None:
         self.out = Path(out)
         self.source = None if source is None else Path(source)
         check_output(self.out, self.source, force)
         self.force = force
+        self.extra_files, self.skip_files = dict(extra_files or {}), frozenset(skip_files)
         self.plan: Plan = [(n, d, tuple(s)) for n, d, s in plan]
         self.shards = _assign_shards(self.plan, max_shard_size)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -114,7 +118,9 @@ class CheckpointWriter:
                      "weight_map": {n: names[k] for (n, _, _), k in zip(self.plan, self.shards)}}
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if self.source is not None and self.source.is_dir():
-            _copy_other_files(self.source, self.tmp)
+            _copy_other_files(self.source, self.tmp, self.skip_files | set(self.extra_files))
+        for name, obj in self.extra_files.items():
+            (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _publish(self.tmp, self.out, self.force)
@@ -167,12 +173,13 @@ def _assign_shards(plan: Plan, max_bytes: int) -> list[int]:
 _WEIGHT_FILES = (".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES
 
 
-def _copy_other_files(source: Path, dest: Path) -> None:
+def _copy_other_files(source: Path, dest: Path, skip_files: Iterable[str] = ()) -> None:
     """Tokenizer, generation config, README, sub-folders...: everything that is not weights
-    (nor config.json, nor hidden), as regular files (links followed)."""
+    (nor config.json, nor hidden, nor named in skip_files), as regular files (links followed)."""
     skip = shutil.ignore_patterns(".*", *(f"*{s}" for s in _WEIGHT_FILES))
+    names = {"config.json", INDEX_NAME, *skip_files}
     for p in sorted(source.iterdir()):
-        if p.name.startswith(".") or p.name in ("config.json", INDEX_NAME) or p.name.endswith(_WEIGHT_FILES):
+        if p.name.startswith(".") or p.name in names or p.name.endswith(_WEIGHT_FILES):
             continue
         if p.is_file():
             shutil.copyfile(p, dest / p.name)

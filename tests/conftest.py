@@ -36,18 +36,28 @@ REAL_FOLDERS = sorted({p.relative_to(base).as_posix(): p for base in (_MORE_REAL
                       key=lambda p: (p.parent.name, p.name))
 IN_CI = bool(os.environ.get("CI"))
 GPU_SKIP = "needs a CUDA device"
+# Checks against a peer CI cannot install in time (GPTQModel: torch >= 2.14.1, a 6 GB venv): marked
+# out_of_ci, run by their own script (tests/run_gptq_loaders.sh sets CTFORMAT_LOADER_CHECKS=1),
+# and skipped elsewhere with this reason, which says where they run (README "Tests").
+OUT_OF_CI_SKIP = "out-of-CI loader check: run tests/run_gptq_loaders.sh"
+LOADER_CHECKS = bool(os.environ.get("CTFORMAT_LOADER_CHECKS"))
 
 
 def pytest_collection_modifyitems(config, items):
+    skips = []
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason=GPU_SKIP)
-        for item in items:
-            if "gpu" in item.keywords:
+        skips.append(("gpu", pytest.mark.skip(reason=GPU_SKIP)))
+    if not LOADER_CHECKS:
+        skips.append(("out_of_ci", pytest.mark.skip(reason=OUT_OF_CI_SKIP)))
+    for item in items:
+        for marker, skip in skips:
+            if marker in item.keywords:
                 item.add_marker(skip)
 
 
 # In CI a skip means a peer or a fixture is missing, and the proof it stands for did not run:
-# that is a failure there. Only GPU tests may skip (CI has no GPU; the device runs them).
+# that is a failure there. Only GPU tests (CI has no GPU; the device runs them) and the marked
+# out-of-CI loader checks (their own script runs them) may skip.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -63,7 +73,7 @@ def pytest_make_collect_report(collector):
 def _fail_skip_in_ci(report) -> None:
     if IN_CI and report.skipped:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if GPU_SKIP not in reason:
+        if GPU_SKIP not in reason and OUT_OF_CI_SKIP not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
 
