@@ -6,7 +6,8 @@
 Codec rows: one CT module's tensors (int4, group 128, bf16 scales) -> GPTQ v1 / v2 / AWQ tensors
 and back, against torch.clone of the same input tensors (the copy). Checkpoint rows: `convert
 --to gptq / --to awq` and `--to compressed-tensors` back, through the whole pipeline (read,
-convert, write, publish), against shutil.copytree of the same folder. GB/s counts the input
+convert, write, publish), against shutil.copytree of the same folder; the "pipeline copy" row is
+the same pipeline copying every tensor (the floor a conversion cannot go below). GB/s counts the input
 bytes; the ratio is copy time / conversion time (1.0 = as fast as copying). Each timing is the
 median of --repeat runs, and the copy is timed between the conversions (interleaved), so a busy
 shared machine moves both alike: read the ratios, not the GB/s.
@@ -120,6 +121,15 @@ def checkpoints(rows: list, n: int, k: int, count: int, repeat: int, device: str
 
         def copy():
             return shutil.copytree(src, fresh("copy"))
+
+        def pipeline_copy():             # ctformat's read -> write machinery with nothing to convert
+            from ctformat.pipeline import copy_step, file_order, open_for_convert, run_conversion
+            out = fresh("pcopy")
+            path, dev, ckpt = open_for_convert(src, out, device)
+            run_conversion(ckpt, path, out, [copy_step(ckpt, i.name) for i in file_order(ckpt)], ckpt.config,
+                           target="copy", verb="copied", device=dev, params=frozenset(), max_shard_size=5 * 10**9,
+                           force=False)
+        row(rows, "checkpoint pipeline copy (floor)", size, *side_by_side(pipeline_copy, copy, repeat))
         for target in ("gptq", "awq"):
             row(rows, f"checkpoint CT -> {target}", size, *side_by_side(
                 lambda: convert(src, fresh(target), to=target, device=device), copy, repeat))

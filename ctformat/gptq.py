@@ -30,7 +30,7 @@ _ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 # own transposed copy is slower; RESULTS.md), and each copy stays under torch's parallel grain
 # (32768 elements), so no copy pays a thread-pool handoff, which on a busy CPU costs more than it
 # saves
-_TILE = (256, 64)
+_TILE = (128, 128)
 
 
 def _i32(word: int) -> int:
@@ -91,6 +91,8 @@ def zero_codes(zp: torch.Tensor | None, scheme: QuantScheme, n: int, groups: int
     b, off = scheme.num_bits, 1 << (scheme.num_bits - 1)
     if zp is None:
         return torch.full((*lead, groups, n), off, dtype=torch.int16, device=device)
+    if zp.dtype == torch.int32 and b in _ONES:        # packed along N: each column's fields, in order
+        return fields(zp.transpose(-1, -2), b)[..., :n]
     if zp.dtype == torch.int32:                       # packed along N (dim -2)
         zp = unpack_from_int32(zp, b, (*zp.shape[:-2], n, zp.shape[-1]), packed_dim=0, layout=layout)
     elif zp.numel() == 1:                             # tensor strategy: one I8 value
@@ -185,6 +187,10 @@ def check_gptq(g: Mapping[str, torch.Tensor], ms: ModuleScheme, *, v1: bool, k: 
         elif not ms.desc_act and not torch.equal(g_idx.to(torch.int64), _trivial(g_idx, k, ms.group_size)):
             issues.append(TensorError("differs from k // group_size, but desc_act is false", rule="GPTQ-07",
                                       where="g_idx"))
+    if ms.sym and _whole_words(n, b):                 # the common case: every word the symmetric one
+        word = _i32(((1 << (b - 1)) - (1 if v1 else 0)) * _ONES[b])
+        if torch.equal(g["qzeros"], torch.full_like(g["qzeros"], word)):
+            return issues + _padding_issues(g, b, n, k)
     z = stored_zeros(g["qzeros"], b, n, v1)
     if v1 and bool((z == 1 << b).any()):
         issues.append(TensorError(f"stores {(1 << b) - 1}, which v1 reads as zero point {1 << b}, outside the "
@@ -192,6 +198,12 @@ def check_gptq(g: Mapping[str, torch.Tensor], ms: ModuleScheme, *, v1: bool, k: 
     elif ms.sym and not bool((z == 1 << (b - 1)).all()):
         issues.append(TensorError(f"sym is true, but not every zero point is {1 << (b - 1)}", rule="GPTQ-08",
                                   where="qzeros"))
+    return issues + _padding_issues(g, b, n, k)
+
+
+def _padding_issues(g: Mapping[str, torch.Tensor], b: int, n: int, k: int) -> list[TensorError]:
+    """GPTQ-09: the bits after the last value of each qweight column and qzeros row are zero."""
+    issues = []
     for name, count in (("qweight", k), ("qzeros", n)):
         w = g[name] if name == "qzeros" else g[name].transpose(-1, -2)
         if (count * b) % 32 and not torch.equal(pack_to_int32(unpack_from_int32(w, b, (*w.shape[:-1], count)), b), w):

@@ -270,3 +270,21 @@ def test_run_and_compare_give_the_source_logits(outputs):
         assert torch.equal(got, expected), target
     report = compare(outputs["e014", "gptq"], src, IDS, device="cpu", dtype=torch.float32)
     assert report["kl_max"] == 0.0 and report["weights"]["max"] == 0.0 and report["weights"]["modules"] == 35
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("src", [FIXTURES / "tiny-mixtral", FIXTURES / "int4-g32-asym", FIXTURES / "int3-g32-padded",
+                                 FIXTURES / "int4-g32-actorder"], ids=lambda p: p.name)
+def test_convert_on_cuda_is_the_cpu_output(src, tmp_path):
+    """The codecs run on the device of their tensors: --device cuda writes the CPU's bytes, both
+    ways, and dequantizes to the same dense weights."""
+    targets = ["gptq"] + (["awq"] if src.name in ("tiny-mixtral", "int4-g32-asym") else [])
+    for target in targets:
+        for dev in ("cpu", "cuda"):
+            convert(src, tmp_path / f"{target}-{dev}", to=target, device=dev)
+            convert(tmp_path / f"{target}-{dev}", tmp_path / f"{target}-{dev}-ct", to="compressed-tensors", device=dev)
+        for suffix in ("", "-ct"):
+            assert tree_snapshot(tmp_path / f"{target}-cpu{suffix}") == tree_snapshot(tmp_path / f"{target}-cuda{suffix}")
+        a = dequantize_checkpoint(tmp_path / f"{target}-cpu", device="cpu")
+        b = dequantize_checkpoint(tmp_path / f"{target}-cpu", device="cuda")
+        assert all(torch.equal(a[n], b[n].cpu()) for n in a)
