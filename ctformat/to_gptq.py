@@ -4,9 +4,10 @@ checkpoint), spec/gptq-awq.md: codes move, scales are cast to float16 only where
 exists, and the ctformat provenance block lets the reverse restore the source bit for bit."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,6 +32,23 @@ __all__ = ["convert_to_gptq", "convert_to_awq", "gptq_to_ct", "GPTQ_FORMATS"]
 
 Progress = Callable[[int, int], None]
 GPTQ_FORMATS = {"v1": GPTQ_V1, "v2": GPTQ_V2}        # --gptq-format -> checkpoint_format
+
+
+@contextmanager
+def _inline_ops(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch ops run in the calling thread while a conversion runs: the codecs move
+    words (copy-bound), and the pipeline's reader and writer threads need the other cores; torch's
+    thread pool took them (its workers spin after each op) and made conversions ~2x slower on a
+    2-core CPU (RESULTS.md). The setting is restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _refuse(rule: str, where: str, message: str, option: str | None = None) -> UnsupportedError:
@@ -74,27 +92,26 @@ def convert_to_awq(model: str | Path, out: str | Path, *, allow_lossy: bool = Fa
 def _forward(model, out, target: str, fmt: str | None, allow_lossy: bool, keep_names: bool, device: str,
              max_shard_size: int, force: bool, progress: Progress | None) -> ConvertResult:
     src, dev, ckpt = open_for_convert(model, out, device)
-    pre = _preflight(ckpt, target, allow_lossy, keep_names)
-    if fmt is None:
-        fmt = GPTQ_V1 if all(s.sym for s in pre.schemes.values()) else GPTQ_V2
-    if target == GPTQ_METHOD and fmt == GPTQ_V1 and pre.zero_zero:
-        raise _refuse("GCV-04", pre.zero_zero, "a zero point of 0, which GPTQ v1 cannot store (z - 1 overflows); "
-                      "write --gptq-format v2 or --to awq")
-    prov = Provenance(ckpt.config["quantization_config"], ckpt.quant, pre.dtypes, pre.layout, pre.lossy, pre.inverse)
-    mods = ckpt.modules()
-    dense = [pre.names.get(p, p) for p, m in mods.items() if not m.quantized and _dense_linear(m)]
-    config = dict(ckpt.config)
-    if target == GPTQ_METHOD:
-        qc = gptq_config_json(pre.schemes, dense, fmt, prov)
-        extra, skip = {QUANTIZE_CONFIG_NAME: qc}, ()
-    else:
-        qc = awq_config_json(next(iter(pre.schemes.values())), dense, prov)
-        extra, skip = {}, (QUANTIZE_CONFIG_NAME,)
-    config["quantization_config"] = qc
-    result = run_conversion(ckpt, src, out, _forward_plan(ckpt, pre, target, fmt), config, target=target,
-                            verb="repacked", device=dev, params=frozenset(QUANT_PARAMS),
-                            max_shard_size=max_shard_size, force=force, progress=progress, extra_files=extra,
-                            skip_files=skip)
+    with _inline_ops(dev):
+        pre = _preflight(ckpt, target, allow_lossy, keep_names)
+        if fmt is None:
+            fmt = GPTQ_V1 if all(s.sym for s in pre.schemes.values()) else GPTQ_V2
+        if target == GPTQ_METHOD and fmt == GPTQ_V1 and pre.zero_zero:
+            raise _refuse("GCV-04", pre.zero_zero, "a zero point of 0, which GPTQ v1 cannot store (z - 1 overflows); "
+                          "write --gptq-format v2 or --to awq")
+        prov = Provenance(ckpt.config["quantization_config"], ckpt.quant, pre.dtypes, pre.layout, pre.lossy,
+                          pre.inverse)
+        dense = [pre.names.get(p, p) for p, m in ckpt.modules().items() if not m.quantized and _dense_linear(m)]
+        if target == GPTQ_METHOD:
+            qc = gptq_config_json(pre.schemes, dense, fmt, prov)
+            extra, skip = {QUANTIZE_CONFIG_NAME: qc}, ()
+        else:
+            qc = awq_config_json(next(iter(pre.schemes.values())), dense, prov)
+            extra, skip = {}, (QUANTIZE_CONFIG_NAME,)
+        result = run_conversion(ckpt, src, out, _forward_plan(ckpt, pre, target, fmt),
+                                dict(ckpt.config, quantization_config=qc), target=target, verb="repacked", device=dev,
+                                params=frozenset(QUANT_PARAMS), max_shard_size=max_shard_size, force=force,
+                                progress=progress, extra_files=extra, skip_files=skip)
     result.details.update({"format": fmt if target == GPTQ_METHOD else "gemm", "lossy_scales": pre.lossy,
                            "largest_scale_change": pre.largest_change,
                            "renamed_modules": sum(1 for p, n in pre.names.items() if p != n)})
@@ -276,9 +293,10 @@ def gptq_to_ct(model: str | Path, out: str | Path, *, device: str = "auto", max_
             done.add(prefix)
             plan.append(_restore_step(ckpt, m, name, prov))
     config = dict(ckpt.config or {}, quantization_config=dict(prov.source_json))
-    return run_conversion(ckpt, src, out, plan, config, target="compressed-tensors", verb="restored", device=dev,
-                          params=frozenset(GPTQ_PARAMS), max_shard_size=max_shard_size, force=force,
-                          progress=progress, skip_files=(QUANTIZE_CONFIG_NAME,))
+    with _inline_ops(dev):
+        return run_conversion(ckpt, src, out, plan, config, target="compressed-tensors", verb="restored",
+                              device=dev, params=frozenset(GPTQ_PARAMS), max_shard_size=max_shard_size, force=force,
+                              progress=progress, skip_files=(QUANTIZE_CONFIG_NAME,))
 
 
 def _restore_step(ckpt: Checkpoint, m: Module, name: str, prov: Provenance) -> Step:

@@ -226,6 +226,21 @@ def test_cli_allow_lossy_reports_what_was_rounded(capsys, tmp_path):
     assert qc["ctformat"]["lossy_scales"] == 1
 
 
+def test_conversion_restores_torch_threads(tmp_path):
+    """The CPU conversion runs torch ops inline (to_gptq._inline_ops) and gives the setting back,
+    also when it refuses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert(FIXTURES / "int4-g32", tmp_path / "g", to="gptq", device="cpu")
+        assert torch.get_num_threads() == 2
+        with pytest.raises(UnsupportedError):
+            convert(FIXTURES / "int8-g32", tmp_path / "a", to="awq", device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- dense, run, compare -----------------------------------------------------------------------
 @pytest.mark.parametrize("key", [("tiny", "gptq"), ("tiny", "awq"), ("asym", "gptq"), ("asym", "awq"),
                                  ("act", "gptq")])
