@@ -15,6 +15,7 @@ from .spec import AWQ_PARAMS, GPTQ_PARAMS
 __all__ = ["gptq_issues", "gptq_data_issues", "source_scheme"]
 
 _SCALE_DTYPES = ("F16", "BF16", "F32")
+_EIGHTS = -0x77777778                # 0x88888888: eight zero points of 8 in one AWQ word
 
 
 def gptq_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
@@ -98,6 +99,10 @@ def gptq_data_issues(ckpt: Checkpoint, m: Module) -> list[Issue]:
                                 f"and > 0 (first: {scale[bad][0].item()})"))
     if ckpt.gptq.method == AWQ_METHOD:
         found = check_awq(t, m.gptq)
+        source = source_scheme(ckpt, m) if ckpt.gptq.provenance is not None else None
+        if source is not None and source.symmetric and not m.gptq.sym and not bool((t["qzeros"] == _EIGHTS).all()):
+            out.append(module_issue("GPTQ-11", m, "qzeros", "the stored compressed-tensors config is symmetric, "
+                                    "but not every stored zero is 8"))
     else:
         found = check_gptq(t, m.gptq, v1=ckpt.gptq.v1, k=in_features(m.tensors, m.gptq, ckpt.gptq.method))
     return out + [module_issue(e.rule, m, e.where, e.message) for e in found]

@@ -146,6 +146,17 @@ def test_vllm_profile_on_gptq_and_awq(outputs):
     assert "Unsupported quantization config: bits=4, sym=False" in msg
 
 
+def test_awq_of_a_symmetric_source_keeps_zeros_of_eight(tmp_path, outputs):
+    """AWQ says zero_point true; the provenance says symmetric: a zero other than 8 is GPTQ-11 (deep)."""
+    from make_fixtures import patch_tensor
+    shutil_copy(outputs["tiny", "awq"], tmp_path / "a")
+    name = "model.layers.0.self_attn.q_proj.qzeros"
+    shard = open_checkpoint(tmp_path / "a").tensors[name].file
+    patch_tensor(tmp_path / "a" / shard, name, lambda w: w.__setitem__(0, 0x77777777))
+    assert validate_checkpoint(tmp_path / "a").issues == ()
+    assert [i.rule for i in validate_checkpoint(tmp_path / "a", deep=True).issues] == ["GPTQ-11"]
+
+
 # -- names GPTQModel reads ----------------------------------------------------------------
 @pytest.mark.parametrize("era", ["tiny", "e014"])
 def test_mixtral_written_with_gptqmodel_names_and_restored(outputs, era):
