@@ -26,7 +26,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).absolute().parent
+ROOT = HERE.parent          # the checkout measured: children run here, so `-m ctformat` is its code
 # (layout, wall-time target in s, RSS target in MB, speed-up target over huggingface_hub)
 TARGETS = {"kimi-k2-thinking": (0.7, 150, 2.0), "mixtral-8x22b-w4a16": (0.25, 150, None)}
 HF = ("import sys, huggingface_hub as h; m = h.get_local_safetensors_metadata(sys.argv[1]); "
@@ -36,7 +37,7 @@ HF = ("import sys, huggingface_hub as h; m = h.get_local_safetensors_metadata(sy
 def run_child(argv: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB and exit code of one fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
@@ -66,6 +67,7 @@ def time_tools(root: Path, reps: int) -> dict[str, dict]:
 
 
 def in_process(root: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
     from ctformat.checkpoint import open_checkpoint
     from ctformat.summary import summarize
     from ctformat.validate import validate_checkpoint
