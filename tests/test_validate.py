@@ -13,7 +13,7 @@ from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
 TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
-GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name not in ("bad", "marlin", "__pycache__"))
+GOOD = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name not in ("bad", "marlin", "moe", "__pycache__"))
 DEEP = ("DATA", "MRL-07")
 
 
