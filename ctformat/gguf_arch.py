@@ -265,10 +265,10 @@ class _Builder:
         self.out: list[GGUFTensor] = []
 
     def build(self) -> list[GGUFTensor]:
-        import gguf
         mods = self.ckpt.modules()
         order = sorted(self.ckpt.tensors.values(), key=lambda t: (t.file, t.start))
         stacks: dict[tuple[str, str], dict[int, Module]] = {}
+        slots: dict[tuple[str, str], int] = {}      # a stack goes where its first expert was
         done: set[str] = set()
         for info in order:
             prefix, _, suffix = info.name.rpartition(".")
@@ -279,10 +279,8 @@ class _Builder:
             if hit and hit.group(3) in _PARTS and (suffix in QUANT_PARAMS or suffix == "weight"):
                 key = (hit.group(1), _PARTS[hit.group(3)])
                 if key not in stacks:
-                    stacks[key] = {}
-                    self.out.append(None)           # placeholder: the stack goes where its first expert was
-                    self._slots = getattr(self, "_slots", {})
-                    self._slots[key] = len(self.out) - 1
+                    stacks[key], slots[key] = {}, len(self.out)
+                    self.out.append(None)
                 stacks[key][int(hit.group(2))] = m
                 continue
             if m.quantized and suffix in QUANT_PARAMS:
@@ -292,9 +290,8 @@ class _Builder:
                 continue
             self.out.extend(self._dense(info.name, prefix, suffix))
         for key, experts in stacks.items():
-            self.out[self._slots[key]] = self._stack(key, experts)
-        if not self.out and False:
-            raise gguf
+            self.out[slots[key]] = self._stack(key, experts)
+        self.out.extend(self._extra())
         return self.out
 
     # -- names and types --
@@ -318,10 +315,7 @@ class _Builder:
         """spec/gguf.md §3 (LC's prepare_tensors rule)."""
         import gguf
         f32 = (ndim <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
-               or any(self.names.get_type(gguf_name) is k for k in ()))
-        kind = self._tensor_kind(gguf_name)
-        if kind in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP):
-            f32 = True
+               or self._tensor_kind(gguf_name) in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP))
         return "F32" if f32 else self.outtype
 
     @staticmethod
@@ -364,10 +358,8 @@ class _Builder:
             self.notes.append(f"{m.prefix}: quantized kv_b_proj dequantized (attn_k_b is transposed)")
             return self._kv_b(m.prefix, sources, lambda t: self._dequant(m, t))
         gname = self._gguf_name(wname)
-        try:
+        try:       # a non-identity g_idx (GGUF-03) is refused by encode_module when it is read
             btype = block_type_for(m.scheme, shape[-1], int4_asym=self.int4_asym, where=m.prefix)
-            if m.scheme.has_g_idx or "weight_g_idx" in m.tensors:
-                btype = self._check_g_idx_later(btype)
         except GGUFRefusal as err:
             if not (self.dequantize_unmappable and err.rule in ("GGUF-02", "GGUF-05")):
                 raise
@@ -383,10 +375,6 @@ class _Builder:
             raw, _ = encode_module(local, scheme, btype, layout=layout, allow_lossy=allow, where=where)
             return perm(raw) if perm else raw
         return [GGUFTensor(gname, btype.name, shape, sources, work, quantized=True)]
-
-    @staticmethod
-    def _check_g_idx_later(btype):
-        return btype        # encode_module refuses a non-identity g_idx (GGUF-03) when it reads it
 
     def _as_f32(self, m: Module, gname: str, sources: list[str], shape) -> GGUFTensor:
         self.notes.append(f"{m.prefix}: no exact ggml block type, written dequantized as F32")
@@ -429,8 +417,10 @@ class _Builder:
     def _stack(self, key: tuple[str, str], experts: dict[int, Module]) -> GGUFTensor:
         base, part = key
         n = len(experts)
-        if sorted(experts) != list(range(n)):
-            raise GGUFRefusal(f"experts {sorted(experts)} are not 0..{n - 1}", rule="GGUF-10", where=f"{base}.*.{part}")
+        want = _first(self.config, "num_local_experts", "num_experts", "n_routed_experts") or n
+        if sorted(experts) != list(range(want)):
+            raise GGUFRefusal(f"experts {sorted(experts)} are not 0..{want - 1} (config.json says {want})",
+                              rule="GGUF-10", where=f"{base}.*.{part}")
         mods = [experts[e] for e in range(n)]
         bid = int(_LAYER.search(base + ".").group(1))
         stacked = _STACKED[self.info.arch].format(bid=bid, p=part, w=_LLAMA_W[part])
@@ -454,6 +444,14 @@ class _Builder:
         return GGUFTensor(gname, ggml_type, (n, *shape), sources, lambda t: torch.stack([p.work(t) for p in parts]),
                           quantized=parts[0].quantized, dequantized=parts[0].dequantized)
 
+    def _extra(self) -> list[GGUFTensor]:
+        """Tensors LC generates from the config: Llama 3 RoPE frequency factors (rope_freqs)."""
+        rope = _rope(self.config)
+        if self.info.arch != "LLAMA" or str(rope.get("rope_type", "")).lower() != "llama3":
+            return []
+        factors = _llama3_rope_factors(self.config, rope)
+        return [GGUFTensor("rope_freqs.weight", "F32", tuple(factors.shape), [], lambda t: factors)]
+
     def _quantized_expert(self, m: Module) -> GGUFTensor:
         saved = self.names
         self.names = _AnyName()            # the per-expert name is never written
@@ -466,6 +464,26 @@ class _Builder:
 class _AnyName:
     def get_name(self, name, try_suffixes=()):
         return name
+
+
+def _llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any]) -> torch.Tensor:
+    """Per-frequency RoPE divisors of rope_type llama3 (LC llama.py generate_extra_tensors)."""
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = rope.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, lo, hi = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:            # float32 0-d tensors: LC's arithmetic, so the factors agree to the bit
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:

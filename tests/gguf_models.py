@@ -20,6 +20,10 @@ BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 
 CONFIGS = {
     "llama": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64),
+    "llama3": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=320,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
     "mistral": dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=64),
     "mixtral": dict(BASE, architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=64,
                     num_local_experts=4, num_experts_per_tok=2, intermediate_size=96),
@@ -142,15 +146,16 @@ def write_model(arch: str, folder: Path, *, quantized: bool, scheme_json: dict |
     for p in tmp.iterdir():
         p.rename(folder / p.name)
     tmp.rmdir()
-    write_tokenizer(folder, c)
+    write_tokenizer(folder, c, "llama-bpe" if arch == "llama3" else "qwen2")
     return folder
 
 
-def write_tokenizer(folder: Path, config: dict) -> None:
-    """SPM (tokenizer.model) for the llama family, byte-level BPE (tokenizer.json) otherwise."""
+def write_tokenizer(folder: Path, config: dict, pre: str = "qwen2") -> None:
+    """SPM (tokenizer.model) for the llama family below 256 tokens, else byte-level BPE
+    (tokenizer.json) splitting with the regex of llama.cpp's pre-tokenizer `pre`."""
     text = ("the quick brown fox jumps over the lazy dog 0123456789 hello world tokens of a tiny model "
             "quantized weights repacked into blocks ") * 20
-    if config["model_type"] in ("llama", "mistral", "mixtral"):
+    if config["model_type"] in ("llama", "mistral", "mixtral") and config["vocab_size"] < 256:
         import sentencepiece as spm
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split(" tiny")), model_writer=buf,
@@ -160,9 +165,9 @@ def write_tokenizer(folder: Path, config: dict) -> None:
         return
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from ctformat.gguf_arch import PRE_TOKENIZERS
-    qwen = next(r for r, n in PRE_TOKENIZERS.items() if n == "qwen2")
+    regex = next(r for r, n in PRE_TOKENIZERS.items() if n == pre)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen), "isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

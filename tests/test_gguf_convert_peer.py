@@ -14,7 +14,7 @@ from gguf_peers import need, run_llama_cpp_convert, write_gguf
 gguf = need("gguf")
 need("sentencepiece")
 
-PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "deepseek_v3": "deepseek-v3"}
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "deepseek_v3": "deepseek-v3"}
 
 
 def _dense_by_modules(ct, dense) -> None:

@@ -35,3 +35,13 @@ def test_logits_match_llama_cpp(arch, scheme, tmp_path):
     err = np.abs(got - want).max()
     assert err < TOL, f"max |llama.cpp - reference| = {err:.3g}"
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_split_files_load_in_llama_cpp(tmp_path):
+    """--split-max-size output: llama.cpp loads the set from its first shard, same logits."""
+    ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
+    write_gguf(ct, tmp_path / "one.gguf")
+    write_gguf(ct, tmp_path / "split.gguf", split_max_size=20_000)
+    first = sorted(tmp_path.glob("split-*.gguf"))[0]
+    assert np.array_equal(llama_cpp_logits(first, IDS, tmp_path), llama_cpp_logits(tmp_path / "one.gguf", IDS, tmp_path))
