@@ -225,6 +225,9 @@ def gguf_plan(ckpt: Checkpoint, *, outtype: str = "bf16", int4_asym: str = "q5_0
     file_type = _file_type(tensors, OUTTYPES[outtype])
     folder = ckpt.root
     kvs = hparams(info, config, file_type)
+    if folder is None or not any((Path(folder) / f).is_file() for f in ("tokenizer.model", "tokenizer.json",
+                                                                         "tiktoken.model")):
+        b.notes.append("no tokenizer in the model folder: the file has no tokenizer.* keys")
 
     def metadata(writer) -> None:
         total, shared, expert, count = writer.get_total_parameter_count()
@@ -535,7 +538,14 @@ def add_vocab(writer, folder: Path, config: dict[str, Any], arch, pre: str | Non
         try:
             vocab, model = LlamaHfVocab(folder), "llama"
         except (TypeError, FileNotFoundError, ValueError):
-            vocab, model = BpeVocab(folder), "gpt2"
+            try:
+                vocab, model = BpeVocab(folder), "gpt2"
+            except (FileNotFoundError, ValueError, KeyError) as err:
+                raise GGUFRefusal(f"tokenizer.json is neither SentencePiece-style nor byte-level BPE ({err})",
+                                  rule="GGUF-11", where="tokenizer.json") from None
+    elif (folder / "tiktoken.model").is_file():
+        raise GGUFRefusal("a tiktoken tokenizer (tiktoken.model), which gguf-py's vocab readers do not take",
+                          rule="GGUF-11", where="tiktoken.model")
     else:
         return
     tokens, scores, types = [], [], []

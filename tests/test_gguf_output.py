@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctformat.errors import OutputExistsError, WriterError
+from ctformat.errors import OutputExistsError, SpecError, WriterError
 from ctformat.ggml import GGUFRefusal
 from ctformat.gguf_writer import GGUFOutput
 from gguf_models import write_model
@@ -155,3 +155,30 @@ def test_dequantize_unmappable_writes_exact_f32(tmp_path):
     got = r["blk.0.attn_v.weight"]
     assert got.tensor_type.name == "F32"
     assert np.array_equal(np.asarray(got.data, dtype=np.float64).reshape(want.shape), want.numpy())
+
+
+def test_read_back_and_gguf_12(tmp_path):
+    """open_gguf: values equal float64 s*q; split sets through any shard; GGUF-12 on bad files."""
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.gguf_read import open_gguf
+    ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
+    write_gguf(ct, tmp_path / "split.gguf", split_max_size=20_000)
+    shards = sorted(tmp_path.glob("split-*.gguf"))
+    g = open_gguf(shards[-1])
+    assert g.arch == "llama" and len(g.files) == len(shards) and len(g.tensors) == 23
+    ckpt = open_checkpoint(ct)
+    m = ckpt.modules()["model.layers.1.self_attn.o_proj"]
+    assert torch.equal(g.values("blk.1.attn_output.weight"), float64_weight(ckpt.load_module(m), m.scheme, "dense"))
+    v, d, _ = g.codes("blk.1.attn_output.weight")
+    assert v.shape == (64, 64) and d.dtype == torch.float16
+    shards[1].unlink()
+    with pytest.raises(SpecError, match=rf"^{shards[0].name}: split set of {len(shards)} lacks {shards[1].name} \[GGUF-12\]$"):
+        open_gguf(shards[0])
+    write_gguf(ct, tmp_path / "one.gguf")
+    raw = (tmp_path / "one.gguf").read_bytes()
+    (tmp_path / "bad.gguf").write_bytes(b"GGUX" + raw[4:])
+    with pytest.raises(SpecError, match=r"^bad.gguf: not a readable GGUF file: .*\[GGUF-12\]$"):
+        open_gguf(tmp_path / "bad.gguf")
+    (tmp_path / "short.gguf").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SpecError, match=r"^short.gguf: not a readable GGUF file: .*\[GGUF-12\]$"):
+        open_gguf(tmp_path / "short.gguf")
