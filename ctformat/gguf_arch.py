@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import Checkpoint, Module
-from .ggml import BLOCK_TYPES, GGUFRefusal, block_type_for, encode_module
+from .ggml import GGUFRefusal, ScaleCheck, block_type_for, encode_module
 from .gguf_writer import FLOAT_TYPES
 from .quant import decompress
 from .spec import QUANT_PARAMS
@@ -202,6 +202,13 @@ class GGUFPlan:
     tensors: list[GGUFTensor]
     metadata: Callable[[Any], None]         # for GGUFOutput(metadata=...)
     notes: list[str] = field(default_factory=list)
+    checks: dict[str, ScaleCheck] = field(default_factory=dict)   # fp16 cast per repacked module, filled by work()
+
+    @property
+    def lossy(self) -> tuple[int, float]:
+        """(scales changed by the fp16 cast, largest relative change) over the modules written so far."""
+        bad = [c for c in self.checks.values() if not c.exact]
+        return sum(c.count for c in bad), max((c.max_rel_error for c in bad), default=0.0)
 
     @property
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -244,7 +251,7 @@ def gguf_plan(ckpt: Checkpoint, *, outtype: str = "bf16", int4_asym: str = "q5_0
         if folder is not None:
             add_vocab(writer, Path(folder), config, arch, tokenizer_pre)
 
-    return GGUFPlan(gguf.MODEL_ARCH_NAMES[arch], tensors, metadata, b.notes)
+    return GGUFPlan(gguf.MODEL_ARCH_NAMES[arch], tensors, metadata, b.notes, b.checks)
 
 
 def _file_type(tensors: list[GGUFTensor], outtype: str) -> int:
@@ -265,6 +272,7 @@ class _Builder:
         self.outtype, self.int4_asym = outtype, int4_asym
         self.allow_lossy, self.dequantize_unmappable = allow_lossy, dequantize_unmappable
         self.notes: list[str] = []
+        self.checks: dict[str, ScaleCheck] = {}
         self.out: list[GGUFTensor] = []
 
     def build(self) -> list[GGUFTensor]:
@@ -353,14 +361,17 @@ class _Builder:
             return _as_float(x, ggml_type)
         return [GGUFTensor(gname, ggml_type, tuple(info.shape), [name], work)]
 
-    def _quantized(self, m: Module) -> list[GGUFTensor]:
+    def _quantized(self, m: Module, gname: str | None = None) -> list[GGUFTensor]:
+        """A quantized module as repacked blocks (`gname` given for an expert, whose own name is never written)."""
+        if m.scheme is None:
+            raise GGUFRefusal("quantized, but no config group describes it", rule="TEN-10", where=m.prefix)
         sources = [i.name for s, i in m.tensors.items() if s in QUANT_PARAMS]
         shape = self._shape(m)
         wname = f"{m.prefix}.weight"
         if self.info.mla and m.prefix.endswith("kv_b_proj"):
             self.notes.append(f"{m.prefix}: quantized kv_b_proj dequantized (attn_k_b is transposed)")
             return self._kv_b(m.prefix, sources, lambda t: self._dequant(m, t))
-        gname = self._gguf_name(wname)
+        gname = gname or self._gguf_name(wname)
         try:       # a non-identity g_idx (GGUF-03) is refused by encode_module when it is read
             btype = block_type_for(m.scheme, shape[-1], int4_asym=self.int4_asym, where=m.prefix)
         except GGUFRefusal as err:
@@ -370,12 +381,12 @@ class _Builder:
         perm = self._permute(wname)
         layout = self.ckpt.layout(m, shape[-1])
         allow, scheme, where = self.allow_lossy, m.scheme, m.prefix
-        ckpt = self.ckpt
+        ckpt, checks = self.ckpt, self.checks
 
         def work(t: dict[str, torch.Tensor]) -> torch.Tensor:
             local = {s: t[i.name] for s, i in m.tensors.items() if s in QUANT_PARAMS}
             ckpt.checked_shape(m, local["weight_shape"])
-            raw, _ = encode_module(local, scheme, btype, layout=layout, allow_lossy=allow, where=where)
+            raw, checks[where] = encode_module(local, scheme, btype, layout=layout, allow_lossy=allow, where=where)
             return perm(raw) if perm else raw
         return [GGUFTensor(gname, btype.name, shape, sources, work, quantized=True)]
 
@@ -436,7 +447,7 @@ class _Builder:
             ggml_type = self._float_type(gname, 3)
             return GGUFTensor(gname, ggml_type, (n, *shapes.pop()), names,
                               lambda t: _as_float(torch.stack([t[x] for x in names]), ggml_type))
-        parts = [self._quantized_expert(m) for m in mods]
+        parts = [self._quantized(m, gname)[0] for m in mods]
         kinds = {(p.ggml_type, p.shape) for p in parts}
         schemes = {m.scheme for m in mods}
         if len(kinds) != 1 or len(schemes) != 1 or any(not m.quantized for m in mods):
@@ -454,19 +465,6 @@ class _Builder:
             return []
         factors = _llama3_rope_factors(self.config, rope)
         return [GGUFTensor("rope_freqs.weight", "F32", tuple(factors.shape), [], lambda t: factors)]
-
-    def _quantized_expert(self, m: Module) -> GGUFTensor:
-        saved = self.names
-        self.names = _AnyName()            # the per-expert name is never written
-        try:
-            return self._quantized(m)[0]
-        finally:
-            self.names = saved
-
-
-class _AnyName:
-    def get_name(self, name, try_suffixes=()):
-        return name
 
 
 def _llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any]) -> torch.Tensor:

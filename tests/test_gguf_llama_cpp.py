@@ -15,7 +15,7 @@ need("sentencepiece")
 need("cffi")
 
 IDS = [1, 17, 42, 5, 63, 8, 23, 31, 50, 12, 3, 44]
-TOL = 1e-5      # absolute, on logits of magnitude ~1; measured max differences are ~1e-7
+TOL = 1e-5      # absolute, logits ~1.3: measured 5e-8..9e-8; without the Q8_0 emulation 5e-3..7e-3
 
 
 @pytest.mark.slow

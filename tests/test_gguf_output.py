@@ -182,3 +182,26 @@ def test_read_back_and_gguf_12(tmp_path):
     (tmp_path / "short.gguf").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SpecError, match=r"^short.gguf: not a readable GGUF file: .*\[GGUF-12\]$"):
         open_gguf(tmp_path / "short.gguf")
+
+
+def test_allow_lossy_reports_count_and_error(tmp_path):
+    """A bf16 scale fp16 cannot hold: GGUF-04 (nothing written), or with allow_lossy the count
+    and the largest relative error, and d = fp16(s) in the file."""
+    from ctformat.checkpoint import open_checkpoint, save_checkpoint
+    ct = write_model("llama", tmp_path / "llama", quantized=True)
+    ckpt = open_checkpoint(ct)
+    t = {n: ckpt.load(n) for n in ckpt.tensors}
+    s = t["model.layers.1.mlp.down_proj.weight_scale"]
+    s[5, 2] = 2.0 ** -20 * 1.5078125
+    save_checkpoint(tmp_path / "tiny", t, ckpt.config)
+    shutil.copy(ct / "tokenizer.model", tmp_path / "tiny" / "tokenizer.model")
+    with pytest.raises(GGUFRefusal, match=r"^model.layers.1.mlp.down_proj: 1 of 256 scales change in fp16, the first "
+                                          r"at \[5, 2\] .*\[GGUF-04\]$"):
+        write_gguf(tmp_path / "tiny", tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+    plan = write_gguf(tmp_path / "tiny", tmp_path / "o.gguf", allow_lossy=True)
+    count, rel = plan.lossy
+    exact = 2.0 ** -20 * 1.5078125
+    assert count == 1 and rel == pytest.approx(abs(float(torch.tensor(exact).half()) - exact) / exact)
+    d = {x.name: x for x in gguf.GGUFReader(tmp_path / "o.gguf").tensors}["blk.1.ffn_down.weight"].data
+    assert d.reshape(64, 4, 18)[5, 2, :2].view(np.float16)[0] == np.float16(exact)      # group 2 = block 2 (gs 32)
