@@ -28,6 +28,7 @@ INFER_EXIT_CODES = EXIT_CODES + """
 
 # library keyword that would allow what an error refused -> what the user types
 OPTION_HINTS = {"force": "use --force to replace it", "allow_lossy_scales": "pass --allow-lossy-scales to convert anyway",
+                "allow_lossy": "pass --allow-lossy to write fp16(s) and report the error",
                 "device": "use --device cpu"}
 
 
@@ -156,6 +157,23 @@ def converted(r, seconds: float) -> None:
               + (f" ({r.cpu_fallbacks} on the CPU after GPU out-of-memory)" if r.cpu_fallbacks else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
                  if r.details.get("legacy_format") else ""))
+    if r.target == "gguf":
+        gguf_details(r.details)
+
+
+def gguf_details(d: dict[str, Any]) -> None:
+    """What --to gguf wrote beyond the counts: files, types, what is not exact, what was left out."""
+    out.print(f"  {len(d['files'])} file(s), {size(d['bytes_written'])}, {d['tensors']} tensors: "
+              + ", ".join(f"{k} {v}" for k, v in d["ggml_types"].items()))
+    if d["lossy_scales"]:
+        out.print(f"  --allow-lossy: {d['lossy_scales']} scale(s) rounded to fp16, largest relative error "
+                  f"{d['lossy_max_rel_error']:.3g}")
+    if d["dequantized_modules"]:
+        out.print(f"  {len(d['dequantized_modules'])} quantized module(s) written as floats: "
+                  f"{', '.join(d['dequantized_modules'][:3])}{' ...' if len(d['dequantized_modules']) > 3 else ''}")
+    if d["dropped"]:
+        reasons = sorted(set(d["dropped"].values()))
+        out.print(f"  left out as llama.cpp's converter does: {len(d['dropped'])} tensor(s) ({'; '.join(reasons)})")
 
 
 # -- run and compare ---------------------------------------------------------------------

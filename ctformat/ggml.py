@@ -1,8 +1,13 @@
 """ggml block types and the codec between one CT pack-quantized module and ggml blocks (spec/gguf.md §1-§2).
 
 Nothing is requantized: the codes a module stores are moved into ggml's block layout, with
-each block's fp16 `d` taken from the module's scale. Every step is a whole-tensor torch op
-(no loop over blocks), run in chunks of rows so temporaries stay near the cache.
+each block's fp16 `d` taken from the module's scale. The output is one array of blocks (a
+numpy structured dtype per type: d, m, qh, qs), filled in cache-sized chunks: each chunk's
+codes are computed with word arithmetic on 64-bit lanes and stored straight into its slice
+of the block array, so every byte of the output is written once.
+
+The checks that need tensor data (GCV-03 g_idx, GCV-04 scales, GCV-07 zero points) are
+separate functions, run over the whole model before any output exists (to_gguf's preflight).
 """
 from __future__ import annotations
 
@@ -12,13 +17,14 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .errors import TensorError, UnsupportedError
+from .errors import GGUFRefusal
 from .pack import unpack_from_int32
 from .scheme import QuantScheme, Strategy
-from .spec import DENSE
+from .spec import CROSS_WORD, GGUF_REFUSALS
 
-__all__ = ["BlockType", "BLOCK_TYPES", "QK", "block_type_for", "ScaleCheck", "check_fp16", "check_g_idx",
-           "module_values", "encode", "encode_module", "decode", "dequantize_blocks", "GGUFRefusal"]
+__all__ = ["BlockType", "BLOCK_TYPES", "QK", "INT4_ASYM", "block_type_for", "ScaleCheck", "check_fp16",
+           "check_g_idx", "check_zero_points", "module_values", "encode", "encode_module", "decode",
+           "dequantize_blocks", "refuse"]
 
 QK = 32          # elements per block of every type below
 
@@ -33,52 +39,54 @@ class BlockType:
     lo: int                   # value range the block holds: (q - z) in [lo, hi]
     hi: int
     schemes: tuple[tuple[int, bool], ...]    # (num_bits, symmetric) written in this type by default
+    fields: tuple[tuple[str, str], ...]      # the block as a numpy structured dtype, in byte order
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(list(self.fields))
 
 
 # spec/gguf.md §1-§2. Q4_1 has no default scheme: it is only chosen for asym int4 on request.
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_0", 2, QK, 2 + 16, 8, -8, 7,
-              ((1, True), (2, True), (3, True), (4, True), (1, False), (2, False), (3, False))),
-    BlockType("Q4_1", 3, QK, 2 + 2 + 16, 0, 0, 15, ()),
-    BlockType("Q5_0", 6, QK, 2 + 4 + 16, 16, -16, 15, ((5, True), (4, False))),
+              ((1, True), (2, True), (3, True), (4, True), (1, False), (2, False), (3, False)),
+              (("d", "<u2"), ("qs", "V16"))),
+    BlockType("Q4_1", 3, QK, 2 + 2 + 16, 0, 0, 15, (), (("d", "<u2"), ("m", "<u2"), ("qs", "V16"))),
+    BlockType("Q5_0", 6, QK, 2 + 4 + 16, 16, -16, 15, ((5, True), (4, False)),
+              (("d", "<u2"), ("qh", "<u4"), ("qs", "V16"))),
     BlockType("Q8_0", 8, QK, 2 + 32, 0, -128, 127,
-              ((6, True), (7, True), (8, True), (5, False), (6, False), (7, False))),
+              ((6, True), (7, True), (8, True), (5, False), (6, False), (7, False)), (("d", "<u2"), ("qs", "V32"))),
 )}
 _BY_SCHEME = {key: t for t in BLOCK_TYPES.values() for key in t.schemes}
 INT4_ASYM = ("q5_0", "q4_1")
 
 
-class GGUFRefusal(UnsupportedError):
-    """A module (or model) that cannot be written to GGUF exactly; carries a GGUF-NN rule."""
-
-    def __init__(self, message: str, *, rule: str, where: str | None = None) -> None:
-        super().__init__(f"{where}: {message} [{rule}]" if where else f"{message} [{rule}]")
-        self.rule, self.where, self.message = rule, where, message
+def refuse(rule: str, message: str, where: str | None = None, option: str | None = None) -> GGUFRefusal:
+    assert rule in GGUF_REFUSALS, rule
+    return GGUFRefusal(message, rule=rule, where=where, option=option)
 
 
 def block_type_for(scheme: QuantScheme, in_features: int, *, int4_asym: str = "q5_0",
                    where: str | None = None) -> BlockType:
-    """The ggml type a module is repacked into, or GGUFRefusal (GGUF-02, GGUF-05, GGUF-06)."""
+    """The ggml type a module is repacked into, or GGUFRefusal (GCV-02, GCV-05, GCV-06)."""
     if int4_asym not in INT4_ASYM:
-        raise GGUFRefusal(f"int4_asym {int4_asym!r} is not one of {', '.join(INT4_ASYM)}", rule="GGUF-06")
+        raise refuse("GCV-06", f"int4_asym {int4_asym!r} is not one of {', '.join(INT4_ASYM)}", option="int4_asym")
     if scheme.strategy not in (Strategy.GROUP, Strategy.CHANNEL, Strategy.TENSOR):
-        raise GGUFRefusal(f"strategy {scheme.strategy.value!r} has no ggml block type", rule="GGUF-02", where=where)
+        raise refuse("GCV-02", f"strategy {scheme.strategy.value!r} has no ggml block type", where)
     if scheme.strategy is Strategy.GROUP and scheme.group_size % QK:
-        raise GGUFRefusal(f"group_size {scheme.group_size}: a block of {QK} would span two scales", rule="GGUF-02",
-                          where=where)
+        raise refuse("GCV-02", f"group_size {scheme.group_size}: a block of {QK} would span two scales", where)
     if in_features % QK:
-        raise GGUFRefusal(f"in_features {in_features} is not a multiple of the block size {QK}", rule="GGUF-02",
-                          where=where)
+        raise refuse("GCV-02", f"in_features {in_features} is not a multiple of the block size {QK}", where)
     if scheme.num_bits == 4 and not scheme.symmetric and int4_asym == "q4_1":
         return BLOCK_TYPES["Q4_1"]
     found = _BY_SCHEME.get((scheme.num_bits, scheme.symmetric))
     if found is None:
-        raise GGUFRefusal(f"asymmetric {scheme.num_bits}-bit: q - z needs {scheme.num_bits + 1} bits, which no "
-                          "ggml block type with 8-bit codes holds", rule="GGUF-05", where=where)
+        raise refuse("GCV-05", f"asymmetric {scheme.num_bits}-bit: q - z needs {scheme.num_bits + 1} bits, which no "
+                     "ggml block type with 8-bit codes holds", where)
     return found
 
 
-# -- exactness -------------------------------------------------------------------------------
+# -- exactness (checked before any output exists) ------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ScaleCheck:
     """fp16 cast of a module's scales (or Q4_1 minimums): how many change, and by how much."""
@@ -93,9 +101,19 @@ class ScaleCheck:
     def exact(self) -> bool:
         return self.count == 0
 
+    def merge(self, other: ScaleCheck) -> ScaleCheck:
+        first = self if self.count else other
+        return ScaleCheck(self.count + other.count, self.total + other.total, first.first_index, first.first_value,
+                          max(self.max_rel_error, other.max_rel_error))
+
+    def refusal(self, where: str | None, what: str = "scales") -> GGUFRefusal:
+        return refuse("GCV-04", f"{self.count} of {self.total} {what} change in fp16, the first at "
+                      f"{list(self.first_index)} ({self.first_value!r}); max relative error {self.max_rel_error:.3g}",
+                      where, option="allow_lossy")
+
 
 def check_fp16(x: torch.Tensor) -> ScaleCheck:
-    """Compare every value with its fp16 cast, in float64 (spec/gguf.md §2, GGUF-04)."""
+    """Compare every value with its fp16 cast, in float64 (spec/gguf.md §2, GCV-04)."""
     exact = x.to(torch.float64)
     cast = x.to(torch.float16).to(torch.float64)
     bad = cast != exact
@@ -108,40 +126,66 @@ def check_fp16(x: torch.Tensor) -> ScaleCheck:
     return ScaleCheck(count, x.numel(), first, float(exact[first]), float(rel.max()))
 
 
+def minimums(scale: torch.Tensor, zero_point: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Q4_1's per-group minimum m = -s * z_u in float64 (z signed, as unpacked)."""
+    return -scale.to(torch.float64) * (zero_point.to(torch.float64) + (1 << (num_bits - 1)))
+
+
 def check_g_idx(g_idx: torch.Tensor, group_size: int, where: str | None = None) -> None:
-    """Only the identity act-order (g_idx[j] == j // gs) survives in GGUF (GGUF-03)."""
+    """Only the identity act-order (g_idx[j] == j // gs) survives in GGUF (GCV-03)."""
     g = g_idx.to(torch.int64).reshape(-1, g_idx.shape[-1])
     want = torch.arange(g.shape[-1], device=g.device) // group_size
     bad = torch.nonzero(g != want)
     if bad.numel():
         col = int(bad[0, 1])
-        raise GGUFRefusal(f"weight_g_idx puts column {col} in group {int(g[bad[0, 0], col])}, not {col // group_size}; "
-                          "GGUF has no column permutation", rule="GGUF-03", where=where)
+        raise refuse("GCV-03", f"weight_g_idx puts column {col} in group {int(g[bad[0, 0], col])}, not "
+                     f"{col // group_size}; GGUF has no column permutation", where)
+
+
+def check_zero_points(z: torch.Tensor, scheme: QuantScheme, btype: BlockType, where: str | None = None) -> None:
+    """Every stored value q - z of the module fits the block type (GCV-07), judged from the signed
+    zero points alone: q spans the int range, so q - z fits [lo, hi] for every q exactly when
+    hi_b - hi <= z <= lo_b - lo."""
+    if not z.numel() or btype.name == "Q4_1":        # Q4_1 stores u itself, 0..15
+        return
+    lo_b, hi_b = -(1 << (scheme.num_bits - 1)), (1 << (scheme.num_bits - 1)) - 1
+    zmin, zmax = (int(v) for v in torch.aminmax(z.to(torch.int32)))
+    if zmin < hi_b - btype.hi or zmax > lo_b - btype.lo:
+        raise refuse("GCV-07", f"zero points span [{zmin}, {zmax}]: values q - z would leave {btype.name}'s "
+                     f"[{btype.lo}, {btype.hi}] (zero point outside the int{scheme.num_bits} range)", where)
 
 
 # -- CT module -> values and per-block scales ------------------------------------------------
-def module_values(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = DENSE,
-                  where: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(q - z as int16 [..., out, in], scale per block [..., out, in/32], z_u per block or None).
+def _shape(tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    return tuple(int(v) for v in tensors["weight_shape"].tolist())
 
-    The value q - z equals u - z_u, so it is what every block type stores (with its offset).
-    """
-    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
-    n_in = shape[-1]
+
+def signed_zero_points(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
+                       layout: str = CROSS_WORD) -> torch.Tensor | None:
+    """The module's zero points, signed, [..., out, G] (or as stored for tensor strategy)."""
+    zp = tensors.get("weight_zero_point")
+    if zp is None or zp.dtype != torch.int32:
+        return zp
+    shape = _shape(tensors)
+    groups = tensors["weight_scale"].shape[-1]
+    return unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], groups), packed_dim=0, layout=layout)
+
+
+def module_values(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str = CROSS_WORD,
+                  where: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q - z as int16 [..., out, in], scale per block [..., out, in/32], z_u per block or None):
+    the value every block type stores (with its offset)."""
+    shape = _shape(tensors)
     if scheme.strategy is Strategy.GROUP and "weight_g_idx" in tensors:
         check_g_idx(tensors["weight_g_idx"], scheme.group_size, where)
     q = unpack_from_int32(tensors["weight_packed"], scheme.num_bits, shape, layout=layout)
     scale = _per_block(tensors["weight_scale"], scheme, shape)
-    zp = tensors.get("weight_zero_point")
+    zp = signed_zero_points(tensors, scheme, layout)
     if zp is None:
-        return q, scale, None
-    if zp.dtype == torch.int32:       # packed along dim 0 (CT >= 0.9.4)
-        groups = tensors["weight_scale"].shape[-1]
-        zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], groups), packed_dim=0, layout=layout)
-    # integer casts in numpy: torch's int8 -> int16 conversion is ~20x slower on the CPU
-    z = _per_block(zp.cpu(), scheme, shape).contiguous().numpy().astype(np.int16)
-    v = q.cpu().numpy().astype(np.int16).reshape(*z.shape, QK) - z[..., None]
-    return torch.from_numpy(v.reshape(shape)), scale, torch.from_numpy(z + (1 << (scheme.num_bits - 1)))
+        return q.to(torch.int16), scale, None
+    z = _per_block(zp, scheme, shape).to(torch.int16)
+    v = q.to(torch.int16).unflatten(-1, (-1, QK)) - z.unsqueeze(-1)
+    return v.flatten(-2), scale, z + (1 << (scheme.num_bits - 1))
 
 
 def _per_block(p: torch.Tensor, scheme: QuantScheme, shape: tuple[int, ...]) -> torch.Tensor:
@@ -155,126 +199,160 @@ def _per_block(p: torch.Tensor, scheme: QuantScheme, shape: tuple[int, ...]) -> 
     return p.repeat_interleave(per, dim=-1) if per > 1 else p
 
 
-# -- values -> block bytes ---------------------------------------------------------------------
-def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor | None = None) -> torch.Tensor:
-    """Values [..., in] (integers in the type's range), d [..., in/32] (fp16-castable) -> uint8 blocks
-    [..., in/32 * type_size], built on the host. For Q4_1, `v` is the unsigned nibble and `m` the
-    per-block minimum."""
-    lead, n_in = v.shape[:-1], v.shape[-1]
-    nb = n_in // QK
-    vals = v.cpu().reshape(-1, QK).numpy()
-    dh = d.cpu().to(torch.float16).reshape(-1).numpy().view(np.int16)
-    mh = None if m is None else m.cpu().to(torch.float16).reshape(-1).numpy().view(np.int16)
-    out = np.empty((vals.shape[0], btype.type_size), dtype=np.uint8)
-    step = max(1, _CHUNK_VALUES // QK)
-    for r in range(0, vals.shape[0], step):
-        _encode_blocks(vals[r:r + step], dh[r:r + step], None if mh is None else mh[r:r + step], btype,
-                       out[r:r + step])
-    return torch.from_numpy(out).reshape(*lead, nb * btype.type_size)
+def _blocks_per_scale(scheme: QuantScheme, shape: tuple[int, ...]) -> int:
+    """Consecutive blocks (in row-major block order) that share one scale entry."""
+    if scheme.strategy is Strategy.TENSOR:
+        return int(np.prod(shape)) // QK
+    if scheme.strategy is Strategy.CHANNEL:
+        return shape[-1] // QK
+    return scheme.group_size // QK
 
 
-_CHUNK_VALUES = 1 << 18     # values per step: a few temporaries of this size stay in L2
+def _fp16_bits(x: torch.Tensor) -> np.ndarray:
+    """fp16(x) (round to nearest even) as uint16 bits, flat."""
+    return x.detach().cpu().to(torch.float16).contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
 
 
-def _encode_blocks(v: np.ndarray, d: np.ndarray, m: np.ndarray | None, btype: BlockType, out: np.ndarray) -> None:
-    """v [n, 32] integers, d/m [n] fp16 bits (int16) -> out [n, type_size] uint8."""
-    out16 = out.view(np.int16)              # every type_size is even: d, m, qh, qs are 2-byte aligned
-    out16[:, 0] = d
-    if btype.name == "Q8_0":
-        out[:, 2:] = v.astype(np.int8).view(np.uint8)
-        return
-    u = (v + btype.offset).astype(np.uint8)                # 0..15 (Q4_x) or 0..31 (Q5_0)
-    out[:, btype.type_size - 16:] = (u[:, :16] & 0x0F) | (u[:, 16:] << 4)   # elements j and j + 16 share byte j
-    if btype.name == "Q4_1":
-        out16[:, 1] = m
-    elif btype.name == "Q5_0":                              # bit 4 of element j is bit j of qh (LE uint32)
-        out[:, 2:6] = np.packbits((u >> 4) & 1, axis=-1, bitorder="little")
+# -- the block array ---------------------------------------------------------------------------
+_CHUNK_BLOCKS = 1 << 14        # blocks per step (256 KiB of int4 codes): every temporary stays in L2
+_L4, _H4 = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0)
+_BIT4 = np.uint64(0x0101010101010101)
+_GATHER = np.uint64(0x0102040810204080)      # bit 8j of a lane -> bit 56 + j (no two partial products meet)
+_S4, _S8, _S56 = np.uint64(4), np.uint16(8), np.uint64(56)
 
 
 def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btype: BlockType, *,
-                  layout: str = DENSE, allow_lossy: bool = False,
-                  where: str | None = None) -> tuple[torch.Tensor, ScaleCheck]:
-    """One CT module -> (uint8 blocks [..., out, in/32 * type_size], fp16 check of its d and m).
+                  layout: str = CROSS_WORD, out: np.ndarray | None = None) -> torch.Tensor:
+    """One CT module -> uint8 blocks [..., out, in/32 * type_size], d = fp16(s) (m = fp16(-s z_u));
+    written into `out` (uint8, that many bytes) when given, e.g. one expert's slice of a stack.
 
-    Refuses (GGUF-03, GGUF-04, GGUF-07) unless every block holds the module's values exactly.
-    """
-    fast = scheme.symmetric and (scheme.num_bits, btype.name) in (_SHUFFLE, _XOR)
-    if fast:
-        if scheme.strategy is Strategy.GROUP and "weight_g_idx" in tensors:
-            check_g_idx(tensors["weight_g_idx"], scheme.group_size, where)
-        check = check_fp16(tensors["weight_scale"])
+    The data checks (check_g_idx, check_fp16, check_zero_points) are the caller's, before
+    any output exists; this only moves codes."""
+    shape = _shape(tensors)
+    nb = int(np.prod(shape)) // QK
+    dest = np.empty(nb * btype.type_size, np.uint8) if out is None else out.reshape(-1)
+    out = dest.view(btype.dtype)
+    per = _blocks_per_scale(scheme, shape)
+    _fill(out["d"], _fp16_bits(tensors["weight_scale"]), per)
+    zp = signed_zero_points(tensors, scheme, layout)
+    if btype.name == "Q4_1":
+        _fill(out["m"], _fp16_bits(minimums(tensors["weight_scale"], zp, scheme.num_bits)), per)
+    packed = tensors["weight_packed"].detach().cpu().contiguous()
+    if scheme.symmetric and (scheme.num_bits, btype.name) == (4, "Q4_0"):
+        _q4_0_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"])
+    elif scheme.symmetric and (scheme.num_bits, btype.name) == (8, "Q8_0"):
+        _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"])
     else:
-        v, d, z_u = module_values(tensors, scheme, layout=layout, where=where)
-        m = None
-        if btype.name == "Q4_1":            # n = u = v + z_u, m = -s * z_u
-            v = (v.unflatten(-1, (-1, QK)) + z_u.unsqueeze(-1)).flatten(-2)
-            m = -d.to(torch.float64) * z_u.to(torch.float64)
-        if v.numel():
-            vmin, vmax = torch.aminmax(v)
-            if vmin < btype.lo or vmax > btype.hi:
-                raise GGUFRefusal(f"values q - z span [{int(vmin)}, {int(vmax)}], outside {btype.name}'s "
-                                  f"[{btype.lo}, {btype.hi}] (zero point outside the int{scheme.num_bits} range)",
-                                  rule="GGUF-07", where=where)
-        check = check_fp16(tensors["weight_scale"])
-        if m is not None:
-            check = _merge(check, check_fp16(m))
-    if not check.exact and not allow_lossy:
-        raise GGUFRefusal(f"{check.count} of {check.total} scales change in fp16, the first at "
-                          f"{list(check.first_index)} ({check.first_value!r}); max relative error "
-                          f"{check.max_rel_error:.3g} (pass --allow-lossy to write fp16(s))", rule="GGUF-04", where=where)
-    if fast:
-        return _encode_bytes(tensors, scheme, btype), check
-    return encode(v, d, btype, m), check
+        _from_values(packed, zp, scheme, btype, shape, layout, out)
+    return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
 
 
-# Schemes whose CT bytes already are the block's codes, so blocks are built from the packed
-# bytes without unpacking: int4 (nibble u = q + 8 is Q4_0's nibble, only the order differs)
-# and int8 (byte u = q + 128, Q8_0 stores q = u ^ 0x80).
-_SHUFFLE, _XOR = (4, "Q4_0"), (8, "Q8_0")
+def _fill(field: np.ndarray, values: np.ndarray, per: int) -> None:
+    """Each of `values` into `per` consecutive blocks' field (one strided store per position)."""
+    if values.size == 1:
+        field[...] = values[0]
+        return
+    lanes = field.reshape(-1, per)
+    for k in range(per):
+        lanes[:, k] = values
 
 
-def _encode_bytes(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btype: BlockType) -> torch.Tensor:
-    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
-    nb = shape[-1] // QK
-    # blocks are built on the host, where the GGUF writer needs them
-    src = tensors["weight_packed"].cpu().contiguous().view(torch.uint8).reshape(-1, QK * scheme.num_bits // 8)
-    d = _per_block(tensors["weight_scale"].cpu(), scheme, shape).to(torch.float16).reshape(-1)
-    out = torch.empty(src.shape[0], btype.type_size, dtype=torch.uint8)
-    out16 = out.view(torch.int16)                          # every field is 2-byte aligned
-    out16[:, 0] = d.view(torch.int16)
+def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray) -> None:
+    """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; u = q + 8 is already Q4_0's nibble) ->
+    Q4_0 qs (byte j: element j, element j + 16).
+
+    With X = CT bytes 0..7 and Y = bytes 8..15 as 64-bit lanes, the even qs bytes are
+    A = (X & 0x0F..) | (Y & 0x0F..) << 4 (byte m: elements 2m, 2m + 16) and the odd ones
+    B = (X >> 4) & 0x0F.. | (Y & 0xF0..) (elements 2m + 1, 2m + 17): eight lane ops. A and B
+    are interleaved bytewise by widening each to uint16 (B << 8 | A), and the 16 bytes go
+    into the block array as one 16-byte item per block."""
+    words = ct.view(np.uint64).reshape(-1, 2)
+    step = min(_CHUNK_BLOCKS, len(words))
+    ab = np.empty((2, step), np.uint64)
+    t = np.empty(step, np.uint64)
+    ab16 = np.empty((2, step * 8), np.uint16)
+    for r in range(0, len(words), step):
+        n = min(step, len(words) - r)
+        x, y, a, b, tt = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n], t[:n]
+        np.left_shift(y, _S4, out=tt)
+        np.bitwise_and(tt, _H4, out=tt)
+        np.bitwise_and(x, _L4, out=a)
+        np.bitwise_or(a, tt, out=a)
+        np.right_shift(x, _S4, out=tt)
+        np.bitwise_and(tt, _L4, out=tt)
+        np.bitwise_and(y, _H4, out=b)
+        np.bitwise_or(b, tt, out=b)
+        wide = ab16[:, :8 * n]
+        np.copyto(wide, ab[:, :n].view(np.uint8), casting="unsafe")
+        np.left_shift(wide[1], _S8, out=wide[1])
+        np.bitwise_or(wide[0], wide[1], out=wide[0])
+        qs[r:r + n] = wide[0].view("V16")
+
+
+def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray) -> None:
+    """CT int8 bytes u = q + 128 -> Q8_0's signed q = u ^ 0x80, one lane op per 8 bytes."""
+    words = ct.view(np.uint64).reshape(-1, 4)
+    step = min(_CHUNK_BLOCKS // 2, len(words))
+    t = np.empty((step, 4), np.uint64)
+    flip = np.uint64(0x8080808080808080)
+    for r in range(0, len(words), step):
+        n = min(step, len(words) - r)
+        np.bitwise_xor(words[r:r + n], flip, out=t[:n])
+        qs[r:r + n] = t[:n].view("V32").reshape(-1)
+
+
+def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme, btype: BlockType,
+                 shape: tuple[int, ...], layout: str, out: np.ndarray) -> None:
+    """Every other scheme: unpack a chunk of rows to codes q, store q - z (+ the type's offset)."""
+    n_in = shape[-1]
+    rows = int(np.prod(shape[:-1]))
+    nbr = n_in // QK
+    p2 = packed.reshape(rows, packed.shape[-1])
+    z2 = None if zp is None else zp.to(torch.int16)
+    z2 = z2 if z2 is None or z2.numel() == 1 else z2.reshape(rows, -1)
+    step = max(1, _CHUNK_BLOCKS // nbr)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        q = unpack_from_int32(p2[r:r + n], scheme.num_bits, (n, n_in), layout=layout).to(torch.int16)
+        if btype.name == "Q4_1":          # stores u = q + 2^(b-1) itself; m carries the zero point
+            q += 1 << (scheme.num_bits - 1)
+        elif z2 is not None:              # q - z: z per group (or row, or tensor) -> per block
+            z = _per_block(z2 if z2.numel() == 1 else z2[r:r + n], scheme, (n, n_in))
+            q = (q.unflatten(-1, (nbr, QK)) - z.unsqueeze(-1)).flatten(-2)
+        _store_codes(q.numpy().reshape(-1, QK), btype, out[r * nbr:(r + n) * nbr])
+
+
+def _store_codes(v: np.ndarray, btype: BlockType, out: np.ndarray) -> None:
+    """Values [n, 32] (int16, in the type's range) -> the qs (and qh) fields of `out`."""
     if btype.name == "Q8_0":
-        np.bitwise_xor(src.numpy(), 0x80, out=out.numpy()[:, 2:])
-    else:
-        _shuffle_q4(src, out16[:, 1:])
-    return out.reshape(*shape[:-1], nb * btype.type_size)
+        out["qs"] = v.astype(np.int8).view("V32").reshape(-1)
+        return
+    u = (v + btype.offset).astype(np.uint8)                    # stored codes 0..15 (Q4_x) or 0..31 (Q5_0)
+    lanes = u.view(np.uint64).reshape(-1, 4)                   # elements 0-7, 8-15, 16-23, 24-31
+    qs = np.empty((len(u), 2), np.uint64)
+    for k in (0, 1):                                           # byte j: element j | element j + 16 << 4
+        np.left_shift(lanes[:, k + 2] & _L4, _S4, out=qs[:, k])
+        np.bitwise_or(qs[:, k], lanes[:, k] & _L4, out=qs[:, k])
+    out["qs"] = qs.view("V16").reshape(-1)
+    if btype.name == "Q5_0":                                   # bit 4 of element j -> bit j of qh
+        qh = np.zeros(len(u), np.uint64)
+        for k in range(4):
+            byte = (((lanes[:, k] >> _S4) & _BIT4) * _GATHER) >> _S56
+            qh |= byte << np.uint64(8 * k)
+        out["qh"] = qh.astype(np.uint32)
 
 
-def _shuffle_q4(src: torch.Tensor, qs16: torch.Tensor) -> None:
-    """CT int4 bytes [n, 16] (byte c: elements 2c, 2c+1) -> Q4_0 qs as int16 pairs [n, 8] (CPU).
-
-    Q4_0 byte j holds elements j and j + 16. With x = CT bytes 0..7 and y = CT bytes 8..15 as
-    64-bit lanes, Q4_0 byte 2m is (x_m & 0xF) | (y_m & 0xF) << 4 and byte 2m+1 is
-    x_m >> 4 | (y_m & 0xF0): six lane ops, then the two byte streams are interleaved. This runs
-    in numpy, whose uint8/int16 casts and strided copies are several times faster than torch's.
-    """
-    s, q = src.numpy(), qs16.numpy()
-    step = max(1, _CHUNK_VALUES // 16)
-    for r in range(0, s.shape[0], step):
-        a = s[r:r + step].view(np.uint64)
-        x, y = a[:, 0], a[:, 1]
-        pair = np.empty((a.shape[0], 8, 2), dtype=np.uint8)
-        pair[..., 0] = ((x & _LOW) | ((y & _LOW) << _FOUR)).view(np.uint8).reshape(-1, 8)
-        pair[..., 1] = (((x >> _FOUR) & _LOW) | (y & _HIGH)).view(np.uint8).reshape(-1, 8)
-        q[r:r + step] = pair.view(np.int16).reshape(-1, 8)
-
-
-_LOW, _HIGH, _FOUR = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0), np.uint64(4)
-
-
-def _merge(a: ScaleCheck, b: ScaleCheck) -> ScaleCheck:
-    first = a if a.count else b
-    return ScaleCheck(a.count + b.count, a.total + b.total, first.first_index, first.first_value,
-                      max(a.max_rel_error, b.max_rel_error))
+def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Values [..., in] (integers in the type's range; Q4_1: the unsigned nibble), d (and m)
+    [..., in/32] -> uint8 blocks [..., in/32 * type_size]."""
+    lead, n_in = v.shape[:-1], v.shape[-1]
+    vals = v.detach().cpu().to(torch.int16).reshape(-1, QK).numpy()
+    out = np.empty(len(vals), btype.dtype)
+    out["d"] = _fp16_bits(d)
+    if m is not None:
+        out["m"] = _fp16_bits(m)
+    _store_codes(vals, btype, out)
+    return torch.from_numpy(out.view(np.uint8)).reshape(*lead, n_in // QK * btype.type_size)
 
 
 # -- block bytes -> values (reading GGUF back) -----------------------------------------------

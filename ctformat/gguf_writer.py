@@ -10,28 +10,20 @@ import os
 import shutil
 import uuid
 from enum import Enum
-from math import prod
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-from .errors import CheckpointNotFoundError, OutputExistsError, WriterError
+from .errors import OutputExistsError, WriterError
+from .gguf_header import ggml_nbytes
+from .writer import check_output
 
-__all__ = ["GGUFOutput", "ggml_nbytes", "FLOAT_TYPES"]
+__all__ = ["GGUFOutput", "FLOAT_TYPES"]
 
 # ggml float types and the torch dtype a tensor of that type is handed in as
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def ggml_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of logical (torch-order) shape in a ggml type."""
-    import gguf
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-    if shape[-1] % block:
-        raise ValueError(f"row of {shape[-1]} is not a multiple of {ggml_type}'s block size {block}")
-    return prod(shape[:-1]) * shape[-1] // block * size
 
 
 class _State(Enum):
@@ -51,13 +43,10 @@ class GGUFOutput:
 
     def __init__(self, out: str | os.PathLike, arch: str, plan: Iterable[tuple[str, str, tuple[int, ...]]],
                  metadata: Callable[[Any], None] | None = None, *, split_max_size: int = 0,
-                 force: bool = False) -> None:
+                 force: bool = False, source: str | os.PathLike | None = None) -> None:
         import gguf
         self.out = Path(out)
-        if self.out.is_symlink():
-            raise OutputExistsError(f"{self.out}: is a symbolic link; ctformat never writes through links")
-        if not self.out.parent.is_dir():
-            raise CheckpointNotFoundError(f"{self.out.parent}: output folder does not exist")
+        check_output(self.out, None if source is None else Path(source), force)
         self.plan = [(n, t, tuple(int(v) for v in s)) for n, t, s in plan]
         self.force = force
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -73,7 +62,7 @@ class GGUFOutput:
             self.targets = [self.out.parent / f for f in self.files]
             taken = [t for t in self.targets if t.exists() or t.is_symlink()]
             if taken and not force:
-                raise OutputExistsError(f"{taken[0]}: already exists (use --force to replace it)")
+                raise OutputExistsError(f"{taken[0]}: already exists", option="force")
             if metadata is not None:
                 metadata(self._w)
             self._w.write_header_to_file()

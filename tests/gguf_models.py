@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ctformat.checkpoint import save_checkpoint
+from ctformat.writer import save_checkpoint
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
 

@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "fixtures"
-# shared/ lies beside the checkout (CI) or beside the worktree folder
-REAL = next((p for p in (ROOT.parent / "shared" / "real-checkpoints", ROOT.parents[1] / "shared" / "real-checkpoints")
-             if p.is_dir()), ROOT.parent / "shared" / "real-checkpoints")
+from conftest import FIXTURES, REAL_FOLDERS, ROOT  # noqa: F401  (ROOT for the test modules)
+
 CACHE = Path(os.environ.get("CTFORMAT_TEST_CACHE", Path.home() / ".cache" / "ctformat-tests"))
 
 
@@ -25,13 +22,14 @@ def need(module: str):
     return pytest.importorskip(module)
 
 
-def ct_dirs() -> list[Path]:
+def ct_dirs(real_only: bool = False) -> list[Path]:
     """Every pack-quantized fixture and real checkpoint folder (those with a quantization_config)."""
     import json
     found = []
-    for cfg in sorted([*FIXTURES.glob("*/config.json"), *REAL.glob("*/*/config.json")]):
+    cfgs = [] if real_only else sorted(FIXTURES.glob("*/config.json"))
+    for cfg in cfgs + [p / "config.json" for p in REAL_FOLDERS]:
         qc = json.loads(cfg.read_text()).get("quantization_config")
-        if qc and qc.get("quant_method") == "compressed-tensors":
+        if qc and qc.get("quant_method") == "compressed-tensors" and qc.get("format") != "marlin":
             found.append(cfg.parent)
     return found
 
@@ -50,19 +48,11 @@ def float64_weight(tensors: dict[str, torch.Tensor], scheme, layout: str) -> tor
     return dequantize(q, tensors["weight_scale"].double(), zp, tensors.get("weight_g_idx"), scheme=scheme)
 
 
-def write_gguf(model: Path, out: Path, *, split_max_size: int = 0, **options) -> "GGUFPlan":
-    """The simplest driver of gguf_plan + GGUFOutput: one tensor at a time, in plan order (what
-    the streaming pipeline does with threads)."""
-    from ctformat.checkpoint import open_checkpoint
-    from ctformat.gguf_arch import gguf_plan
-    from ctformat.gguf_writer import GGUFOutput
-    ckpt = open_checkpoint(model)
-    plan = gguf_plan(ckpt, **options)
-    with GGUFOutput(out, plan.arch, plan.entries, plan.metadata, split_max_size=split_max_size) as w:
-        for t in plan.tensors:
-            w.write(t.name, t.work({n: ckpt.load(n) for n in t.sources}))
-        w.close()
-    return plan
+def write_gguf(model: Path, out: Path, **options):
+    """convert --to gguf through the library (the pipeline, the streaming writer); the result's
+    details say what was repacked, dequantized, dropped and rounded."""
+    from ctformat.convert import convert_to_gguf
+    return convert_to_gguf(model, out, device="cpu", **options)
 
 
 # -- llama.cpp's own converter, pinned ------------------------------------------------------------

@@ -171,7 +171,7 @@ def reference_logits(ckpt_dir: Path, ids: list[int]) -> np.ndarray:
         m = mods[prefix]
         if m.quantized:
             t = ckpt.load_module(m)
-            w = float64_weight(t, m.scheme, ckpt.layout(m, int(t["weight_shape"][-1])))
+            w = float64_weight(t, m.scheme, ckpt.word_layout(m, int(t["weight_shape"][-1])))
             return q8_0_round(x) @ w.T
         w = ckpt.load(f"{prefix}.weight").to(torch.float64)
         if ckpt.tensors[f"{prefix}.weight"].dtype == "BF16" and not prefix.endswith(".gate"):

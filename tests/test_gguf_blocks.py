@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ctformat.checkpoint import open_checkpoint
-from ctformat.ggml import (BLOCK_TYPES, GGUFRefusal, block_type_for, check_fp16, decode, dequantize_blocks, encode,
-                           encode_module)
+from ctformat.errors import GGUFRefusal
+from ctformat.ggml import (BLOCK_TYPES, block_type_for, check_fp16, check_g_idx, check_zero_points, decode,
+                           dequantize_blocks, encode, encode_module, minimums, signed_zero_points)
 from ctformat.pack import pack_to_int32
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
@@ -52,22 +53,22 @@ def test_nibble_order_example():
 @pytest.mark.parametrize("folder", ct_dirs(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_checkpoints_exact_in_gguf_py(folder):
     """Every quantized module of every fixture and real checkpoint: repacked blocks read back by
-    gguf-py equal float64 s * (q - z); act-order that reorders columns is refused (GGUF-03)."""
+    gguf-py equal float64 s * (q - z); act-order that reorders columns is refused (GCV-03)."""
     ckpt = open_checkpoint(folder)
     seen = 0
     for m in ckpt.modules().values():
-        if not m.quantized or m.marlin:
+        if not m.quantized or m.is_marlin:
             continue
         t = ckpt.load_module(m)
         n_in = int(t["weight_shape"][-1])
-        layout = ckpt.layout(m, n_in)
+        layout = ckpt.word_layout(m, n_in)
         btype = block_type_for(m.scheme, n_in, where=m.prefix)
         if "weight_g_idx" in t and not torch.equal(t["weight_g_idx"].long(), torch.arange(n_in) // m.scheme.group_size):
-            with pytest.raises(GGUFRefusal, match=r"GGUF-03"):
-                encode_module(t, m.scheme, btype, layout=layout, where=m.prefix)
+            with pytest.raises(GGUFRefusal, match=r"GCV-03"):
+                check_g_idx(t["weight_g_idx"], m.scheme.group_size, m.prefix)
             continue
-        raw, check = encode_module(t, m.scheme, btype, layout=layout, where=m.prefix)
-        assert check.exact
+        assert check_fp16(t["weight_scale"]).exact
+        raw = encode_module(t, m.scheme, btype, layout=layout)
         want = float64_weight(t, m.scheme, layout)
         assert raw.shape == (*want.shape[:-1], n_in // 32 * btype.type_size)
         assert np.array_equal(peer_dequant(raw, btype.name).reshape(want.shape), want.numpy()), m.prefix
@@ -90,7 +91,8 @@ def test_every_width_exact(bits, sym, strategy):
     btype = block_type_for(s, 128)
     assert btype.name == {1: "Q4_0", 2: "Q4_0", 3: "Q4_0", 4: "Q4_0" if sym else "Q5_0", 5: "Q5_0" if sym else "Q8_0",
                           6: "Q8_0", 7: "Q8_0", 8: "Q8_0"}[bits]
-    raw, check = encode_module(t, s, btype)
+    check_zero_points(signed_zero_points(t, s) if not sym else torch.zeros(1), s, btype)
+    raw = encode_module(t, s, btype)
     want = float64_weight(t, s, "dense")
     assert np.array_equal(peer_dequant(raw, btype.name).reshape(want.shape), want.numpy())
     assert torch.equal(dequantize_blocks(raw, btype), want)          # our reader agrees with gguf-py's
@@ -103,16 +105,16 @@ def test_every_width_exact(bits, sym, strategy):
 
 def test_q4_1_exact_where_the_minimum_is():
     """Q4_1 (int4_asym=q4_1): d*u + m, exact in exactly the blocks whose fp16(-s*z_u) is exact;
-    GGUF-04 without --allow-lossy."""
+    GCV-04 without --allow-lossy."""
     s = scheme(4, False, "group", 32)
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(64, 256, generator=gen) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
     btype = block_type_for(s, 256, int4_asym="q4_1")
     assert btype.name == "Q4_1"
-    with pytest.raises(GGUFRefusal, match=r"scales change in fp16.*GGUF-04"):
-        encode_module(t, s, btype, where="m")
-    raw, check = encode_module(t, s, btype, allow_lossy=True)
+    check = check_fp16(minimums(t["weight_scale"], signed_zero_points(t, s), 4))
+    assert check.refusal("m").rule == "GCV-04"
+    raw = encode_module(t, s, btype)
     got = peer_dequant(raw, "Q4_1").reshape(64, 8, 32)
     want = float64_weight(t, s, "dense").numpy().reshape(64, 8, 32)
     z_u = compress(w, s, packed_zero_point=False)["weight_zero_point"].double() + 8
@@ -126,33 +128,33 @@ def test_q4_1_exact_where_the_minimum_is():
 
 def test_refusals():
     w = torch.randn(8, 64).to(torch.bfloat16)
-    with pytest.raises(GGUFRefusal, match=r"group_size 16.*GGUF-02"):
+    with pytest.raises(GGUFRefusal, match=r"group_size 16.*GCV-02"):
         block_type_for(scheme(4, True, "group", 16), 64, where="m")
-    with pytest.raises(GGUFRefusal, match=r"in_features 48.*GGUF-02"):
+    with pytest.raises(GGUFRefusal, match=r"in_features 48.*GCV-02"):
         block_type_for(scheme(4, True, "channel"), 48)
-    with pytest.raises(GGUFRefusal, match=r"asymmetric 8-bit.*GGUF-05"):
+    with pytest.raises(GGUFRefusal, match=r"asymmetric 8-bit.*GCV-05"):
         block_type_for(scheme(8, False), 64)
-    with pytest.raises(GGUFRefusal, match=r"GGUF-06"):
+    with pytest.raises(GGUFRefusal, match=r"GCV-06"):
         block_type_for(scheme(4, False), 64, int4_asym="q4_k")
     s = scheme(4, True, "group", 32, actorder="group")
     ident = torch.arange(64, dtype=torch.int32) // 32
     t = compress(w, s, g_idx=ident)
-    raw, _ = encode_module(t, s, BLOCK_TYPES["Q4_0"])                 # identity act-order is fine
-    t["weight_g_idx"] = ident.flip(0).contiguous()
-    with pytest.raises(GGUFRefusal, match=r"column 0 in group 1, not 0.*GGUF-03"):
-        encode_module(t, s, BLOCK_TYPES["Q4_0"], where="m")
+    check_g_idx(t["weight_g_idx"], 32, "m")                           # identity act-order is fine
+    with pytest.raises(GGUFRefusal, match=r"column 0 in group 1, not 0.*GCV-03"):
+        check_g_idx(ident.flip(0).contiguous(), 32, "m")
     s = scheme(4, True, "group", 32)
     t = compress(w, s)
     t["weight_scale"] = t["weight_scale"].clone()
     t["weight_scale"][3, 1] = 2.0 ** -20 * 1.5078125          # bf16 subnormal in fp16, not a multiple of 2^-24
-    with pytest.raises(GGUFRefusal, match=r"^m: 1 of 16 scales change in fp16, the first at \[3, 1\] .*\[GGUF-04\]$"):
-        encode_module(t, s, BLOCK_TYPES["Q4_0"], where="m")
+    with pytest.raises(GGUFRefusal, match=r"^m: 1 of 16 scales change in fp16, the first at \[3, 1\] .*\[GCV-04\]$"):
+        raise check_fp16(t["weight_scale"]).refusal("m")
     s = scheme(4, False, "group", 32)
     t = compress(w, s, packed_zero_point=False)
-    t["weight_zero_point"] = t["weight_zero_point"].clone()
-    t["weight_zero_point"][0, 0] = 12                          # outside int4: q - z leaves Q5_0's range
-    with pytest.raises(GGUFRefusal, match=r"GGUF-07"):
-        encode_module(t, s, BLOCK_TYPES["Q5_0"], where="m")
+    z = t["weight_zero_point"].clone()
+    check_zero_points(z, s, BLOCK_TYPES["Q5_0"], "m")
+    z[0, 0] = 12                                               # outside int4: q - z leaves Q5_0's range
+    with pytest.raises(GGUFRefusal, match=r"^m: zero points span \[.*, 12\].*\[GCV-07\]$"):
+        check_zero_points(z, s, BLOCK_TYPES["Q5_0"], "m")
 
 
 def test_fp16_rule_boundaries():
@@ -175,6 +177,6 @@ def test_byte_path_equals_value_path(bits, strategy):
     w = (torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
     btype = block_type_for(s, 256)
-    fast, _ = encode_module(t, s, btype)
+    fast = encode_module(t, s, btype)
     v, d, _ = module_values(t, s)
     assert torch.equal(fast, encode(v, d, btype))

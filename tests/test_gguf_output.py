@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctformat.errors import OutputExistsError, SpecError, WriterError
-from ctformat.ggml import GGUFRefusal
+from ctformat.errors import GGUFRefusal, OutputExistsError, SpecError, WriterError
 from ctformat.gguf_writer import GGUFOutput
 from gguf_models import write_model
 from gguf_peers import float64_weight, need, write_gguf
@@ -110,15 +109,15 @@ def test_plan_refusals(tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(ct, bad)
     _edit_config(bad, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(GGUFRefusal, match=r"^config.json: architecture 'GPT2LMHeadModel' .*\[GGUF-01\]$"):
+    with pytest.raises(GGUFRefusal, match=r"^config.json: architecture 'GPT2LMHeadModel' .*\[GCV-01\]$"):
         write_gguf(bad, tmp_path / "o.gguf")
-    with pytest.raises(GGUFRefusal, match=r"outtype 'q8_0' .*\[GGUF-06\]"):
+    with pytest.raises(GGUFRefusal, match=r"outtype 'q8_0' .*\[GCV-06\]"):
         write_gguf(ct, tmp_path / "o.gguf", outtype="q8_0")
     qwen = write_model("qwen2", tmp_path / "qwen2", quantized=True)
     tok = json.loads((qwen / "tokenizer.json").read_text())
     tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\w+"
     (qwen / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(GGUFRefusal, match=r"tokenizer.json: BPE tokenizer .*--tokenizer-pre.*\[GGUF-11\]"):
+    with pytest.raises(GGUFRefusal, match=r"tokenizer.json: BPE tokenizer .*--tokenizer-pre.*\[GCV-11\]"):
         write_gguf(qwen, tmp_path / "o.gguf")
     write_gguf(qwen, tmp_path / "o.gguf", tokenizer_pre="qwen2")
     assert gguf.GGUFReader(tmp_path / "o.gguf").fields["tokenizer.ggml.pre"].contents() == "qwen2"
@@ -126,28 +125,29 @@ def test_plan_refusals(tmp_path):
 
 
 def test_missing_expert_refused(tmp_path):
-    from ctformat.checkpoint import open_checkpoint, save_checkpoint
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.writer import save_checkpoint
     ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
     ckpt = open_checkpoint(ct)
     kept = {n: ckpt.load(n) for n in ckpt.tensors if ".experts.3." not in n}
     save_checkpoint(tmp_path / "gap", kept, ckpt.config)
     shutil.copy(ct / "tokenizer.model", tmp_path / "gap" / "tokenizer.model")
     with pytest.raises(GGUFRefusal, match=r"^model.layers.0.block_sparse_moe.experts.\*.gate_proj: experts \[0, 1, 2\] "
-                                          r"are not 0..3 \(config.json says 4\) \[GGUF-10\]$"):
+                                          r"are not 0..3 \(config.json says 4\) \[GCV-10\]$"):
         write_gguf(tmp_path / "gap", tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
 
 
 def test_dequantize_unmappable_writes_exact_f32(tmp_path):
-    """group_size 16 has no ggml block type (GGUF-02); with dequantize_unmappable the module is
+    """group_size 16 has no ggml block type (GCV-02); with dequantize_unmappable the module is
     F32, equal to float64 s*q (exact in float32)."""
     from ctformat.checkpoint import open_checkpoint
     sj = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 16}
     ct = write_model("llama", tmp_path / "llama", quantized=True, scheme_json=sj)
-    with pytest.raises(GGUFRefusal, match=r"group_size 16.*\[GGUF-02\]"):
+    with pytest.raises(GGUFRefusal, match=r"group_size 16.*\[GCV-02\]"):
         write_gguf(ct, tmp_path / "o.gguf")
-    plan = write_gguf(ct, tmp_path / "o.gguf", dequantize_unmappable=True)
-    assert all(t.ggml_type != "Q4_0" for t in plan.tensors) and any(t.dequantized for t in plan.tensors)
+    result = write_gguf(ct, tmp_path / "o.gguf", dequantize_unmappable=True)
+    assert "Q4_0" not in result.details["ggml_types"] and len(result.details["dequantized_modules"]) == 14
     r = {t.name: t for t in gguf.GGUFReader(tmp_path / "o.gguf").tensors}
     ckpt = open_checkpoint(ct)
     m = ckpt.modules()["model.layers.0.self_attn.v_proj"]
@@ -157,7 +157,7 @@ def test_dequantize_unmappable_writes_exact_f32(tmp_path):
     assert np.array_equal(np.asarray(got.data, dtype=np.float64).reshape(want.shape), want.numpy())
 
 
-def test_read_back_and_gguf_12(tmp_path):
+def test_read_back_and_file_rules(tmp_path):
     """open_gguf: values equal float64 s*q; split sets through any shard; GGUF-12 on bad files."""
     from ctformat.checkpoint import open_checkpoint
     from ctformat.gguf_read import open_gguf
@@ -172,22 +172,26 @@ def test_read_back_and_gguf_12(tmp_path):
     v, d, _ = g.codes("blk.1.attn_output.weight")
     assert v.shape == (64, 64) and d.dtype == torch.float16
     shards[1].unlink()
-    with pytest.raises(SpecError, match=rf"^{shards[0].name}: split set of {len(shards)} lacks {shards[1].name} \[GGUF-12\]$"):
+    with pytest.raises(SpecError, match=rf"^{shards[1].name}: shard {shards[1].name} of the split set is missing \[GGUF-06\]$"):
         open_gguf(shards[0])
     write_gguf(ct, tmp_path / "one.gguf")
     raw = (tmp_path / "one.gguf").read_bytes()
     (tmp_path / "bad.gguf").write_bytes(b"GGUX" + raw[4:])
-    with pytest.raises(SpecError, match=r"^bad.gguf: not a readable GGUF file: .*\[GGUF-12\]$"):
+    with pytest.raises(SpecError, match=r"^bad.gguf: magic is b'GGUX', not b'GGUF': not a GGUF file \[GGUF-01\]$"):
         open_gguf(tmp_path / "bad.gguf")
     (tmp_path / "short.gguf").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(SpecError, match=r"^short.gguf: not a readable GGUF file: .*\[GGUF-12\]$"):
+    with pytest.raises(SpecError, match=r"^short.gguf: blk.*: data \[.*\) lies past the end of the file .*\[GGUF-05\]$"):
         open_gguf(tmp_path / "short.gguf")
+    (tmp_path / "shorter.gguf").write_bytes(raw[:200])
+    with pytest.raises(SpecError, match=r"^shorter.gguf: header is truncated: .*\[GGUF-02\]$"):
+        open_gguf(tmp_path / "shorter.gguf")
 
 
 def test_allow_lossy_reports_count_and_error(tmp_path):
-    """A bf16 scale fp16 cannot hold: GGUF-04 (nothing written), or with allow_lossy the count
+    """A bf16 scale fp16 cannot hold: GCV-04 (nothing written), or with allow_lossy the count
     and the largest relative error, and d = fp16(s) in the file."""
-    from ctformat.checkpoint import open_checkpoint, save_checkpoint
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.writer import save_checkpoint
     ct = write_model("llama", tmp_path / "llama", quantized=True)
     ckpt = open_checkpoint(ct)
     t = {n: ckpt.load(n) for n in ckpt.tensors}
@@ -196,11 +200,11 @@ def test_allow_lossy_reports_count_and_error(tmp_path):
     save_checkpoint(tmp_path / "tiny", t, ckpt.config)
     shutil.copy(ct / "tokenizer.model", tmp_path / "tiny" / "tokenizer.model")
     with pytest.raises(GGUFRefusal, match=r"^model.layers.1.mlp.down_proj: 1 of 256 scales change in fp16, the first "
-                                          r"at \[5, 2\] .*\[GGUF-04\]$"):
+                                          r"at \[5, 2\] .*\[GCV-04\]$"):
         write_gguf(tmp_path / "tiny", tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
-    plan = write_gguf(tmp_path / "tiny", tmp_path / "o.gguf", allow_lossy=True)
-    count, rel = plan.lossy
+    result = write_gguf(tmp_path / "tiny", tmp_path / "o.gguf", allow_lossy=True)
+    count, rel = result.details["lossy_scales"], result.details["lossy_max_rel_error"]
     exact = 2.0 ** -20 * 1.5078125
     assert count == 1 and rel == pytest.approx(abs(float(torch.tensor(exact).half()) - exact) / exact)
     d = {x.name: x for x in gguf.GGUFReader(tmp_path / "o.gguf").tensors}["blk.1.ffn_down.weight"].data

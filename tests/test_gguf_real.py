@@ -6,27 +6,27 @@ import numpy as np
 import pytest
 
 from ctformat.checkpoint import open_checkpoint
-from ctformat.ggml import GGUFRefusal
-from gguf_peers import REAL, ct_dirs, float64_weight, need, write_gguf
+from ctformat.errors import GGUFRefusal
+from gguf_peers import ct_dirs, float64_weight, need, write_gguf
 
 gguf = need("gguf")
-REAL_DIRS = [d for d in ct_dirs() if REAL in d.parents]
+REAL_DIRS = ct_dirs(real_only=True)
 
 
 @pytest.mark.parametrize("folder", REAL_DIRS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_real_checkpoint(folder, tmp_path):
     out = tmp_path / "model.gguf"
     if (folder / "tokenizer.json").is_file():        # the 0.4.1 era ships a WordLevel tokenizer
-        with pytest.raises(GGUFRefusal, match=r"^tokenizer.json: .*\[GGUF-11\]$"):
+        with pytest.raises(GGUFRefusal, match=r"^tokenizer.json: .*\[GCV-11\]$"):
             write_gguf(folder, out)
         assert list(tmp_path.iterdir()) == []
         return
     if "actorder-group" in folder.name:
-        with pytest.raises(GGUFRefusal, match=r"weight_g_idx puts column .*\[GGUF-03\]$"):
+        with pytest.raises(GGUFRefusal, match=r"weight_g_idx puts column .*\[GCV-03\]$"):
             write_gguf(folder, out)
         assert list(tmp_path.iterdir()) == []
         return
-    plan = write_gguf(folder, out)
+    result = write_gguf(folder, out)
     r = {t.name: t for t in gguf.GGUFReader(out).tensors}
     ckpt = open_checkpoint(folder)
     mods = ckpt.modules()
@@ -40,8 +40,8 @@ def test_real_checkpoint(folder, tmp_path):
         hf = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj"}[name.split(".")[2]]
         m = mods[f"model.layers.{name.split('.')[1]}.{hf}"]
         t_ct = ckpt.load_module(m)
-        want = float64_weight(t_ct, m.scheme, ckpt.layout(m, int(t_ct["weight_shape"][-1])))
+        want = float64_weight(t_ct, m.scheme, ckpt.word_layout(m, int(t_ct["weight_shape"][-1])))
         got = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
         assert np.array_equal(got.reshape(want.shape), want.numpy()), name
         checked += 1
-    assert checked == 4 and any("no tokenizer" in n for n in plan.notes)
+    assert checked == 4 and any("no tokenizer" in n for n in result.details["notes"])
