@@ -103,17 +103,15 @@ def convert_to_gguf(model: str | Path, out: str | Path, *, outtype: str = "bf16"
 
 # -- preflight -------------------------------------------------------------------------------
 def preflight(ckpt: Checkpoint, plan: GGUFPlan, allow_lossy: bool) -> ScaleCheck:
-    """Read every repacked module's g_idx, scales and zero points (a few percent of the model)
-    and refuse what its blocks cannot hold exactly (GCV-03, GCV-04, GCV-07); with allow_lossy
-    the fp16 casts are counted instead. Returns the merged scale check over the model."""
+    """Read every repacked module's scales and zero points (a few percent of the model) and
+    refuse what its blocks cannot hold exactly (GCV-04, GCV-07; g_idx, GCV-03, was read by the
+    plan); with allow_lossy the fp16 casts are counted instead. Returns the merged scale check
+    over the model."""
     total = ScaleCheck(0, 0, None, None, 0.0)
     for r in plan.repacks:
         m, s = r.module, r.module.scheme
-        t = {k: ckpt.load(m.tensors[k].name) for k in ("weight_g_idx", "weight_scale", "weight_zero_point")
-             if k in m.tensors}
+        t = {k: ckpt.load(m.tensors[k].name) for k in ("weight_scale", "weight_zero_point") if k in m.tensors}
         t["weight_shape"] = torch.tensor(r.shape)
-        if "weight_g_idx" in t and s.strategy is Strategy.GROUP:
-            check_g_idx(t["weight_g_idx"], s.group_size, m.prefix)
         z = signed_zero_points(t, s, r.layout)
         if z is not None:
             check_zero_points(z, s, BLOCK_TYPES[r.btype], m.prefix)
@@ -289,12 +287,14 @@ class _Builder:
         gname = gname or self._gguf_name(wname)
         try:
             btype = block_type_for(m.scheme, shape[-1], int4_asym=self.int4_asym, where=m.prefix)
+            if "weight_g_idx" in m.tensors:       # one int per input column: read now, so it plans
+                if m.scheme.strategy is not Strategy.GROUP:
+                    raise refuse("GCV-03", f"weight_g_idx with strategy {m.scheme.strategy.value}", m.prefix)
+                check_g_idx(self.ckpt.load(m.tensors["weight_g_idx"].name), m.scheme.group_size, m.prefix)
         except GGUFRefusal as err:
-            if not (self.dequantize_unmappable and err.rule in ("GCV-02", "GCV-05")):
+            if not (self.dequantize_unmappable and err.rule in ("GCV-02", "GCV-03", "GCV-05")):
                 raise
             return self._as_f32(m, gname, sources, shape)
-        if "weight_g_idx" in m.tensors and m.scheme.strategy is not Strategy.GROUP:
-            raise refuse("GCV-03", f"weight_g_idx with strategy {m.scheme.strategy.value}", m.prefix)
         layout = self.ckpt.word_layout(m, shape[-1])
         self.repacks.append(Repack(m, btype.name, shape, layout))
         perm = self._permute(wname)
