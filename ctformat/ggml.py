@@ -12,7 +12,7 @@ separate functions, run over the whole model before any output exists (to_gguf's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -233,31 +233,35 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
     dest = np.empty(nb * btype.type_size, np.uint8) if out is None else out.reshape(-1)
     out = dest.view(btype.dtype)
     per = _blocks_per_scale(scheme, shape)
-    _fill(out["d"], _fp16_bits(tensors["weight_scale"]), per)
     zp = signed_zero_points(tensors, scheme, layout)
-    if btype.name == "Q4_1":
-        _fill(out["m"], _fp16_bits(minimums(tensors["weight_scale"], zp, scheme.num_bits)), per)
+    d16 = _fp16_bits(tensors["weight_scale"])
+    m16 = _fp16_bits(minimums(tensors["weight_scale"], zp, scheme.num_bits)) if btype.name == "Q4_1" else None
+
+    def meta(r: int, n: int) -> None:         # d (and m) of blocks [r, r + n), while they are in cache
+        out["d"][r:r + n] = _spread(d16, per, r, n)
+        if m16 is not None:
+            out["m"][r:r + n] = _spread(m16, per, r, n)
     packed = tensors["weight_packed"].detach().cpu().contiguous()
     if scheme.symmetric and (scheme.num_bits, btype.name) == (4, "Q4_0"):
-        _q4_0_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"])
+        _q4_0_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"], meta)
     elif scheme.symmetric and (scheme.num_bits, btype.name) == (8, "Q8_0"):
-        _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"])
+        _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"], meta)
     else:
-        _from_values(packed, zp, scheme, btype, shape, layout, out)
+        _from_values(packed, zp, scheme, btype, shape, layout, out, meta)
     return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
 
 
-def _fill(field: np.ndarray, values: np.ndarray, per: int) -> None:
-    """Each of `values` into `per` consecutive blocks' field (one strided store per position)."""
-    if values.size == 1:
-        field[...] = values[0]
-        return
-    lanes = field.reshape(-1, per)
-    for k in range(per):
-        lanes[:, k] = values
+def _spread(values: np.ndarray, per: int, r: int, n: int) -> np.ndarray:
+    """Per-block entries of blocks [r, r + n) when each of `values` covers `per` consecutive blocks."""
+    if per == 1:
+        return values[r:r + n]
+    first, last = r // per, (r + n - 1) // per
+    if first == last:
+        return np.full(n, values[first], values.dtype)
+    return np.repeat(values[first:last + 1], per)[r - first * per:r - first * per + n]
 
 
-def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray) -> None:
+def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
     """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; u = q + 8 is already Q4_0's nibble) ->
     Q4_0 qs (byte j: element j, element j + 16).
 
@@ -287,9 +291,10 @@ def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray) -> None:
         np.left_shift(wide[1], _S8, out=wide[1])
         np.bitwise_or(wide[0], wide[1], out=wide[0])
         qs[r:r + n] = wide[0].view("V16")
+        meta(r, n)
 
 
-def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray) -> None:
+def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
     """CT int8 bytes u = q + 128 -> Q8_0's signed q = u ^ 0x80, one lane op per 8 bytes."""
     words = ct.view(np.uint64).reshape(-1, 4)
     step = min(_CHUNK_BLOCKS // 2, len(words))
@@ -299,35 +304,51 @@ def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray) -> None:
         n = min(step, len(words) - r)
         np.bitwise_xor(words[r:r + n], flip, out=t[:n])
         qs[r:r + n] = t[:n].view("V32").reshape(-1)
+        meta(r, n)
 
 
 def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme, btype: BlockType,
-                 shape: tuple[int, ...], layout: str, out: np.ndarray) -> None:
-    """Every other scheme: unpack a chunk of rows to codes q, store q - z (+ the type's offset)."""
+                 shape: tuple[int, ...], layout: str, out: np.ndarray, meta: Callable[[int, int], None]) -> None:
+    """Every other scheme: per chunk of blocks, the stored codes u, plus one constant per block
+    (the type's offset minus z_u; Q4_1 stores u itself), into the qs (and qh) fields."""
+    b, nb = scheme.num_bits, len(out)
+    per = _blocks_per_scale(scheme, shape)
+    z_u = (1 << (b - 1)) if zp is None else zp.to(torch.int16).reshape(-1).numpy() + (1 << (b - 1))
+    add = np.asarray((btype.offset - z_u) if btype.name != "Q4_1" else 0, dtype=np.int16)
+    add = np.repeat(add.astype(np.uint8), per) if add.ndim else np.full(nb, add, np.uint8)   # mod 256
+    if b in (4, 8):                    # CT bytes are the codes (two per byte for 4 bits): numpy only
+        ct = packed.view(torch.uint8).numpy().reshape(nb, QK * b // 8)
+        step = _CHUNK_BLOCKS
+        for r in range(0, nb, step):
+            n = min(step, nb - r)
+            if b == 8:
+                u = ct[r:r + n].copy()
+            else:                      # byte k -> (low nibble, high nibble) = elements 2k, 2k + 1
+                w = ct[r:r + n].astype(np.uint16)
+                u = ((w & 0x0F) | ((w & 0xF0) << 4)).view(np.uint8)
+            u += add[r:r + n, None]
+            _store_codes(u, btype, out[r:r + n])
+            meta(r, n)
+        return
     n_in = shape[-1]
-    rows = int(np.prod(shape[:-1]))
-    nbr = n_in // QK
+    rows, nbr = nb // (n_in // QK), n_in // QK
     p2 = packed.reshape(rows, packed.shape[-1])
-    z2 = None if zp is None else zp.to(torch.int16)
-    z2 = z2 if z2 is None or z2.numel() == 1 else z2.reshape(rows, -1)
-    step = max(1, _CHUNK_BLOCKS // nbr)
+    step = max(1, (_CHUNK_BLOCKS * 16) // nbr)        # torch unpack: few, long steps (each op syncs threads)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        q = unpack_from_int32(p2[r:r + n], scheme.num_bits, (n, n_in), layout=layout).to(torch.int16)
-        if btype.name == "Q4_1":          # stores u = q + 2^(b-1) itself; m carries the zero point
-            q += 1 << (scheme.num_bits - 1)
-        elif z2 is not None:              # q - z: z per group (or row, or tensor) -> per block
-            z = _per_block(z2 if z2.numel() == 1 else z2[r:r + n], scheme, (n, n_in))
-            q = (q.unflatten(-1, (nbr, QK)) - z.unsqueeze(-1)).flatten(-2)
-        _store_codes(q.numpy().reshape(-1, QK), btype, out[r * nbr:(r + n) * nbr])
+        q = unpack_from_int32(p2[r:r + n], b, (n, n_in), layout=layout)
+        u = q.numpy().view(np.uint8).reshape(-1, QK) + np.uint8(1 << (b - 1))      # u = q + 2^(b-1), mod 256
+        u += add[r * nbr:(r + n) * nbr, None]
+        _store_codes(u, btype, out[r * nbr:(r + n) * nbr])
+        meta(r * nbr, n * nbr)
 
 
-def _store_codes(v: np.ndarray, btype: BlockType, out: np.ndarray) -> None:
-    """Values [n, 32] (int16, in the type's range) -> the qs (and qh) fields of `out`."""
+def _store_codes(u: np.ndarray, btype: BlockType, out: np.ndarray) -> None:
+    """Stored codes [n, 32] (uint8: Q8_0's int8 bytes, or nibble codes 0..15 / 0..31) -> the qs
+    (and qh) fields of `out`."""
     if btype.name == "Q8_0":
-        out["qs"] = v.astype(np.int8).view("V32").reshape(-1)
+        out["qs"] = u.view("V32").reshape(-1)
         return
-    u = (v + btype.offset).astype(np.uint8)                    # stored codes 0..15 (Q4_x) or 0..31 (Q5_0)
     lanes = u.view(np.uint64).reshape(-1, 4)                   # elements 0-7, 8-15, 16-23, 24-31
     qs = np.empty((len(u), 2), np.uint64)
     for k in (0, 1):                                           # byte j: element j | element j + 16 << 4
@@ -351,7 +372,7 @@ def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor |
     out["d"] = _fp16_bits(d)
     if m is not None:
         out["m"] = _fp16_bits(m)
-    _store_codes(vals, btype, out)
+    _store_codes((vals + btype.offset).astype(np.uint8), btype, out)
     return torch.from_numpy(out.view(np.uint8)).reshape(*lead, n_in // QK * btype.type_size)
 
 

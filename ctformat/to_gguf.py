@@ -20,7 +20,7 @@ import torch
 from .checkpoint import Checkpoint, Module
 from .dequant import checked_shape
 from .dtypes import torch_dtype
-from .errors import GGUFRefusal
+from .errors import GGUFRefusal, UnsupportedError
 from .ggml import (BLOCK_TYPES, ScaleCheck, block_type_for, check_fp16, check_g_idx, check_zero_points,
                    encode_module, minimums, refuse, signed_zero_points)
 from .gguf_arch import (OUTTYPES, ArchInfo, arch_for, first, hparams, llama3_rope_factors, need, permute_rows,
@@ -77,6 +77,10 @@ def convert_to_gguf(model: str | Path, out: str | Path, *, outtype: str = "bf16"
                     progress: Progress | None = None) -> ConvertResult:
     """Write MODEL as a GGUF file at OUT (a split set when `split_max_size` bytes of tensor
     data would be exceeded); refusals (GCV rules) before any output exists."""
+    try:
+        import gguf  # noqa: F401  (names, vocabulary readers and the file writer are gguf-py's)
+    except ImportError:
+        raise UnsupportedError("convert --to gguf needs gguf-py: pip install 'ctformat[gguf]'") from None
     src, _, ckpt = open_for_convert(model, out, device)      # the repack is a byte shuffle: always on the CPU
     plan = gguf_plan(ckpt, outtype=outtype, int4_asym=int4_asym, dequantize_unmappable=dequantize_unmappable,
                      tokenizer_pre=tokenizer_pre)
