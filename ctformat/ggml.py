@@ -11,6 +11,9 @@ separate functions, run over the whole model before any output exists (to_gguf's
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -261,6 +264,50 @@ def _spread(values: np.ndarray, per: int, r: int, n: int) -> np.ndarray:
     return np.repeat(values[first:last + 1], per)[r - first * per:r - first * per + n]
 
 
+def _chunks(total: int, step: int, body: Callable[[int, int, dict], None]) -> None:
+    """body(start, count, scratch) over [0, total) in steps; on several cores, chunks are handed
+    to worker threads one at a time (numpy releases the GIL in its loops; each thread keeps its
+    own scratch buffers), so a descheduled thread delays one chunk, not every step."""
+    starts = range(0, total, step)
+    workers = _workers()
+    if workers == 1 or len(starts) < 2 * workers:
+        scratch: dict = {}
+        for r in starts:
+            body(r, min(step, total - r), scratch)
+        return
+    local = threading.local()
+
+    def run(r: int) -> None:
+        if not hasattr(local, "scratch"):
+            local.scratch = {}
+        body(r, min(step, total - r), local.scratch)
+    list(_pool(workers).map(run, starts))
+
+
+def _buffer(scratch: dict, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    buf = scratch.get(key)
+    if buf is None or buf.shape != shape:
+        buf = scratch[key] = np.empty(shape, dtype)
+    return buf
+
+
+def _workers() -> int:
+    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ctformat-ggml")
+        return _POOLS[workers]
+
+
+_MAX_WORKERS = 8               # more threads than this only contend for memory bandwidth
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
 def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
     """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; u = q + 8 is already Q4_0's nibble) ->
     Q4_0 qs (byte j: element j, element j + 16).
@@ -272,39 +319,40 @@ def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], N
     into the block array as one 16-byte item per block."""
     words = ct.view(np.uint64).reshape(-1, 2)
     step = min(_CHUNK_BLOCKS, len(words))
-    ab = np.empty((2, step), np.uint64)
-    t = np.empty(step, np.uint64)
-    ab16 = np.empty((2, step * 8), np.uint16)
-    for r in range(0, len(words), step):
-        n = min(step, len(words) - r)
-        x, y, a, b, tt = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n], t[:n]
-        np.left_shift(y, _S4, out=tt)
-        np.bitwise_and(tt, _H4, out=tt)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        ab = _buffer(scratch, "ab", (2, step), np.uint64)
+        t = _buffer(scratch, "t", (step,), np.uint64)[:n]
+        wide = _buffer(scratch, "wide", (2, step * 8), np.uint16)[:, :8 * n]
+        x, y, a, b = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n]
+        np.left_shift(y, _S4, out=t)
+        np.bitwise_and(t, _H4, out=t)
         np.bitwise_and(x, _L4, out=a)
-        np.bitwise_or(a, tt, out=a)
-        np.right_shift(x, _S4, out=tt)
-        np.bitwise_and(tt, _L4, out=tt)
+        np.bitwise_or(a, t, out=a)
+        np.right_shift(x, _S4, out=t)
+        np.bitwise_and(t, _L4, out=t)
         np.bitwise_and(y, _H4, out=b)
-        np.bitwise_or(b, tt, out=b)
-        wide = ab16[:, :8 * n]
+        np.bitwise_or(b, t, out=b)
         np.copyto(wide, ab[:, :n].view(np.uint8), casting="unsafe")
         np.left_shift(wide[1], _S8, out=wide[1])
         np.bitwise_or(wide[0], wide[1], out=wide[0])
         qs[r:r + n] = wide[0].view("V16")
         meta(r, n)
+    _chunks(len(words), step, body)
 
 
 def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
     """CT int8 bytes u = q + 128 -> Q8_0's signed q = u ^ 0x80, one lane op per 8 bytes."""
     words = ct.view(np.uint64).reshape(-1, 4)
     step = min(_CHUNK_BLOCKS // 2, len(words))
-    t = np.empty((step, 4), np.uint64)
     flip = np.uint64(0x8080808080808080)
-    for r in range(0, len(words), step):
-        n = min(step, len(words) - r)
-        np.bitwise_xor(words[r:r + n], flip, out=t[:n])
-        qs[r:r + n] = t[:n].view("V32").reshape(-1)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        t = _buffer(scratch, "t", (step, 4), np.uint64)[:n]
+        np.bitwise_xor(words[r:r + n], flip, out=t)
+        qs[r:r + n] = t.view("V32").reshape(-1)
         meta(r, n)
+    _chunks(len(words), step, body)
 
 
 def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme, btype: BlockType,
@@ -318,9 +366,8 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
     add = np.repeat(add.astype(np.uint8), per) if add.ndim else np.full(nb, add, np.uint8)   # mod 256
     if b in (4, 8):                    # CT bytes are the codes (two per byte for 4 bits): numpy only
         ct = packed.view(torch.uint8).numpy().reshape(nb, QK * b // 8)
-        step = _CHUNK_BLOCKS
-        for r in range(0, nb, step):
-            n = min(step, nb - r)
+
+        def body(r: int, n: int, scratch: dict) -> None:
             if b == 8:
                 u = ct[r:r + n].copy()
             else:                      # byte k -> (low nibble, high nibble) = elements 2k, 2k + 1
@@ -329,6 +376,7 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
             u += add[r:r + n, None]
             _store_codes(u, btype, out[r:r + n])
             meta(r, n)
+        _chunks(nb, _CHUNK_BLOCKS, body)
         return
     n_in = shape[-1]
     rows, nbr = nb // (n_in // QK), n_in // QK

@@ -180,3 +180,20 @@ def test_byte_path_equals_value_path(bits, strategy):
     fast = encode_module(t, s, btype)
     v, d, _ = module_values(t, s)
     assert torch.equal(fast, encode(v, d, btype))
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False)])
+def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
+    """A module of many chunks goes through the worker threads; the blocks equal the one-thread
+    run and gguf-py's reading of them equals s * (q - z)."""
+    import ctformat.ggml as ggml
+    s = scheme(bits, sym, "group", gs=128)
+    w = (torch.randn(2, 256, 8192, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
+    t = compress(w, s)
+    btype = block_type_for(s, 8192)
+    monkeypatch.setattr(ggml, "_workers", lambda: 3)
+    threaded = encode_module(t, s, btype)
+    monkeypatch.setattr(ggml, "_workers", lambda: 1)
+    assert torch.equal(threaded, encode_module(t, s, btype))
+    want = float64_weight(t, s, "dense")
+    assert np.array_equal(peer_dequant(threaded, btype.name).reshape(want.shape), want.numpy())
