@@ -49,8 +49,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--peer", action="store_true", help="also time dequantize + gguf-py quantize (slow)")
     ap.add_argument("--only", default=None, help="run the schemes whose label contains this")
+    ap.add_argument("--threads", type=int, default=0, help="codec worker threads (0: one per core, at most 8)")
     args = ap.parse_args()
+    if args.threads:
+        import ctformat.ggml as ggml
+        ggml._workers = lambda: args.threads
+    from ctformat.ggml import _workers
     print(f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} torch threads, "
+          f"{_workers()} codec threads, "
           f"load {os.getloadavg()[0]:.2f}, module [{args.rows}, {args.cols}]")
     print(f"{'scheme':24s} {'MB in':>6s} {'np copy':>8s} {'clone':>8s} {'repack':>8s} {'GB/s':>5s} "
           f"{'x np copy':>9s} {'x clone':>8s}" + (f" {'peer ms':>9s} {'vs peer':>8s}" if args.peer else ""))
