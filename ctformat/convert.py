@@ -7,9 +7,11 @@ from typing import Any, Callable
 
 from .pipeline import ConvertResult, resolve_device
 from .to_dense import convert_to_dense, dense_plan, dequantize_checkpoint
+from .to_gguf import convert_to_gguf
 from .to_marlin import convert_to_ct, convert_to_marlin
 
-__all__ = ["TARGETS", "convert", "convert_to_dense", "convert_to_marlin", "convert_to_ct", "dequantize_checkpoint",
+__all__ = ["TARGETS", "convert", "convert_to_dense", "convert_to_marlin", "convert_to_ct", "convert_to_gguf",
+           "dequantize_checkpoint",
            "dense_plan", "resolve_device", "ConvertResult"]
 
 # --to value -> the function that writes it; each takes (model, out, **options)
@@ -17,6 +19,7 @@ TARGETS: dict[str, Callable[..., ConvertResult]] = {
     "dense": convert_to_dense,
     "marlin": convert_to_marlin,
     "compressed-tensors": convert_to_ct,
+    "gguf": convert_to_gguf,
 }
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 __all__ = [
     "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError",
     "UsageError", "UnsupportedError", "CheckpointNotFoundError", "OutputExistsError", "WriterError",
+    "GGUFRefusal", "GGUFFileError",
 ]
 
 
@@ -68,6 +69,18 @@ class UsageError(CtFormatError, ValueError):
 class UnsupportedError(CtFormatError, NotImplementedError):
     """Valid in the wild, but not something ctformat (or the chosen target) reads or writes;
     refusals of a conversion carry their rule (MCV-..)."""
+
+
+class GGUFRefusal(UnsupportedError):
+    """A model or module `convert --to gguf` cannot write exactly (spec/gguf.md §7); carries a
+    GCV rule of spec.GGUF_REFUSALS."""
+
+    def __init__(self, message: str, *, rule: str, where: str | None = None, option: str | None = None) -> None:
+        super().__init__(message, rule=rule, where=where, option=option)
+
+
+class GGUFFileError(SpecError):
+    """A .gguf file that breaks a GGUF rule of spec/gguf.md §8 (reading)."""
 
 
 class CheckpointNotFoundError(CtFormatError, FileNotFoundError):

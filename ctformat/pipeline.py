@@ -30,7 +30,7 @@ class Step:
     """One unit of conversion work: read `sources`, compute, write `outputs` in order.
     `work` gets the source tensors by name (on the compute device) and returns one tensor
     per output; without `work` the single source is copied as it is. `module` names the
-    quantized module a computing step converts (None for a copy)."""
+    quantized module a computing step converts (None for a copy or a plain cast)."""
 
     outputs: list[tuple[str, str, tuple[int, ...]]]
     sources: list[str]
@@ -117,18 +117,21 @@ def file_order(ckpt: Checkpoint) -> list[TensorInfo]:
     return sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.start))
 
 
-def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str]) -> None:
+def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str], dropped: frozenset[str] = frozenset()) -> None:
     """Every input tensor is read by exactly one step, and no tensor of a quantized module's
     set (`params`) is copied as it is: a plan that would drop or duplicate data is a bug,
-    stopped before anything is written (spec §7.1)."""
+    stopped before anything is written (spec §7.1). `dropped` names the tensors a target leaves
+    out on purpose (GGUF: rotary inv_freq, a tied lm_head, MTP layers); they must exist and
+    must not be read."""
     read = [n for step in plan for n in step.sources]
     copied = {step.sources[0] for step in plan if step.work is None}
-    lost = set(ckpt.tensors) - set(read)
+    lost = set(ckpt.tensors) - set(read) - dropped
     mods = ckpt.modules()
     stray = sorted(n for n in copied if n.rpartition(".")[2] in params and mods[n.rpartition(".")[0]].quantized)
-    if lost or len(read) != len(set(read)) or stray:
-        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, or copies "
-                           f"quantized tensors as they are ({stray[:3]})")
+    odd = sorted((dropped - set(ckpt.tensors)) | (dropped & set(read)))
+    if lost or len(read) != len(set(read)) or stray or odd:
+        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, copies "
+                           f"quantized tensors as they are ({stray[:3]}), or drops what it reads or lacks ({odd[:3]})")
 
 
 def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
@@ -190,7 +193,7 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             nbytes = sum(t.nbytes for t in tensors.values())
             result.bytes_read += nbytes
             out = compute(step, tensors, device, result)
-            if step.work is None:
+            if step.module is None:          # a copy, or a cast of a tensor that is not a quantized module
                 result.tensors_copied += 1
             else:
                 result.modules += 1

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import MARLIN_REFUSALS, RULES
+from ctformat.spec import GGUF_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
@@ -21,15 +21,21 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
     assert sorted(p.name for p in BAD.iterdir()) == sorted(RULES)
 
 
+SPECS = sorted((ROOT / "spec").glob("*.md"))
+RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF)-\d\d)`?\s*\|"
+
+
 def test_spec_lists_exactly_the_rules_of_the_code():
-    text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL)-\d\d)`?\s*\|", text, re.M))
-    assert table_ids == set(RULES)
+    """Every spec file's rule tables together list RULES, each ID in one file only."""
+    found = [i for p in SPECS for i in set(re.findall(RULE_TABLE, p.read_text(), re.M))]
+    assert sorted(found) == sorted(RULES)
 
 
-def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
-    text = (ROOT / "spec" / "ctformat.md").read_text()
-    assert set(re.findall(r"^\|\s*`(MCV-\d\d)`\s*\|", text, re.M)) == set(MARLIN_REFUSALS)
+@pytest.mark.parametrize("prefix,catalogue,spec", [("MCV", MARLIN_REFUSALS, "ctformat.md"),
+                                                   ("GCV", GGUF_REFUSALS, "gguf.md")])
+def test_spec_lists_exactly_the_refusals_of_the_code(prefix, catalogue, spec):
+    text = (ROOT / "spec" / spec).read_text()
+    assert set(re.findall(rf"^\|\s*`({prefix}-\d\d)`\s*\|", text, re.M)) == set(catalogue)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
