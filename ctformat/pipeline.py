@@ -191,7 +191,8 @@ def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step
         raise
     result.modules = sum(step.work is not None for step in plan)
     result.tensors_copied = len(plan) - result.modules
-    result.details.update(pieces=len(job.pieces), pieces_resumed=staging.resumed, pieces_rechecked_bad=staging.redone)
+    if ex.resume:
+        result.details.update(pieces=len(job.pieces), pieces_resumed=staging.resumed, pieces_failed_check=staging.redone)
     return result
 
 

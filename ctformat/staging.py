@@ -77,18 +77,19 @@ def write_record(tmp: Path, key: str, index: int, piece: Piece, digest: str) -> 
 
 
 def _differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What changed between two identities, in words."""
+    """How the run that made a folder differs from this one, in words."""
     if old.get("schema") != new["schema"] or old.get("ctformat") != new["ctformat"]:
-        return f"ctformat {old.get('ctformat')} (this is {new['ctformat']})"
+        return f"by ctformat {old.get('ctformat')} (this is {new['ctformat']})"
     if old["source"] != new["source"]:
         changed = sorted(set(old["source"]) ^ set(new["source"]) |
                          {n for n in old["source"] if old["source"][n] != new["source"].get(n)})
-        return f"a different source (input file {changed[0]} differs in size, time or header)"
-    for field in ("target", "options", "piece_size", "plan", "config"):
-        if old[field] != new[field]:
-            words = {"plan": "a different plan (options or max shard size)", "config": "a different config.json"}
-            return words.get(field, f"{field} {old[field]}")
-    return "a different run"
+        return f"from a different source (input file {changed[0]} differs in size, time or header)"
+    if old["target"] != new["target"]:
+        return f"to another target ({old['target']})"
+    if old["options"] != new["options"] or old["piece_size"] != new["piece_size"]:
+        words = ", ".join(f"{k}={v}" for k, v in old["options"].items())
+        return f"with other options ({words or 'none'}; piece size {old['piece_size']})"
+    return "with a different plan (another max shard size, or a changed config.json)"
 
 
 class Staging:
@@ -114,7 +115,7 @@ class Staging:
             manifest = other / RECORDS / MANIFEST
             if other != tmp and manifest.is_file():
                 old = json.loads(manifest.read_text())
-                raise CtFormatError(f"{other}: an interrupted conversion into {out} from {_differs(old['identity'], ident)}"
+                raise CtFormatError(f"{other}: an interrupted conversion into {out} made {_differs(old['identity'], ident)}"
                                     f" is kept there; remove it to convert again (--resume continues only the same "
                                     "source, target and options)")
         if (tmp / RECORDS / MANIFEST).is_file():

@@ -213,8 +213,8 @@ class PieceWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as err:
-            raise ResumableError(f"{err.strerror or err} while writing", file=str(self.folder / piece.file),
-                                 option="resume") from err
+            raise ResumableError(f"{err.strerror or err} while writing; the temporary folder is kept",
+                                 file=str(self.folder / piece.file), option="resume") from err
         finally:
             hashed.result()
         self._cursor[piece] = offset + len(view)
@@ -223,8 +223,8 @@ class PieceWriter:
         try:
             os.fsync(self._fd(piece.file))
         except OSError as err:
-            raise ResumableError(f"{err.strerror or err} while writing", file=str(self.folder / piece.file),
-                                 option="resume") from err
+            raise ResumableError(f"{err.strerror or err} while writing; the temporary folder is kept",
+                                 file=str(self.folder / piece.file), option="resume") from err
         self.on_done(piece, self._digest.pop(piece).hexdigest())
         if not any(self._left[p] for p in self.pieces if p.file == piece.file):
             os.close(self._fds.pop(piece.file))
