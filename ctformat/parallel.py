@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -93,7 +94,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     if parent is not None:        # the driver's death ends the worker (its folder waits for --resume)
         threading.Thread(target=lambda: (wait([parent.sentinel]), os._exit(1)), daemon=True).start()
 
-    def work(job: Job) -> None:
+    def work(job: Job) -> Any:
         conn.send(("ready",))
         tmp = Path(spec.tmp)
         while (index := conn.recv()) is not None:
@@ -101,6 +102,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
             run_pieces(job, tmp, [index], lambda i, digest: write_record(tmp, spec.key, i, job.pieces[i], digest),
                        lambda n: conn.send(("bytes", n)))
             conn.send(("done", index, job.result.bytes_read - read0))
+        return job.result               # the target function may add to it before returning
     try:
         _set_device(spec)
         plan_job(spec, work)
@@ -242,19 +244,21 @@ def _connect(ray, address: str) -> bool:
                       num_cpus=os.cpu_count())
     else:
         kwargs.update(address=address)
-    failed: list[BaseException] = []
+    bounded = threading.current_thread() is threading.main_thread()     # ray.init runs in the main thread only
 
-    def start() -> None:
-        try:
-            ray.init(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failed.append(exc)
-    t = threading.Thread(target=start, daemon=True)
-    t.start()
-    t.join(RAY_START_TIMEOUT)
-    if t.is_alive() or failed:
-        why = f"did not start within {RAY_START_TIMEOUT} s" if t.is_alive() else f"{failed[0]}"
-        raise CtFormatError(f"--ray {address}: the cluster {why}")
+    def late(signum, frame):
+        raise TimeoutError(f"did not start within {RAY_START_TIMEOUT} s")
+    old = signal.signal(signal.SIGALRM, late) if bounded else None
+    if bounded:
+        signal.alarm(RAY_START_TIMEOUT)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line, whatever Ray raised
+        raise CtFormatError(f"--ray {address}: the cluster {exc}") from None
+    finally:
+        if bounded:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
     return True
 
 
@@ -264,7 +268,7 @@ def ray_task(spec: WorkerSpec, index: int) -> tuple[int, int]:
     if job is None:
         got: list[Job] = []
         _set_device(spec)
-        plan_job(spec, got.append)
+        plan_job(spec, lambda j: got.append(j) or j.result)
         job = _JOBS[spec.key] = got[0]
     read0 = job.result.bytes_read
     tmp = Path(spec.tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ._version import __version__
-from .errors import CtFormatError, ResumableError
+from .errors import CtFormatError, ResumableError, SpecError, UnsupportedError
 from .writer import Piece, ShardLayout, check_output, finish_folder, fsync_path, publish
 
 __all__ = ["Staging", "RECORDS", "identity", "source_identity", "write_record"]
@@ -205,10 +205,12 @@ class Staging:
             self._lock = -1
 
     def abandon(self, exc: BaseException) -> None:
-        """After a failure: a refusal of the input removes the folder (nothing is left, spec §1.5);
-        anything else (no space, a kill, a worker lost) keeps it for --resume."""
+        """After a failure: a refusal of the input removes the folder (nothing is left, spec §1.5),
+        and so does any failure before a piece was recorded; otherwise (no space, a kill, a
+        worker lost, Ctrl-C) the folder is kept for --resume."""
         self.release()
-        if isinstance(exc, CtFormatError) and not isinstance(exc, ResumableError):
+        refused = isinstance(exc, (SpecError, UnsupportedError))
+        if refused or not (isinstance(exc, ResumableError) or self.done or self._recorded()):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
