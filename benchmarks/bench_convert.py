@@ -141,7 +141,7 @@ def scaling(a, base: Path, src: Path, modules: int, size: int) -> None:
             shutil.rmtree(dst)
         results.append({"mode": label, "processes": procs, "s": s, "GBps_out": written / s / 1e9,
                         "GBps_in": size / s / 1e9, "copy_s": copies[procs], "copy_GBps": written / copies[procs] / 1e9,
-                        "vs_copy": copies[procs] / s, "peak_rss_mb_driver": rss, "identical": same})
+                        "vs_copy": copies[procs] / s, "peak_rss_mb": rss, "identical": same})
         if out != ref:
             shutil.rmtree(out)
     meta = {"date": str(date.today()), "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
@@ -151,10 +151,12 @@ def scaling(a, base: Path, src: Path, modules: int, size: int) -> None:
     print(f"{meta['date']}  {meta['cpu']}  {meta['cores']} cores; --to {a.to}; {size / 1e9:.2f} GB in, "
           f"{written / 1e9:.2f} GB out; copy = the same output bytes copied by as many processes (fsync)")
     print(f"{'mode':28s} {'procs':>5s} {'s':>8s} {'GB/s out':>9s} {'GB/s in':>8s} {'copy s':>8s} "
-          f"{'copy GB/s':>9s} {'vs copy':>8s}  identical")
+          f"{'copy GB/s':>9s} {'vs copy':>8s} {'RSS MB':>7s}  identical")
     for r in results:
         print(f"{r['mode']:28s} {r['processes']:5d} {r['s']:8.2f} {r['GBps_out']:9.3f} {r['GBps_in']:8.3f} "
-              f"{r['copy_s']:8.2f} {r['copy_GBps']:9.3f} {r['vs_copy']:7.2f}x  {'yes' if r['identical'] else 'NO'}")
+              f"{r['copy_s']:8.2f} {r['copy_GBps']:9.3f} {r['vs_copy']:7.2f}x {r['peak_rss_mb']:7.0f}  "
+              f"{'yes' if r['identical'] else 'NO'}")
+    print("RSS MB: the largest peak of any one process of the run (driver or worker), from wait4")
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     shutil.rmtree(base)
