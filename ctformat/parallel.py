@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CtFormatError, ResumableError, UsageError
+from .extras import require
 from .pipeline import EXECUTION, Execution, Job, run_pieces
 from .staging import Staging, write_record
 
@@ -226,10 +227,8 @@ class _Bar:
 
 # -- the driver, Ray ------------------------------------------------------------------------
 def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise UsageError("--ray needs Ray: pip install 'ctformat[ray]'") from None
+    require("ray")
+    import ray
     return ray
 
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -66,6 +69,20 @@ def _fail_skip_in_ci(report) -> None:
         if GPU_SKIP not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`ctformat ARGS` run in this process (no interpreter start-up, no torch import per call):
+    exit code, stdout and stderr, as subprocess.run would give them. test_cli.py keeps the real
+    `python -m ctformat` process for what only a process shows."""
+    from ctformat_cli.main import main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def tree_snapshot(path: Path) -> dict[str, bytes]:

@@ -22,7 +22,6 @@ from test_convert import big_checkpoint
 CASES = [("tiny-mixtral", "dense", {"max_shard_size": 300_000}),
          ("int4-g32-actorder", "dense", {"dtype": "float16"}),
          ("tiny-mixtral-g64", "marlin", {"stack_experts": True}),
-         ("tiny-mixtral-g64", "marlin", {}),
          ("marlin-back", "compressed-tensors", {})]
 
 
@@ -129,7 +128,8 @@ def test_ray_missing_or_misused_is_one_line(tmp_path):
     code = ("import sys; sys.modules['ray'] = None; from ctformat_cli.main import main; "
             f"main(['convert', {str(FIXTURES / 'int4-g32')!r}, {str(tmp_path / 'o')!r}, '--to', 'dense', '--ray', 'local'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "Error: --ray needs Ray: pip install 'ctformat[ray]'"
+    assert r.returncode == 1 and r.stderr.strip() == ("Error: ray is not installed; conversions on a Ray cluster "
+                                                      "(convert --ray) need it: pip install 'ctformat[ray]'")
     assert not list(tmp_path.iterdir())
     r = subprocess.run([sys.executable, "-m", "ctformat", "convert", str(FIXTURES / "int4-g32"), str(tmp_path / "o"),
                         "--to", "dense", "--ray", "local", "--workers", "2"], capture_output=True, text=True,
@@ -173,7 +173,7 @@ def bounded():
 
 def test_ray_tasks_write_the_bytes_of_one_process(ray_cluster, sources, tmp_path, bounded):
     cases, big, big_ref = sources
-    for k in (0, 2, 4):
+    for k in (0, 2, 3):
         name, target, options = CASES[k]
         out = tmp_path / f"o-{k}"
         r = convert(cases[k][0], out, to=target, device="cpu", ray="local", piece_size=20_000, **_options(options))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, tree_snapshot
+from conftest import FIXTURES, ROOT, cli_in_process, tree_snapshot
 from ctformat.convert import convert
 from ctformat.errors import CtFormatError
 from ctformat.staging import RECORDS
@@ -25,9 +25,8 @@ from test_convert import big_checkpoint
 SHARD = "20MB"          # 48 modules of 4 MB bf16: 12 shards, one piece each
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctformat", "convert", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return cli_in_process("convert", *args)
 
 
 def staging_of(out: Path) -> Path | None:
@@ -68,7 +67,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(source, tmp_pat
     out = tmp_path / "out"
     args = [str(src), str(out), "--to", "dense", "--device", "cpu", "--max-shard-size", SHARD, "--resume", "--json"]
     rng, kills, last = random.Random(7), 0, set()
-    for _ in range(6):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "ctformat", "convert", *args], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
