@@ -57,8 +57,7 @@ def test_workers_write_the_bytes_of_one_process(sources, tmp_path):
     assert tree_snapshot(tmp_path / "big") == big_ref
 
 
-def _children(pid: int) -> list[int]:
-    """Worker processes (multiprocessing spawn children) of `pid`."""
+def _children(pid: int) -> list[tuple[int, bytes]]:
     found = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -67,9 +66,14 @@ def _children(pid: int) -> list[int]:
                 cmd = (p / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == pid and b"spawn_main" in cmd:
-                found.append(int(p.name))
+            if ppid == pid:
+                found.append((int(p.name), cmd))
     return found
+
+
+def _workers(driver: int) -> list[int]:
+    """Worker processes of a driver: the children of its multiprocessing fork server."""
+    return [w for server, cmd in _children(driver) if b"forkserver" in cmd for w, _ in _children(server)]
 
 
 def test_a_worker_killed_mid_piece_is_replaced(sources, tmp_path):
@@ -81,7 +85,7 @@ def test_a_worker_killed_mid_piece_is_replaced(sources, tmp_path):
     deadline, killed = time.monotonic() + 120, None
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         records = list(tmp_path.glob(".out.tmp-*/.ctformat-resume/piece-*.json"))
-        workers = _children(proc.pid)
+        workers = _workers(proc.pid)
         if records and workers:
             killed = workers[0]
             os.kill(killed, signal.SIGKILL)
@@ -104,7 +108,7 @@ def test_driver_killed_leaves_a_folder_resume_completes(sources, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, workers = time.monotonic() + 120, []
     while proc.poll() is None and time.monotonic() < deadline:
-        workers = workers or _children(proc.pid)
+        workers = workers or _workers(proc.pid)
         if list(tmp_path.glob(".out.tmp-*/.ctformat-resume/piece-*.json")):
             break
         time.sleep(0.01)
@@ -112,7 +116,7 @@ def test_driver_killed_leaves_a_folder_resume_completes(sources, tmp_path):
     proc.wait()
     assert workers and not out.exists(), "the run ended before the driver could be killed"
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{w}").exists() and b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes()
+    while any(Path(f"/proc/{w}").exists() and b"forkserver" in Path(f"/proc/{w}/cmdline").read_bytes()
               for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert time.monotonic() < deadline, "workers outlived their driver"
