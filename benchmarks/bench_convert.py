@@ -68,9 +68,9 @@ def make(root: Path, gb: float) -> tuple[int, int]:
     return n, sum(p.stat().st_size for p in root.iterdir())
 
 
-def run(argv) -> tuple[float, float]:
+def run(argv, stdout=None) -> tuple[float, float]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {argv}")
@@ -130,7 +130,9 @@ def scaling(a, base: Path, src: Path, modules: int, size: int) -> None:
         out = ref if label == "1 process" else base / "out"
         shutil.rmtree(out, ignore_errors=True)
         drop_caches()
-        s, rss = run(ctformat + [str(out), "--to", a.to, *args])
+        with open(base / "stats.json", "w") as fh:
+            s, rss = run(ctformat + [str(out), "--to", a.to, *args, "--json"], stdout=fh)
+        rss = max(rss, json.loads((base / "stats.json").read_text()).get("worker_peak_rss", 0) / 2**20)
         written = sum(p.stat().st_size for p in out.iterdir())
         same = out == ref or digests(out) == digests(ref)
         if procs not in copies:
@@ -156,7 +158,7 @@ def scaling(a, base: Path, src: Path, modules: int, size: int) -> None:
         print(f"{r['mode']:28s} {r['processes']:5d} {r['s']:8.2f} {r['GBps_out']:9.3f} {r['GBps_in']:8.3f} "
               f"{r['copy_s']:8.2f} {r['copy_GBps']:9.3f} {r['vs_copy']:7.2f}x {r['peak_rss_mb']:7.0f}  "
               f"{'yes' if r['identical'] else 'NO'}")
-    print("RSS MB: the largest peak of any one process of the run (driver or worker), from wait4")
+    print("RSS MB: the largest peak of any one process of the run (the driver from wait4, each worker its own)")
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     shutil.rmtree(base)

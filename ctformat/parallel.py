@@ -102,7 +102,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
             read0 = job.result.bytes_read
             run_pieces(job, tmp, [index], lambda i, digest: write_record(tmp, spec.key, i, job.pieces[i], digest),
                        lambda n: conn.send(("bytes", n)))
-            conn.send(("done", index, job.result.bytes_read - read0))
+            conn.send(("done", index, job.result.bytes_read - read0, _peak_rss()))
         return job.result               # the target function may add to it before returning
     try:
         _set_device(spec)
@@ -183,7 +183,7 @@ def run_local(job: Job, staging: Staging, *, spec: WorkerSpec, devices: list[str
     finally:
         _stop(slots)
     bar.show(0, 0, len(slots))
-    return {"workers": workers, "workers_lost": lost, "pieces_redone": sum(tries.values())}
+    return {"workers": workers, "workers_lost": lost, "pieces_redone": sum(tries.values()), "worker_peak_rss": bar.rss}
 
 
 def _message(s: _Slot, msg: tuple, staging: Staging, bar: _Bar) -> None:
@@ -196,6 +196,7 @@ def _message(s: _Slot, msg: tuple, staging: Staging, bar: _Bar) -> None:
     elif kind == "done":
         staging.done.add(msg[1])              # the worker wrote its record
         bar.job.result.bytes_read += msg[2]
+        bar.rss = max(bar.rss, msg[3])
         bar.finished(msg[1])
         s.piece, s.bytes = None, 0
     elif kind == "error":
@@ -224,6 +225,7 @@ class _Bar:
         self.job = job
         self.total = sum(p.end - p.start for p in job.pieces)
         self.done = self.total - sum(job.pieces[i].end - job.pieces[i].start for i in staging.pending)
+        self.rss = 0                  # the largest peak resident memory a worker reported, bytes
 
     def finished(self, index: int) -> None:
         p = self.job.pieces[index]
@@ -281,7 +283,13 @@ def ray_task(spec: WorkerSpec, index: int) -> tuple[int, int]:
     read0 = job.result.bytes_read
     tmp = Path(spec.tmp)
     run_pieces(job, tmp, [index], lambda i, digest: write_record(tmp, spec.key, i, job.pieces[i], digest))
-    return index, job.result.bytes_read - read0
+    return index, job.result.bytes_read - read0, _peak_rss()
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 _JOBS: dict[str, Job] = {}
@@ -310,17 +318,19 @@ def run_ray(job: Job, staging: Staging, *, spec: WorkerSpec, address: str, gpu: 
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
             for ref in ready:
                 refs.pop(ref)
-                index, nbytes = _ray_result(ray, ref, staging)
+                index, nbytes, rss = _ray_result(ray, ref, staging)
                 staging.done.add(index)
                 job.result.bytes_read += nbytes
                 bar.finished(index)
-        return {"workers": slots, "ray_nodes": len([n for n in ray.nodes() if n.get("Alive")]), "ray_gpu": gpu}
+                bar.rss = max(bar.rss, rss)
+        return {"workers": slots, "ray_nodes": len([n for n in ray.nodes() if n.get("Alive")]), "ray_gpu": gpu,
+                "worker_peak_rss": bar.rss}
     finally:
         if started:
             ray.shutdown()
 
 
-def _ray_result(ray, ref, staging: Staging) -> tuple[int, int]:
+def _ray_result(ray, ref, staging: Staging) -> tuple[int, int, int]:
     """A task's result, or its failure as ctformat's error (a refusal of the input as it is)."""
     try:
         return ray.get(ref)
