@@ -140,6 +140,7 @@ class _Slot:
         self.piece: int | None = None
         self.bytes = 0                # of the current piece, for the bar
         self.ready = False
+        self.starts = 0               # predecessors of this slot that died before they were ready
 
 
 def run_local(job: Job, staging: Staging, *, spec: WorkerSpec, devices: list[str], workers: int,
@@ -171,6 +172,10 @@ def run_local(job: Job, staging: Staging, *, spec: WorkerSpec, devices: list[str
                 except (EOFError, OSError):         # the worker is gone (killed, out of memory, ...)
                     pass
                 lost += 1
+                starts = 0 if s.ready else s.starts + 1     # deaths while planning, in a row
+                if starts > retries:
+                    raise ResumableError(f"workers died {starts} times before they were ready (exit code "
+                                         f"{s.proc.exitcode})", file=str(staging.tmp), option="resume")
                 if s.piece is not None:
                     tries[s.piece] = tries.get(s.piece, 0) + 1
                     if tries[s.piece] > retries:
@@ -180,6 +185,7 @@ def run_local(job: Job, staging: Staging, *, spec: WorkerSpec, devices: list[str
                     pending.appendleft(s.piece)
                 s.proc.join(1)
                 slots[k] = _Slot(ctx, specs[k])
+                slots[k].starts = starts
     finally:
         _stop(slots)
     bar.show(0, 0, len(slots))
