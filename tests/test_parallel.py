@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, tree_snapshot
+from conftest import FIXTURES, ROOT, cli_in_process, tree_snapshot
 from ctformat.convert import convert
 from test_convert import big_checkpoint
 
@@ -139,6 +139,18 @@ def test_ray_missing_or_misused_is_one_line(tmp_path):
                         "--to", "dense", "--ray", "local", "--workers", "2"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "--ray schedules its own workers" in r.stderr
+    if not torch_cuda():
+        r = cli_in_process("convert", FIXTURES / "int4-g32", tmp_path / "o", "--to", "dense", "--devices", "all")
+        assert r.returncode == 1 and r.stderr.startswith("Error: --devices all: no CUDA device here")
+    r = cli_in_process("convert", FIXTURES / "int4-g32", tmp_path / "o", "--to", "dense", "--devices", "cpu",
+                       "--device", "cpu")
+    assert r.returncode == 2 and "leave out --device" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 # -- Ray: one local cluster (loopback, 2 CPUs) for the tests below -------------------------------
