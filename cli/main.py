@@ -129,10 +129,19 @@ _TARGET_OPTIONS = {
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MiB...).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue the temporary folder an interrupted run of the same source, target and options left.")
+@click.option("--devices", default=None, metavar="LIST",
+              help="One worker process per device: cuda:0,cuda:1,... or all (the CUDA devices of this host).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (on --device, or cycling over --devices); for CPU-only hosts.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the pieces as Ray tasks on the cluster at ADDRESS (local: start one on this host). "
+                   "MODEL and OUT must be on storage every node sees.")
 @click.option("--keep-names", is_flag=True, help="--to dense: keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, as_json: bool,
-            **options) -> None:
+def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, resume: bool,
+            devices: str | None, workers: int | None, ray_address: str | None, as_json: bool, **options) -> None:
     """Convert a checkpoint to another layout; OUT appears only when complete.
 
     \b
@@ -145,6 +154,10 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
       ggml blocks (int4 -> Q4_0, int8 -> Q8_0, ...) with their own codes, never requantized;
       what cannot be written exactly is refused before writing (spec/gguf.md).
 
+    \b
+    An interrupted run (a kill, a full disk) keeps its temporary folder beside OUT; --resume
+    continues it. --devices / --workers / --ray split the work; the output is the same bytes.
+
     Example: ctformat convert fixtures/tiny-mixtral /tmp/tiny-dense --to dense
     """
     from ctformat.convert import convert as run_convert
@@ -154,6 +167,8 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
     if stray:
         owners = {k: t for t, opts in _TARGET_OPTIONS.items() for k in opts}
         raise UsageError(f"--{stray[0].replace('_', '-')} goes with --to {owners[stray[0]]}")
+    if devices is not None and device != "auto":
+        raise UsageError("--devices names the devices itself; leave out --device")
     kwargs = {k: options[k] for k in wanted if options[k] is not None}
     for key in ("dtype", "scale_dtype"):
         if kwargs.get(key) is not None:
@@ -167,7 +182,8 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
         kwargs["max_shard_size"] = _size(max_shard_size)
     t0 = time.perf_counter()
     with render.ProgressBar(f"convert → {target}", disable=as_json) as progress:
-        result = run_convert(model, out, to=target, device=device, force=force, progress=progress, **kwargs)
+        result = run_convert(model, out, to=target, device=device, force=force, progress=progress, resume=resume,
+                             devices=devices, workers=workers, ray=ray_address, **kwargs)
     seconds = round(time.perf_counter() - t0, 3)
     if as_json:
         render.emit_json(dict(result.to_json(), seconds=seconds))

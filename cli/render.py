@@ -29,7 +29,7 @@ INFER_EXIT_CODES = EXIT_CODES + """
 # library keyword that would allow what an error refused -> what the user types
 OPTION_HINTS = {"force": "use --force to replace it", "allow_lossy_scales": "pass --allow-lossy-scales to convert anyway",
                 "allow_lossy": "pass --allow-lossy to write fp16(s) and report the error",
-                "device": "use --device cpu"}
+                "device": "use --device cpu", "resume": "rerun with --resume to continue"}
 
 
 def size(n: int | None) -> str:
@@ -75,15 +75,16 @@ class ProgressBar:
     def __init__(self, label: str, *, unit: str = "bytes", disable: bool = False) -> None:
         from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
-        columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) if unit == "bytes"
-                   else (MofNCompleteColumn(), TimeElapsedColumn()))
+        columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
+                   if unit == "bytes" else (MofNCompleteColumn(), TimeElapsedColumn()))
         self.bar = Progress(TextColumn(label), BarColumn(), *columns, console=err, transient=unit != "bytes",
                             disable=disable or not err.is_terminal)
-        self.task = self.bar.add_task(label, total=None)
+        self.task = self.bar.add_task(label, total=None, note="")
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Callable[..., None]:
+        """progress(done, total[, note]): note is a few words after the ETA (workers alive)."""
         self.bar.start()
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+        return lambda done, total, note="": self.bar.update(self.task, completed=done, total=total, note=note)
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()

@@ -13,6 +13,7 @@ __all__ = [
     "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError",
     "UsageError", "UnsupportedError", "CheckpointNotFoundError", "OutputExistsError", "WriterError",
     "GGUFRefusal", "GGUFFileError",
+    "ResumableError",
 ]
 
 
@@ -39,6 +40,17 @@ class CtFormatError(Exception):
         text = f"{loc}: {self.message}" if loc else self.message
         text += f" ({note})" if note else ""
         return f"{text} [{self.rule}]" if self.rule else text
+
+    def __reduce__(self):
+        # keyword-only fields survive pickling (a worker process hands its error to the driver)
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> CtFormatError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class SpecError(CtFormatError, ValueError):
@@ -93,3 +105,8 @@ class OutputExistsError(CtFormatError, FileExistsError):
 
 class WriterError(CtFormatError, RuntimeError):
     """The checkpoint writer was used out of order or fed what its plan did not say."""
+
+
+class ResumableError(CtFormatError, OSError):
+    """The run stopped for a reason outside the input (no space left, an I/O error, workers
+    that kept dying): the pieces finished so far stay in the temporary folder for --resume."""

@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "transformers": ("inference", "run and compare (reference inference)"),
     "triton": ("gpu", "the GPU kernels (and their CPU interpreter)"),
     "gguf": ("gguf", "convert --to gguf"),
+    "ray": ("ray", "conversions on a Ray cluster (convert --ray)"),
 }
 
 

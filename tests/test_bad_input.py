@@ -244,7 +244,7 @@ def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
         import time
         time.sleep(0.5)
         raise OSError("disk full")
-    monkeypatch.setattr(writer.CheckpointWriter, "write", fail)
+    monkeypatch.setattr(writer.PieceWriter, "write", fail)     # the writer convert uses
     box = []
     th = threading.Thread(target=lambda: box.append(pytest.raises(OSError, convert_to_dense, FIXTURES / "tiny-mixtral",
                                                                   tmp_path / "o", device="cpu")), daemon=True)
