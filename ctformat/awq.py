@@ -111,7 +111,7 @@ def to_awq(ct: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layout: str =
     n, k, lead = shape[-2], shape[-1], shape[:-2]
     if scheme.num_bits != 4 or n % 8:
         raise UnsupportedError(f"AWQ GEMM stores 4-bit weights with out_features % 8 == 0, got "
-                               f"{scheme.num_bits}-bit [{n}, {k}]", rule="GCV-01" if scheme.num_bits != 4 else "GCV-02")
+                               f"{scheme.num_bits}-bit [{n}, {k}]", rule="QCV-01" if scheme.num_bits != 4 else "QCV-02")
     packed = ct["weight_packed"]
     groups = -(-k // scheme.group_size) if scheme.strategy is Strategy.GROUP else 1
     if k % 8 == 0:

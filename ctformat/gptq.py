@@ -136,7 +136,7 @@ def gptq_qzeros(zp: torch.Tensor | None, scheme: QuantScheme, n: int, groups: in
 
 def _no_v1_zero() -> UnsupportedError:
     return UnsupportedError("a zero point of 0 has no GPTQ v1 encoding (z - 1 overflows); write gptq_v2 or AWQ",
-                            rule="GCV-04")
+                            rule="QCV-04")
 
 
 def _dense_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], layout: str) -> torch.Tensor:

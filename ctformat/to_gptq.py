@@ -1,6 +1,6 @@
 """`convert --to gptq` / `--to awq` and back (`--to compressed-tensors` from a GPTQ or AWQ
 checkpoint), spec/gptq-awq.md: codes move, scales are cast to float16 only where that is exact
-(or `allow_lossy`), everything the target cannot hold is refused (GCV-01..07) before any output
+(or `allow_lossy`), everything the target cannot hold is refused (QCV-01..07) before any output
 exists, and the ctformat provenance block lets the reverse restore the source bit for bit."""
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _forward(model, out, target: str, fmt: str | None, allow_lossy: bool, keep_n
         if fmt is None:
             fmt = GPTQ_V1 if all(s.sym for s in pre.schemes.values()) else GPTQ_V2
         if target == GPTQ_METHOD and fmt == GPTQ_V1 and pre.zero_zero:
-            raise _refuse("GCV-04", pre.zero_zero, "a zero point of 0, which GPTQ v1 cannot store (z - 1 overflows); "
+            raise _refuse("QCV-04", pre.zero_zero, "a zero point of 0, which GPTQ v1 cannot store (z - 1 overflows); "
                           "write --gptq-format v2 or --to awq")
         prov = Provenance(ckpt.config["quantization_config"], ckpt.quant, pre.dtypes, pre.layout, pre.lossy,
                           pre.inverse)
@@ -124,21 +124,21 @@ def _dense_linear(m: Module) -> bool:
 
 
 def _preflight(ckpt: Checkpoint, target: str, allow_lossy: bool, keep_names: bool) -> _Preflight:
-    """Every GCV refusal but GCV-04's format choice, from headers, weight_shape, scales and zero
+    """Every QCV refusal but QCV-04's format choice, from headers, weight_shape, scales and zero
     points (the small tensors), before any output exists."""
     if ckpt.family != CT:
-        raise _refuse("GCV-07", ckpt.label, f"a {ckpt.family or 'dense'} checkpoint; convert --to {target} reads "
+        raise _refuse("QCV-07", ckpt.label, f"a {ckpt.family or 'dense'} checkpoint; convert --to {target} reads "
                       "pack-quantized compressed-tensors" + (" (convert it --to compressed-tensors first)"
                                                              if ckpt.family else ""))
     quantized = [m for m in ckpt.modules().values() if m.quantized]
     if not quantized:
-        raise _refuse("GCV-07", ckpt.label, "no pack-quantized modules to convert")
+        raise _refuse("QCV-07", ckpt.label, "no pack-quantized modules to convert")
     pre = _Preflight(dtypes=_one_dtype(ckpt, quantized))
     pre.names, pre.inverse = _renames(ckpt, keep_names)
     layouts = set()
     for m in quantized:
         if len(m.tensors["weight_packed"].shape) != 2:
-            raise _refuse("GCV-06", m.prefix, f"stacked module {list(m.tensors['weight_packed'].shape)}; GPTQ and AWQ "
+            raise _refuse("QCV-06", m.prefix, f"stacked module {list(m.tensors['weight_packed'].shape)}; GPTQ and AWQ "
                           "loaders read experts one by one")
         n, k = checked_shape(ckpt, m, ckpt.load(m.tensors["weight_shape"].name))
         pre.shapes[m.prefix] = (n, k)
@@ -156,10 +156,10 @@ def _preflight(ckpt: Checkpoint, target: str, allow_lossy: bool, keep_names: boo
             if bool((zero_codes(zp, m.scheme, n, m.scheme.num_groups(k), layout) == 0).any()):
                 pre.zero_zero = m.prefix
     if len(layouts) > 1:
-        raise _refuse("GCV-07", ckpt.label, "3-bit modules in both the cross-word and the padded layout")
+        raise _refuse("QCV-07", ckpt.label, "3-bit modules in both the cross-word and the padded layout")
     pre.layout = layouts.pop() if layouts else CROSS_WORD
     if pre.lossy and not allow_lossy:
-        raise _refuse("GCV-03", ckpt.label, f"{pre.lossy} scales change in the float16 cast (largest change "
+        raise _refuse("QCV-03", ckpt.label, f"{pre.lossy} scales change in the float16 cast (largest change "
                       f"{pre.largest_change:.3g}); GPTQ and AWQ store float16 scales", option="allow_lossy")
     if target == AWQ_METHOD:
         _check_awq(ckpt, pre)
@@ -167,12 +167,12 @@ def _preflight(ckpt: Checkpoint, target: str, allow_lossy: bool, keep_names: boo
 
 
 def _one_dtype(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, str]:
-    """The source dtype of each tensor role (recorded for the reverse); several is GCV-07."""
+    """The source dtype of each tensor role (recorded for the reverse); several is QCV-07."""
     found = {r: {m.tensors[r].dtype for m in quantized if r in m.tensors} for r in SOURCE_ROLES}
     many = {r: sorted(d) for r, d in found.items() if len(d) > 1}
     if many:
         role, codes = next(iter(many.items()))
-        raise _refuse("GCV-07", ckpt.label, f"{role} is stored as {' and '.join(codes)} in different modules; the "
+        raise _refuse("QCV-07", ckpt.label, f"{role} is stored as {' and '.join(codes)} in different modules; the "
                       "reverse conversion could not restore both")
     return {r: d.pop() for r, d in found.items() if d}
 
@@ -180,7 +180,7 @@ def _one_dtype(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, str]:
 def _renames(ckpt: Checkpoint, keep_names: bool) -> tuple[dict[str, str], dict[str, str]]:
     """module -> written name (the MoE names GPTQModel reads, spec/gptq-awq.md §3.1), and the
     inverse table of name parts the provenance block records. One written part from two source
-    parts (a checkpoint with both naming eras) could not be undone: GCV-07."""
+    parts (a checkpoint with both naming eras) could not be undone: QCV-07."""
     import re
     table = {} if keep_names else GPTQ_RENAMES.get(ckpt.model_type or "", {})
     if not table:
@@ -198,7 +198,7 @@ def _renames(ckpt: Checkpoint, keep_names: bool) -> tuple[dict[str, str], dict[s
             pairs.append((prefix.rpartition(".")[2], written.rpartition(".")[2]))
         for part, new in pairs:
             if inverse.setdefault(new, part) != part:
-                raise _refuse("GCV-07", prefix, f"module names of two eras ({inverse[new]} and {part} both become "
+                raise _refuse("QCV-07", prefix, f"module names of two eras ({inverse[new]} and {part} both become "
                               f"{new}); keep_names writes them as they are")
     return names, {new: old for new, old in inverse.items() if new != old}
 
@@ -207,35 +207,35 @@ def _check_shape(prefix: str, n: int, k: int, ms: ModuleScheme, target: str) -> 
     b = ms.bits
     if target == AWQ_METHOD:
         if b != 4:
-            raise _refuse("GCV-01", prefix, f"{b}-bit weights; AWQ GEMM stores 4-bit weights")
+            raise _refuse("QCV-01", prefix, f"{b}-bit weights; AWQ GEMM stores 4-bit weights")
         if n % 8 or (ms.group_size != -1 and k % ms.group_size):
-            raise _refuse("GCV-02", prefix, f"weight [{n}, {k}]; AWQ needs out_features % 8 == 0 and in_features % "
+            raise _refuse("QCV-02", prefix, f"weight [{n}, {k}]; AWQ needs out_features % 8 == 0 and in_features % "
                           "group_size == 0")
         return
     if b not in (2, 3, 4, 8):
-        raise _refuse("GCV-01", prefix, f"{b}-bit weights; GPTQ stores 2, 3, 4 or 8 bits")
+        raise _refuse("QCV-01", prefix, f"{b}-bit weights; GPTQ stores 2, 3, 4 or 8 bits")
     if (k * b) % 32 or (n * b) % 32 or (b == 3 and (k % 32 or n % 32)):
-        raise _refuse("GCV-02", prefix, f"weight [{n}, {k}] at {b} bits; GPTQ loaders need in_features and "
+        raise _refuse("QCV-02", prefix, f"weight [{n}, {k}] at {b} bits; GPTQ loaders need in_features and "
                       "out_features filling whole words (3-bit: multiples of 32)")
 
 
 def _check_awq(ckpt: Checkpoint, pre: _Preflight) -> None:
-    """GCV-05: AWQ holds one scheme, no g_idx, a dense lm_head, and skips dense modules by substring."""
+    """QCV-05: AWQ holds one scheme, no g_idx, a dense lm_head, and skips dense modules by substring."""
     kinds = set(pre.schemes.values())
     if len(kinds) > 1:
-        raise _refuse("GCV-05", ckpt.label, f"quantized modules with {len(kinds)} different schemes; an AWQ config "
+        raise _refuse("QCV-05", ckpt.label, f"quantized modules with {len(kinds)} different schemes; an AWQ config "
                       "holds one")
     if next(iter(kinds)).desc_act:
-        raise _refuse("GCV-05", ckpt.label, "act-order (weight_g_idx): AWQ has no g_idx")
+        raise _refuse("QCV-05", ckpt.label, "act-order (weight_g_idx): AWQ has no g_idx")
     if "lm_head" in pre.schemes:
-        raise _refuse("GCV-05", "lm_head", "a quantized lm_head; AWQ loaders keep it dense")
+        raise _refuse("QCV-05", "lm_head", "a quantized lm_head; AWQ loaders keep it dense")
     for p, m in ckpt.modules().items():
         if m.quantized or not _dense_linear(m) or p == "lm_head":
             continue
         dense = pre.names.get(p, p)
         hit = next((q for q in pre.schemes if dense in q), None)
         if hit is not None:
-            raise _refuse("GCV-05", p, f"dense {dense} is a substring of quantized {hit}; AWQ's "
+            raise _refuse("QCV-05", p, f"dense {dense} is a substring of quantized {hit}; AWQ's "
                           "modules_to_not_convert would skip both")
 
 
@@ -276,7 +276,7 @@ def gptq_to_ct(model: str | Path, out: str | Path, *, device: str = "auto", max_
     cfg, mods = ckpt.gptq, ckpt.modules()
     quant = {p: m for p, m in mods.items() if m.quantized}
     if not quant:
-        raise _refuse("GCV-07", ckpt.label, f"a {cfg.method} config, but no module carries qweight")
+        raise _refuse("QCV-07", ckpt.label, f"a {cfg.method} config, but no module carries qweight")
     prov = cfg.provenance
     if prov is None:
         dense = [p for p, m in mods.items() if not m.quantized and _dense_linear(m)]

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,28 +39,31 @@ REAL_FOLDERS = sorted({p.relative_to(base).as_posix(): p for base in (_MORE_REAL
                       key=lambda p: (p.parent.name, p.name))
 IN_CI = bool(os.environ.get("CI"))
 GPU_SKIP = "needs a CUDA device"
-# Checks against a peer CI cannot install in time (GPTQModel: torch >= 2.14.1, a 6 GB venv): marked
-# out_of_ci, run by their own script (tests/run_gptq_loaders.sh sets CTFORMAT_LOADER_CHECKS=1),
-# and skipped elsewhere with this reason, which says where they run (README "Tests").
-OUT_OF_CI_SKIP = "out-of-CI loader check: run tests/run_gptq_loaders.sh"
-LOADER_CHECKS = bool(os.environ.get("CTFORMAT_LOADER_CHECKS"))
 
 
 def pytest_collection_modifyitems(config, items):
-    skips = []
     if not torch.cuda.is_available():
-        skips.append(("gpu", pytest.mark.skip(reason=GPU_SKIP)))
-    if not LOADER_CHECKS:
-        skips.append(("out_of_ci", pytest.mark.skip(reason=OUT_OF_CI_SKIP)))
-    for item in items:
-        for marker, skip in skips:
-            if marker in item.keywords:
+        skip = pytest.mark.skip(reason=GPU_SKIP)
+        for item in items:
+            if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if IN_CI:     # checks that need an environment CI cannot build in time: said, not silently skipped
+        outside = [item for item in items if "outside_ci" in item.keywords]
+        if outside:
+            config.hook.pytest_deselected(items=outside)
+            items[:] = [item for item in items if "outside_ci" not in item.keywords]
+            config._ctformat_outside_ci = [item.nodeid for item in outside]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    outside = getattr(config, "_ctformat_outside_ci", [])
+    if outside:
+        terminalreporter.write_line(f"{len(outside)} check(s) run outside CI by their own scripts (README, "
+                                    f"'Checks outside CI'), not here: {', '.join(outside)}")
 
 
 # In CI a skip means a peer or a fixture is missing, and the proof it stands for did not run:
-# that is a failure there. Only GPU tests (CI has no GPU; the device runs them) and the marked
-# out-of-CI loader checks (their own script runs them) may skip.
+# that is a failure there. Only GPU tests may skip (CI has no GPU; the device runs them).
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -73,9 +79,39 @@ def pytest_make_collect_report(collector):
 def _fail_skip_in_ci(report) -> None:
     if IN_CI and report.skipped:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if GPU_SKIP not in reason and OUT_OF_CI_SKIP not in reason:
+        if GPU_SKIP not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
+
+
+CACHE = Path(os.environ.get("CTFORMAT_TEST_CACHE") or Path.home() / ".cache" / "ctformat-tests")
+
+
+def pip_target(name: str, requirements: list[str]) -> Path:
+    """A folder holding exactly `requirements` (pinned, --no-deps, from the package index),
+    installed once into the test cache: peers of another version than the environment's
+    (transformers 4.x, compressed-tensors 0.14) run from it in a subprocess with PYTHONPATH."""
+    target = CACHE / name
+    done = target / ".installed"
+    if not done.is_file() or done.read_text() != "\n".join(requirements):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--upgrade",
+                        "--target", str(target), *requirements], check=True, timeout=600)
+        done.write_text("\n".join(requirements))
+    return target
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`ctformat ARGS` run in this process (no interpreter start-up, no torch import per call):
+    exit code, stdout and stderr, as subprocess.run would give them. test_cli.py keeps the real
+    `python -m ctformat` process for what only a process shows."""
+    from ctformat_cli.main import main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def tree_snapshot(path: Path) -> dict[str, bytes]:

@@ -7,6 +7,6 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${GPTQMODEL_VENV:-/work/venvs/gptqmodel}"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-export CTFORMAT_LOADER_CHECKS=1          # the out_of_ci tests run here, and a missing peer is an error
+export CTFORMAT_LOADER_CHECKS=1          # the outside_ci check runs here, and a missing peer is an error
 exec nice -n 10 timeout "${TIMEOUT:-3000}" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     "$here/tests/test_gptq_loaders.py" "$@"

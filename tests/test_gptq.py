@@ -263,7 +263,7 @@ def test_codecs_exact_inverses(bits, n, kw, sym, strategy, act, zp_i8, f16, seed
         try:
             g = to_gptq(t, scheme, fmt=fmt)
         except UnsupportedError as err:
-            assert fmt == GPTQ_V1 and "GCV-04" in str(err)
+            assert fmt == GPTQ_V1 and "QCV-04" in str(err)
             continue
         assert torch.equal(gptq_values(g, bits, k, fmt == GPTQ_V1), want)
         _same(from_gptq(g, module_scheme(scheme), scheme, v1=fmt == GPTQ_V1, k=k, dtypes=_dtypes(t)), t)
@@ -280,7 +280,7 @@ def test_asymmetric_zero_extremes(zero):
     v2 = to_gptq(t, scheme, fmt=GPTQ_V2)
     assert (v2["qzeros"] == (0 if zero == 0 else -1)).all()       # 0x00000000 / 0xFFFFFFFF
     if zero == 0:
-        with pytest.raises(UnsupportedError, match="GCV-04"):
+        with pytest.raises(UnsupportedError, match="QCV-04"):
             to_gptq(t, scheme, fmt=GPTQ_V1)
     else:
         assert (to_gptq(t, scheme, fmt=GPTQ_V1)["qzeros"] == -0x11111112).all()   # 0xEEEEEEEE: 14 = 15 - 1
@@ -350,7 +350,7 @@ def test_lossy_scales_refused_then_counted(tmp_path):
     src = _write_ct(tmp_path / "src", t, {"num_bits": 4, "strategy": "group", "group_size": 32})
     with pytest.raises(UnsupportedError, match=r"2 scales change") as err:
         to_format(src, tmp_path / "out", "gptq")
-    assert err.value.rule == "GCV-03" and err.value.option == "allow_lossy"
+    assert err.value.rule == "QCV-03" and err.value.option == "allow_lossy"
     assert not (tmp_path / "out").exists()
     result = to_format(src, tmp_path / "out", "gptq", allow_lossy=True)
     assert result.details["lossy_scales"] == 2 and result.details["largest_scale_change"] == float("inf")
@@ -359,8 +359,8 @@ def test_lossy_scales_refused_then_counted(tmp_path):
 
 
 @pytest.mark.parametrize("case,target,rule", [
-    ("actorder", "awq", "GCV-05"), ("int8", "awq", "GCV-01"), ("n12", "gptq", "GCV-02"), ("n12", "awq", "GCV-02"),
-    ("zero0", "gptq-v1", "GCV-04"), ("stacked", "gptq", "GCV-06"), ("dense", "gptq", "GCV-07")])
+    ("actorder", "awq", "QCV-05"), ("int8", "awq", "QCV-01"), ("n12", "gptq", "QCV-02"), ("n12", "awq", "QCV-02"),
+    ("zero0", "gptq-v1", "QCV-04"), ("stacked", "gptq", "QCV-06"), ("dense", "gptq", "QCV-07")])
 def test_refusals(tmp_path, case, target, rule):
     kw = {"act": True} if case == "actorder" else {}
     bits, n = (8 if case == "int8" else 4), (12 if case == "n12" else 16)

@@ -186,7 +186,7 @@ def test_keep_names_and_mixed_eras(tmp_path):
     save_checkpoint(tmp_path / "mixed", t, c.config)
     with pytest.raises(UnsupportedError) as err:
         convert(tmp_path / "mixed", tmp_path / "o", to="gptq", device="cpu")
-    assert err.value.rule == "GCV-07" and not (tmp_path / "o").exists()
+    assert err.value.rule == "QCV-07" and not (tmp_path / "o").exists()
 
 
 # -- convert through the CLI ----------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_cli_convert_gptq_awq_and_back(capsys, tmp_path):
 def test_cli_refusals_are_one_line_with_the_rule(capsys, tmp_path):
     code, _, err = cli(capsys, "convert", str(FIXTURES / "int8-g32"), str(tmp_path / "o"), "--to", "awq",
                        "--device", "cpu")
-    assert code == 1 and err.strip().endswith("[GCV-01]") and len(err.strip().splitlines()) == 1
+    assert code == 1 and err.strip().endswith("[QCV-01]") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
     code, _, err = cli(capsys, "convert", str(FIXTURES / "int4-g32"), str(tmp_path / "o"), "--to", "awq",
                        "--gptq-format", "v1")
@@ -229,7 +229,7 @@ def test_cli_allow_lossy_reports_what_was_rounded(capsys, tmp_path):
     t[name][0, 0] = 1.5e-6                     # a bf16 value below fp16's normal range: rounds
     save_checkpoint(tmp_path / "src", t, c.config)
     code, _, err = cli(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq")
-    assert code == 1 and "[GCV-03]" in err and "--allow-lossy" in err
+    assert code == 1 and "[QCV-03]" in err and "--allow-lossy" in err
     code, out, _ = cli(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq",
                        "--allow-lossy", "--device", "cpu")
     assert code == 0 and "1 scales rounded to float16" in out
@@ -314,3 +314,20 @@ def test_convert_on_cuda_is_the_cpu_output(src, tmp_path):
         a = dequantize_checkpoint(tmp_path / f"{target}-cpu", device="cpu")
         b = dequantize_checkpoint(tmp_path / f"{target}-cpu", device="cuda")
         assert all(torch.equal(a[n], b[n].cpu()) for n in a)
+
+
+def test_workers_write_the_bytes_of_one_process(tmp_path):
+    """--to gptq / awq / compressed-tensors run in pieces like every safetensors target: two
+    worker processes write the bytes (quantize_config.json included) of one."""
+    src = FIXTURES / "tiny-mixtral"
+    for target in ("gptq", "awq"):
+        one, two = tmp_path / f"{target}-1", tmp_path / f"{target}-2"
+        convert(src, one, to=target, device="cpu")
+        r = convert(src, two, to=target, device="cpu", workers=2, piece_size=20_000)
+        assert r.details["workers"] == 2 and r.details["pieces"] > 1 and r.details["format"]
+        assert tree_snapshot(two) == tree_snapshot(one)
+        back = convert(one, tmp_path / f"{target}-ct", to="compressed-tensors", device="cpu", workers=2,
+                       piece_size=20_000)
+        assert back.details["pieces"] > 1
+        convert(one, tmp_path / f"{target}-ct1", to="compressed-tensors", device="cpu")
+        assert tree_snapshot(tmp_path / f"{target}-ct") == tree_snapshot(tmp_path / f"{target}-ct1")

@@ -8,33 +8,35 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import GPTQ_REFUSALS, MARLIN_REFUSALS, RULES
+from ctformat.spec import GGUF_REFUSALS, GPTQ_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
 TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 DEEP = ("DATA", "MRL-07", "GPTQ-07", "GPTQ-08", "GPTQ-09", "AWQ-06")
-SPECS = sorted((ROOT / "spec").glob("*.md"))          # ctformat.md, and each companion part
 
 
 def test_every_rule_has_a_bad_fixture_and_nothing_else():
     assert sorted(p.name for p in BAD.iterdir()) == sorted(RULES)
 
 
-def _table_ids(pattern: str) -> list[str]:
-    """Rule IDs that open a table row in any spec file, each occurrence."""
-    return [i for p in SPECS for i in re.findall(rf"^\|\s*`?({pattern}-\d\d)`?\s*\|", p.read_text(), re.M)]
+SPECS = sorted((ROOT / "spec").glob("*.md"))
+RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|GPTQ|AWQ)-\d\d)`?\s*\|"
 
 
 def test_spec_lists_exactly_the_rules_of_the_code():
-    table_ids = _table_ids("(?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GPTQ|AWQ)")
-    assert sorted(table_ids) == sorted(RULES)          # each rule in one table row of one spec file
+    """Every spec file's rule tables together list RULES, each ID in one file only."""
+    found = [i for p in SPECS for i in set(re.findall(RULE_TABLE, p.read_text(), re.M))]
+    assert sorted(found) == sorted(RULES)
 
 
-def test_spec_lists_exactly_the_refusals_of_the_code():
-    assert sorted(_table_ids("MCV")) == sorted(MARLIN_REFUSALS)
-    assert sorted(_table_ids("GCV")) == sorted(GPTQ_REFUSALS)
+@pytest.mark.parametrize("prefix,catalogue,spec", [("MCV", MARLIN_REFUSALS, "ctformat.md"),
+                                                   ("GCV", GGUF_REFUSALS, "gguf.md"),
+                                                   ("QCV", GPTQ_REFUSALS, "gptq-awq.md")])
+def test_spec_lists_exactly_the_refusals_of_the_code(prefix, catalogue, spec):
+    text = (ROOT / "spec" / spec).read_text()
+    assert set(re.findall(rf"^\|\s*`({prefix}-\d\d)`\s*\|", text, re.M)) == set(catalogue)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
