@@ -18,7 +18,7 @@ from .pack import pack_to_int32, unpack_from_int32
 from .scheme import QuantScheme, Strategy, int_range
 from .spec import CROSS_WORD
 
-__all__ = ["calculate_qparams", "quantize", "dequantize", "compress", "decompress"]
+__all__ = ["calculate_qparams", "minmax_qparams", "quantize", "dequantize", "compress", "decompress"]
 
 
 def _check_supported(scheme: QuantScheme) -> None:
@@ -57,7 +57,8 @@ def _aligned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
 
 
 def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scale and zero point as compressed-tensors computes them, in the weight dtype."""
+    """Min-max scale and zero point of a weight, reduced per tensor / row / group as
+    llm-compressor's observers do (per tensor: min/max of shape [1]), in the weight dtype."""
     _check_supported(scheme)
     if scheme.strategy is Strategy.TENSOR:
         lo, hi = weight.amin().reshape(1), weight.amax().reshape(1)
@@ -65,14 +66,27 @@ def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.
         x = _grouped(weight, scheme)
         keep = scheme.strategy is Strategy.CHANNEL
         lo, hi = x.amin(-1, keepdim=keep), x.amax(-1, keepdim=keep)
-    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)   # 0 must be representable
-    qmin, qmax = (torch.tensor(float(v), device=weight.device) for v in int_range(scheme.num_bits))
-    bit_range = (qmax - qmin).to(lo.dtype)
+    return minmax_qparams(lo, hi, scheme)
+
+
+def minmax_qparams(min_vals: torch.Tensor, max_vals: torch.Tensor, scheme: QuantScheme
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point from observed min/max values of any shape, step for step as
+    compressed-tensors' calculate_qparams: every step runs in the min/max dtype, except that
+    0-d min/max (CT's own per-tensor path) give a 0-d quotient that torch promotes against the
+    0-d float32 q_min, so the zero point is computed in float32 (spec §5). 0-d results come
+    back with shape [1], as in CT."""
+    _check_supported(scheme)
+    lo = torch.min(min_vals, torch.zeros_like(min_vals))     # 0 must be representable
+    hi = torch.max(max_vals, torch.zeros_like(max_vals))
+    qmin, qmax = (torch.tensor(float(v), device=lo.device) for v in int_range(scheme.num_bits))
+    bit_range = qmax - qmin
     if scheme.symmetric:
-        scale = torch.max(lo.abs(), hi.abs()) / (bit_range / 2)
+        absmax = torch.max(torch.abs(lo), torch.abs(hi))
+        scale = absmax / (bit_range.to(absmax.dtype) / 2)
         zero_point = None
     else:
-        scale = (hi - lo) / bit_range
+        scale = (hi - lo) / bit_range.to(hi.dtype)
         zero_point = torch.clamp(qmin - lo / scale, qmin, qmax)
     eps_dtype = scale.dtype
     if scheme.scale_dtype is not None:   # rounded through scale_dtype, kept in the weight dtype
@@ -83,7 +97,10 @@ def calculate_qparams(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.
                                                  device=scale.device), scale)
     if zero_point is not None:
         zero_point = torch.round(torch.clamp(zero_point, -128, 127)).to(torch.int8)
-    return scale, zero_point
+    if scale.ndim == 0:
+        scale = scale.reshape(1)
+        zero_point = None if zero_point is None else zero_point.reshape(1)
+    return scale.contiguous(), None if zero_point is None else zero_point.contiguous()
 
 
 def quantize(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor | None = None,
