@@ -43,7 +43,7 @@ def pack_to_int32(value: torch.Tensor, num_bits: int, packed_dim: int = 1, *,
                             device=value.device)
         return words.transpose(-1, -2).contiguous() if packed_dim == 0 else words
     words = _pack_rows(_rowmajor(rows).view(torch.uint8), num_bits, layout)
-    return words.transpose(-1, -2).contiguous() if packed_dim == 0 else words
+    return (words.transpose(-1, -2) if packed_dim == 0 else words).contiguous()   # savable as it is
 
 
 def unpack_from_int32(value: torch.Tensor, num_bits: int, shape, packed_dim: int = 1, *,
@@ -65,7 +65,7 @@ def unpack_from_int32(value: torch.Tensor, num_bits: int, shape, packed_dim: int
         q = torch.zeros(*words.shape[:-1], n, dtype=torch.int8, device=value.device)
     else:
         q = _unpack_rows(_rowmajor(words), num_bits, n, layout)
-    return q.transpose(-1, -2) if packed_dim == 0 else q
+    return (q.transpose(-1, -2) if packed_dim == 0 else q).contiguous()
 
 
 def _check_bits(num_bits: int) -> None:

@@ -116,7 +116,9 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor | No
     if z is not None:
         scaled += z.to(x.dtype)
     q = torch.round(torch.clamp(scaled, qmin, qmax)).to(torch.int8)
-    return q.reshape(weight.shape), scale, zero_point
+    # contiguous: a transposed weight would otherwise give views (safetensors refuses them)
+    return q.reshape(weight.shape).contiguous(), scale.contiguous(), \
+        None if zero_point is None else zero_point.contiguous()
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
@@ -130,7 +132,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
         w -= z.to(s.dtype)
     w *= s
     w = w.reshape(q.shape)
-    return w if dtype is None or dtype == w.dtype else w.to(dtype)
+    return (w if dtype is None or dtype == w.dtype else w.to(dtype)).contiguous()
 
 
 def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor | None = None,
@@ -149,9 +151,9 @@ def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor |
         if packed_zero_point and scheme.strategy in (Strategy.GROUP, Strategy.CHANNEL):
             out["weight_zero_point"] = pack_to_int32(zero_point, scheme.num_bits, packed_dim=0, layout=layout)
         else:
-            out["weight_zero_point"] = zero_point.to(torch.int8)
+            out["weight_zero_point"] = zero_point.to(torch.int8).contiguous()
     if g_idx is not None:
-        out["weight_g_idx"] = g_idx.to(torch.int32)
+        out["weight_g_idx"] = g_idx.to(torch.int32).contiguous()
     return out
 
 
