@@ -163,13 +163,18 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
 
     kernel: "torch" (any device, the reference), "triton" (the fused kernel: CUDA, or the
     CPU under TRITON_INTERPRET=1), or "auto" (triton for CUDA tensors when it can, else torch).
-    Both give the same bits.
+    Both give the same bits. Meta tensors give an empty meta weight of the shape and dtype
+    compressed-tensors gives (`_meta_shape`).
     """
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
-    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
     zp = tensors.get("weight_zero_point")
     if zp is not None and zp.dtype not in (torch.int32, torch.int8):
         raise TensorError(f"weight_zero_point dtype {zp.dtype} is neither int32 nor int8", rule="TEN-06")
+    if packed.device.type == "meta":     # a model built without memory: shape and dtype only
+        _check_supported(scheme)
+        shape = _meta_shape(packed, scale, tensors["weight_shape"], scheme, layout)
+        return torch.empty(shape, dtype=dtype or scale.dtype, device="meta")
+    shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
     g_idx = tensors.get("weight_g_idx")
     if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[-1]):
         raise TensorError(f"weight_g_idx spans [{int(g_idx.min())}, {int(g_idx.max())}], outside "
@@ -200,6 +205,23 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
         out[r:r + step] = dequantize(q, s2[r:r + step], None if z2 is None else z2[r:r + step], g_idx,
                                      scheme=scheme, dtype=dtype)
     return out.reshape(shape)
+
+
+def _meta_shape(packed: torch.Tensor, scale: torch.Tensor, weight_shape: torch.Tensor, scheme: QuantScheme,
+                layout: str) -> tuple[int, ...]:
+    """The dense shape of meta tensors: weight_shape when it has data; else as compressed-tensors
+    works it out, in_features = groups x group_size, or (channel, tensor) the most values the
+    packed width holds, which exceeds the true in_features by less than one word's worth."""
+    if weight_shape.device.type != "meta":
+        return tuple(int(v) for v in weight_shape.tolist())
+    words = packed.shape[-1]
+    if scheme.strategy is Strategy.GROUP:
+        n = scale.shape[-1] * scheme.group_size
+    elif layout == CROSS_WORD:
+        n = words * 32 // scheme.num_bits
+    else:
+        n = words * (32 // scheme.num_bits)
+    return (*packed.shape[:-1], n)
 
 
 _ROW_BLOCK_ELEMENTS = 1 << 23     # values per row block on the CPU (16 MiB of bf16): 2x fewer thread syncs
