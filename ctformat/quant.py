@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from .backend import use_triton
 from .errors import TensorError, UnsupportedError
 from .dtypes import float_dtype
-from .pack import pack_to_int32, unpack_from_int32
-from .scheme import QuantScheme, Strategy, int_range
+from .pack import cpu_map, pack_block, pack_to_int32, unpack_block, unpack_from_int32
+from .scheme import QuantScheme, Strategy, int_range, packed_width
 from .spec import CROSS_WORD
 
 __all__ = ["calculate_qparams", "minmax_qparams", "quantize", "dequantize", "compress", "decompress"]
@@ -110,15 +111,24 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor | No
     _check_supported(scheme)
     if scale is None:
         scale, zero_point = calculate_qparams(weight, scheme)
+    if _by_rows(weight, scale, zero_point):
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        _row_blocks(lambda x, s, z, out: out.copy_(_quantized(x, s, z, g_idx, scheme)), weight, scale, zero_point, q)
+    else:
+        q = _quantized(weight, scale, zero_point, g_idx, scheme).to(torch.int8)
+    # contiguous: a transposed weight would otherwise give views (safetensors refuses them)
+    return q.contiguous(), scale.contiguous(), None if zero_point is None else zero_point.contiguous()
+
+
+def _quantized(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               g_idx: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """round(clamp(weight / scale + zero point)) in the weight dtype, shaped as weight."""
     qmin, qmax = (torch.tensor(float(v), device=weight.device) for v in int_range(scheme.num_bits))
     x, s, z = _aligned(weight, scale, zero_point, g_idx, scheme)
     scaled = x / s
     if z is not None:
         scaled += z.to(x.dtype)
-    q = torch.round(torch.clamp(scaled, qmin, qmax)).to(torch.int8)
-    # contiguous: a transposed weight would otherwise give views (safetensors refuses them)
-    return q.reshape(weight.shape).contiguous(), scale.contiguous(), \
-        None if zero_point is None else zero_point.contiguous()
+    return torch.round(torch.clamp(scaled, qmin, qmax)).reshape(weight.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
@@ -126,13 +136,65 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """(q - zero_point) * scale, computed in the scale dtype, then cast to `dtype`."""
     _check_supported(scheme)
+    if _by_rows(q, scale, zero_point):
+        w = torch.empty(q.shape, dtype=dtype or scale.dtype)
+        _row_blocks(lambda x, s, z, out: _dequantized(x, s, z, g_idx, scheme, out), q, scale, zero_point, w)
+        return w
+    w = _dequantized(q, scale, zero_point, g_idx, scheme)
+    return (w if dtype is None or dtype == w.dtype else w.to(dtype)).contiguous()
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 g_idx: torch.Tensor | None, scheme: QuantScheme, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - zero point) * scale in the scale dtype, shaped as q; written into `out` (a
+    contiguous tensor of q's shape) when given, through a temporary unless it has the scale dtype."""
     x, s, z = _aligned(q, scale, zero_point, g_idx, scheme)
-    w = x.to(s.dtype)
+    direct = out is not None and out.dtype == s.dtype
+    w = out.view(x.shape).copy_(x) if direct else x.to(s.dtype)
     if z is not None:
         w -= z.to(s.dtype)
     w *= s
-    w = w.reshape(q.shape)
-    return (w if dtype is None or dtype == w.dtype else w.to(dtype)).contiguous()
+    if out is None:
+        return w.reshape(q.shape)
+    if not direct:
+        out.copy_(w.view(out.shape))
+    return out
+
+
+# -- CPU row blocks --------------------------------------------------------------------------
+# On the CPU every value's result depends only on its row's scale and zero point, so the work
+# goes by blocks of whole rows (about _ROW_BLOCK_ELEMENTS values, a core's L2 cache) on
+# pack.cpu_map's workers, each running torch on one thread: the same ops on fewer values, so
+# the same bits, without whole-tensor temporaries or thread barriers (pack.py, "the CPU path").
+
+def _by_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> bool:
+    """Whether x goes by row blocks: a CPU tensor (no autograd) whose scale and zero point
+    hold one row per row of x, or one value for the whole tensor."""
+    return x.device.type == "cpu" and not x.requires_grad and _row_params(x.shape, scale, zero_point)
+
+
+def _row_params(shape: tuple[int, ...], scale: torch.Tensor, zero_point: torch.Tensor | None) -> bool:
+    if len(shape) < 2 or 0 in shape:
+        return False
+    return all(p is None or (not p.requires_grad and (p.numel() == 1 or (p.ndim == len(shape) and
+                                                                        p.shape[:-1] == tuple(shape[:-1]))))
+               for p in (scale, zero_point))
+
+
+def _row_blocks(fn, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                out: torch.Tensor, n: int | None = None) -> None:
+    """fn(x rows, scale rows, zero point rows, out rows) for every block of rows of x, whose
+    rows hold n values each (x's own row length unless given)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out2 = out.view(x2.shape[0], -1)
+    s2, z2 = (p if p is None or p.numel() == 1 else p.reshape(x2.shape[0], -1) for p in (scale, zero_point))
+    step = max(1, _ROW_BLOCK_ELEMENTS // (n or x.shape[-1]))
+
+    def rows(p, r):
+        return p if p is None or p.numel() == 1 else p[r:r + step]
+
+    cpu_map(lambda r: fn(x2[r:r + step], rows(s2, r), rows(z2, r), out2[r:r + step]),
+            range(0, x2.shape[0], step), torch_ops=True)
 
 
 def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor | None = None,
@@ -143,8 +205,17 @@ def compress(weight: torch.Tensor, scheme: QuantScheme, *, scale: torch.Tensor |
     `packed_zero_point=False` writes the pre-0.9.4 form (I8 [out, groups]); `layout` picks
     the word layout of 3/5/6/7-bit values (spec §3.3).
     """
-    q, scale, zero_point = quantize(weight, scheme, scale, zero_point, g_idx)
-    out = {"weight_packed": pack_to_int32(q, scheme.num_bits, layout=layout),
+    _check_supported(scheme)
+    if scale is None:
+        scale, zero_point = calculate_qparams(weight, scheme)
+    if _by_rows(weight, scale, zero_point):      # quantize and pack each block while it is in cache
+        packed = _compress_rows(weight, scale, zero_point, g_idx, scheme, layout)
+    else:
+        q, scale, zero_point = quantize(weight, scheme, scale, zero_point, g_idx)
+        packed = pack_to_int32(q, scheme.num_bits, layout=layout)
+    scale = scale.contiguous()
+    zero_point = None if zero_point is None else zero_point.contiguous()
+    out = {"weight_packed": packed,
            "weight_scale": scale,
            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
     if not scheme.symmetric:
@@ -190,20 +261,39 @@ def decompress(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, *, layo
                                  group_size=gs, dtype=dtype)
     if zp is not None and zp.dtype == torch.int32:     # packed along dim 0 (CT >= 0.9.4)
         zp = unpack_from_int32(zp, scheme.num_bits, (*shape[:-1], scale.shape[-1]), packed_dim=0, layout=layout)
-    rows = packed.numel() // max(packed.shape[-1], 1)
-    if packed.device.type != "cpu" or rows * shape[-1] <= _ROW_BLOCK_ELEMENTS or scale.numel() == 1:
-        q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
-        return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
-    # Large CPU tensors go by blocks of rows into one output: temporaries stay small, so
-    # peak memory is about the output itself (every row's values are independent).
-    p2, s2 = packed.reshape(rows, packed.shape[-1]), scale.reshape(rows, scale.shape[-1])
-    z2 = None if zp is None else zp.reshape(rows, zp.shape[-1])
-    out = torch.empty(rows, shape[-1], dtype=dtype or scale.dtype)
-    step = max(1, _ROW_BLOCK_ELEMENTS // shape[-1])
-    for r in range(0, rows, step):
-        q = unpack_from_int32(p2[r:r + step], scheme.num_bits, (min(step, rows - r), shape[-1]), layout=layout)
-        out[r:r + step] = dequantize(q, s2[r:r + step], None if z2 is None else z2[r:r + step], g_idx,
-                                     scheme=scheme, dtype=dtype)
+    if packed.device.type == "cpu" and _row_params((*packed.shape[:-1], shape[-1]), scale, zp):
+        return _decompress_rows(packed, scale, zp, g_idx, scheme, layout, dtype, shape)
+    q = unpack_from_int32(packed, scheme.num_bits, shape, layout=layout)
+    return dequantize(q, scale, zp, g_idx, scheme=scheme, dtype=dtype)
+
+
+def _compress_rows(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   g_idx: torch.Tensor | None, scheme: QuantScheme, layout: str) -> torch.Tensor:
+    """weight_packed of a CPU weight, quantized and packed block by block."""
+    words = packed_width(weight.shape[-1], scheme.num_bits, layout)
+    packed = torch.empty(*weight.shape[:-1], words, dtype=torch.int32)
+
+    def block(x, s, z, out):
+        q = _quantized(x, s, z, g_idx, scheme).to(torch.int8)     # in range: clamped to it
+        pack_block(q.numpy(), out.numpy().view(np.uint8), scheme.num_bits, layout)
+
+    _row_blocks(block, weight, scale, zero_point, packed)
+    return packed
+
+
+def _decompress_rows(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     g_idx: torch.Tensor | None, scheme: QuantScheme, layout: str, dtype: torch.dtype | None,
+                     shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense weight of CPU tensors, unpacked and dequantized block by block."""
+    n = shape[-1]
+    out = torch.empty(*packed.shape[:-1], n, dtype=dtype or scale.dtype)
+
+    def block(words, s, z, out_rows):
+        q = np.empty((words.shape[0], n), dtype=np.int8)
+        unpack_block(words.numpy().view(np.uint8), q, scheme.num_bits, layout)
+        _dequantized(torch.from_numpy(q), s, z, g_idx, scheme, out_rows)
+
+    _row_blocks(block, packed, scale, zero_point, out, n=n)
     return out.reshape(shape)
 
 
@@ -224,5 +314,4 @@ def _meta_shape(packed: torch.Tensor, scale: torch.Tensor, weight_shape: torch.T
     return (*packed.shape[:-1], n)
 
 
-_ROW_BLOCK_ELEMENTS = 1 << 23     # values per row block on the CPU (16 MiB of bf16): 2x fewer thread syncs
-# than 1 << 22 for 5% more time when idle, 2.2x less time with the other core busy
+_ROW_BLOCK_ELEMENTS = 1 << 18     # values per CPU row block (512 KiB of bf16): within a core's L2 cache
