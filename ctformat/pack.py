@@ -241,8 +241,12 @@ def cpu_map(job: Callable[[int], None], starts: range, *, torch_ops: bool = Fals
     threads = [threading.Thread(target=work, name=f"ctformat-cpu-{i}", daemon=True) for i in range(workers)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:           # KeyboardInterrupt: the workers stop at their next block
+        errors.append(None)
+        raise
     if errors:
         raise errors[0]
 

@@ -135,6 +135,12 @@ def test_cpu_map_runs_inline_with_one_thread_and_reraises(monkeypatch):
 
     with pytest.raises(KeyError, match="block 3"):
         cpu_map(job, range(8))
+    # where a worker's torch cannot be made single-threaded, torch jobs stay on the calling thread
+    monkeypatch.setattr(pack, "_omp_set_num_threads", None)
+    order.clear()
+    cpu_map(lambda s: order.append((s, threading.current_thread() is threading.main_thread())), range(3),
+            torch_ops=True)
+    assert order == [(0, True), (1, True), (2, True)]
 
 
 def test_cpu_blocks_keep_inference_mode():
