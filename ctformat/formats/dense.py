@@ -30,7 +30,7 @@ class Dense(Format, names=("dense",)):
 
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         """The stored weight, unchanged (compressed-tensors' DenseCompressor)."""
         w = tensors["weight"]
         return w if dtype is None or w.dtype == dtype else w.to(dtype)

@@ -19,7 +19,7 @@ from .args import FLOAT_CODES, Scheme
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorSpec", "Format", "FORMATS", "format_named", "effective_format", "FLOAT_CODES"]
+__all__ = ["TensorSpec", "Format", "FORMATS", "format_named", "effective_format", "use_triton", "FLOAT_CODES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +84,9 @@ class Format:
     # -- codec ------------------------------------------------------------------------------
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense weight from a module's tensors (local names), bit-exact with compressed-tensors."""
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
+        """Dense weight from a module's tensors (local names), bit-exact with compressed-tensors;
+        `dtype` casts its result; `kernel` as use_triton."""
         raise UnsupportedError(f"format {cls.names[0]!r} cannot be dequantized")
 
     @classmethod
@@ -109,6 +110,17 @@ def effective_format(group: Mapping[str, Any], top_format: str | None) -> str | 
     if own is not None:
         return own
     return None if top_format == MIXED_PRECISION else top_format
+
+
+def use_triton(kernel: str, tensor: torch.Tensor) -> bool:
+    """kernel "torch", "triton" (CUDA, or the CPU under TRITON_INTERPRET=1) or "auto" (triton for
+    CUDA tensors when it is installed). Both give the same bits."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
+    if kernel != "auto":
+        return kernel == "triton"
+    from importlib.util import find_spec
+    return tensor.device.type == "cuda" and find_spec("triton") is not None
 
 
 def leading(shape: Sequence[int]) -> tuple[int, ...]:

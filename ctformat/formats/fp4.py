@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..scheme import Strategy
 from .args import E8M0, MX_GROUP, Scheme
-from .format import Format, TensorSpec, leading, per_tensor
+from .format import Format, TensorSpec, leading, per_tensor, use_triton
 from .naive import _global_scales, activation_specs
 
 if TYPE_CHECKING:
@@ -64,13 +64,17 @@ class NVFP4(Format, names=("nvfp4-pack-quantized",)):
 
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         """BF16 whatever the model dtype (compressed-tensors unpacks to bf16); `dtype` casts it."""
         import torch
 
         from . import numerics
-        values = numerics.unpack_fp4(tensors["weight_packed"], torch.bfloat16)
         g = tensors.get("weight_global_scale") if scheme.weights.has_global_scale else None
+        if use_triton(kernel, tensors["weight_packed"]) and (g is None) == (cls is MXFP4):
+            from .kernels_fp import dequantize_fp4
+            return dequantize_fp4(tensors["weight_packed"], tensors["weight_scale"], g,
+                                  group_size=scheme.weights.group_size, dtype=dtype)
+        values = numerics.unpack_fp4(tensors["weight_packed"], torch.bfloat16)
         dense = numerics.dequantize(values, cls._float_scale(tensors["weight_scale"]), None, scheme.weights,
                                     global_scale=g, dtype=torch.bfloat16)
         return dense if dtype is None else dense.to(dtype)

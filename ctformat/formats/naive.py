@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from ..errors import UnsupportedError
 from ..scheme import Strategy
 from .args import E8M0, FLOAT_CODES, MX_GROUP, QuantArgs, Scheme
-from .format import Format, TensorSpec, leading, per_tensor
+from .format import Format, TensorSpec, leading, per_tensor, use_triton
 
 if TYPE_CHECKING:
     import torch
@@ -93,11 +94,19 @@ class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized"
 
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         from . import numerics
         w = scheme.weights
+        q, scale = tensors["weight"], cls._float_scale(tensors["weight_scale"])
+        fits = w.is_float and w.symmetric and w.strategy is not Strategy.TENSOR_GROUP
+        if kernel == "triton" and not fits:
+            raise UnsupportedError("the triton kernel takes symmetric FP8 weights; use kernel='torch'")
+        if fits and use_triton(kernel, q):
+            from .kernels_fp import dequantize_fp8
+            return dequantize_fp8(q, scale, strategy=w.strategy.value, group_size=w.group_size,
+                                  block_structure=w.block_structure, dtype=dtype)
         zp = None if w.symmetric else tensors["weight_zero_point"]
-        dense = numerics.dequantize(tensors["weight"], cls._float_scale(tensors["weight_scale"]), zp, w)
+        dense = numerics.dequantize(q, scale, zp, w)
         return dense if dtype is None else dense.to(dtype)
 
     @classmethod

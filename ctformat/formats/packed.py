@@ -54,9 +54,9 @@ class Packed(Format, names=("pack-quantized",)):
 
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         from ..quant import decompress
-        return decompress(tensors, _int_scheme(scheme), dtype=dtype)
+        return decompress(tensors, _int_scheme(scheme), dtype=dtype, kernel=kernel)
 
     @classmethod
     def compress(cls, weight: torch.Tensor, scheme: Scheme, **qparams) -> dict[str, torch.Tensor]:

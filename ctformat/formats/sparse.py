@@ -69,7 +69,8 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
 
     @classmethod
     def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
-                   dtype: torch.dtype | None = None, *, legacy_f16: bool = False) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, *, kernel: str = "auto", legacy_f16: bool = False
+                   ) -> torch.Tensor:
         """Scatter, then (sparse over quantized) dequantize as the naive format with the group's
         args: one rounding in the scale dtype, as compressed-tensors 0.20 does for every format.
         legacy_f16=True reproduces compressed-tensors 0.14's model path instead, which held the
@@ -80,7 +81,7 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
             qt = {**tensors, "weight": dense}
             if legacy_f16:
                 qt["weight_scale"] = tensors["weight_scale"].to(torch.float16)
-            out = Naive.decompress(qt, scheme)
+            out = Naive.decompress(qt, scheme, kernel="torch" if legacy_f16 else kernel)
             return out if dtype is None else out.to(dtype)
         return dense if dtype is None else dense.to(dtype)
 
@@ -163,7 +164,7 @@ class Marlin24(Format, names=("marlin-24",)):
         return (cols // 2, 32 * rows)
 
     @classmethod
-    def decompress(cls, tensors, scheme, dtype=None):
+    def decompress(cls, tensors, scheme, dtype=None, *, kernel="auto"):
         raise UnsupportedError("marlin-24 cannot be dequantized: no decompressor exists (compressed-tensors "
                                "<= 0.14 says 'Decompression is not implemented for the Marlin24 Compressor') "
                                "[FMT-22]")
