@@ -47,6 +47,7 @@ class Format:
     names: ClassVar[tuple[str, ...]] = ()
     root: ClassVar[str] = "weight"           # the tensor that marks a module of this format
     decodable: ClassVar[bool] = True
+    header_rules: ClassVar[bool] = True       # checked by rules.check_module (pack-quantized: TEN rules)
 
     def __init_subclass__(cls, *, names: tuple[str, ...] = (), **kw: Any) -> None:
         super().__init_subclass__(**kw)

@@ -23,6 +23,7 @@ class Packed(Format, names=("pack-quantized",)):
     """Int 1..8-bit values packed into int32 words (spec/ctformat.md)."""
 
     root = "weight_packed"
+    header_rules = False        # spec/ctformat.md's TEN rules judge it (weight_shape holds `in`)
 
     @classmethod
     def misfit(cls, scheme: Scheme) -> str | None:
