@@ -166,3 +166,45 @@ def test_legacy_sparse24_independent_reading():
         assert not dense[~torch.from_numpy(mask)].any() and mask.reshape(-1, 4).sum(1).max() <= 2
         seen += 1
     assert seen == 14
+
+
+_CT014_F16 = """
+import sys, torch
+from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+from compressed_tensors.quantization.lifecycle.forward import dequantize
+from safetensors.torch import load_file, save_file
+t = load_file(sys.argv[1])
+lin = torch.nn.Linear(t["q"].shape[1], t["q"].shape[0], bias=False)
+lin.weight = torch.nn.Parameter(t["q"], requires_grad=False)
+scheme = QuantizationScheme(targets=["Linear"], weights={"num_bits": 8, "type": "float", "strategy": "tensor"})
+initialize_module_for_quantization(lin, scheme)      # an FP8 weight: the scale param is float16
+lin.weight_scale.data.copy_(t["s"])                  # as the loader copies the stored BF16 scale
+out = dequantize(lin.weight, lin.weight_scale, None, scheme.weights).to(torch.bfloat16)
+save_file({"w": out, "f16": torch.tensor([lin.weight_scale.dtype == torch.float16])}, sys.argv[2])
+"""
+
+
+def test_sparse24_over_fp8_legacy_f16_equals_ct_014_model_path(tmp_path):
+    """CT 0.14 dequantized sparse-24 FP8 through a model whose weight_scale parameter is F16
+    (initialize_qparams: an FP8 weight is not a float dtype): legacy_f16=True gives its bits;
+    the default gives CT 0.20's single rounding, and the two differ."""
+    if not _ct014_available():
+        pytest.skip("compressed-tensors 0.14.0.1 not installed beside the system one")
+    from ctformat.formats.args import Scheme
+    s = Scheme.from_json({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"}},
+                         where="t")
+    q = (torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 30).to(torch.float8_e4m3fn)
+    scale = torch.tensor([3.1e-5], dtype=torch.bfloat16)
+    t = {**Sparse24Bitmask.compress(q, s), "weight_scale": scale}
+    safetensors.save_file({"q": Sparse24Bitmask.scatter(t), "s": scale}, tmp_path / "in.safetensors")
+    subprocess.run([sys.executable, "-c", _CT014_F16, str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],
+                   check=True, env={**os.environ, "PYTHONPATH": str(CT014)}, timeout=300, capture_output=True)
+    ref = safetensors.load_file(tmp_path / "out.safetensors")
+    assert bool(ref["f16"])
+    legacy = Sparse24Bitmask.decompress(t, s, torch.bfloat16, legacy_f16=True)
+    assert same(legacy, ref["w"])
+    single = Sparse24Bitmask.decompress(t, s)
+    assert same(single, format_named("float-quantized").decompress({"weight": Sparse24Bitmask.scatter(t),
+                                                                     "weight_scale": scale}, s))
+    assert int((single.view(torch.int16) != legacy.view(torch.int16)).sum()) > 0

@@ -1,4 +1,4 @@
-"""The rule catalogue of spec/formats.md §8 and the header checks of ctformat.formats.rules:
+"""The rule catalogue of spec/formats.md §9 and the header checks of ctformat.formats.rules:
 every real checkpoint passes with no problem, and each broken header yields exactly its rule."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ROOT = Path(os.environ.get("CTFORMAT_SHARED", REPO.parent / "shared")) / "format
 
 def test_catalogue_lists_the_spec_rules():
     spec = (REPO / "spec" / "formats.md").read_text()
-    section = spec[spec.index("## 8. Rules"):]
+    section = spec[spec.index("## 9. Rules"):]
     assert set(re.findall(r"^\| `((?:FMT|KV|XFM)-\d\d)` \|", section, re.M)) == set(RULES)
 
 
@@ -129,3 +129,66 @@ def test_value_checks():
     mx = scheme({"num_bits": 4, "type": "float", "group_size": 32, "scale_dtype": "torch.uint8"})
     t = {"weight_packed": torch.zeros(1, 16, dtype=torch.uint8), "weight_scale": torch.tensor([[255]], dtype=torch.uint8)}
     assert [p.rule for p in check_values(format_named("mxfp4-pack-quantized"), mx, t, where="m")] == ["FMT-30"]
+
+
+CONFIG_ERRORS = [  # (group, top-level format, rule)
+    ({"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "group_size": 16}}, "float-quantized", "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mixed-precision", "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mxfp6-pack-quantized", "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "group_size": 16, "symmetric": False}},
+     "nvfp4-pack-quantized", "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "group_size": 32}}, "mxfp8-quantized",
+     "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 5, "type": "float"}}, "float-quantized", "FMT-02"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block"}}, "float-quantized",
+     "FMT-02"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "dynamic": "local"}}, "float-quantized",
+     "FMT-02"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "scale_dtype": "torch.nope"}},
+     "float-quantized", "FMT-02"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"},
+      "input_activations": {"num_bits": 8, "type": "float", "strategy": "channel"}}, "float-quantized", "FMT-02"),
+]
+
+
+@pytest.mark.parametrize("group,top,rule", CONFIG_ERRORS, ids=[f"{r}-{i}" for i, (_, _, r) in enumerate(CONFIG_ERRORS)])
+def test_config_errors_carry_their_rule(group, top, rule):
+    from ctformat.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        FormatConfig.from_json({"quant_method": "compressed-tensors", "format": top, "config_groups": {"g": group}})
+    assert e.value.rule == rule and str(e.value).endswith(f"[{rule}]")
+
+
+def test_mixed_precision_looks_up_each_groups_format():
+    cfg = FormatConfig.from_json({
+            "quant_method": "compressed-tensors", "format": "mixed-precision", "config_groups": {
+                "a": {"targets": ["re:.*self_attn"], "format": "float-quantized",
+                      "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}},
+                "b": {"targets": ["re:.*mlp"], "format": "nvfp4-pack-quantized",
+                      "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                                  "scale_dtype": "torch.float8_e4m3fn"}},
+                "c": {"targets": ["lm_head"], "format": "pack-quantized",
+                      "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}})
+    names = {m: cfg.group_for(m, linear=True).format_name
+             for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head")}
+    assert names == {"model.layers.0.self_attn.q_proj": "float-quantized",
+                     "model.layers.0.mlp.up_proj": "nvfp4-pack-quantized", "lm_head": "pack-quantized"}
+
+
+BITS = [  # (format, weights, bits per weight at [4096, 4096]) as spec/formats.md §7 states them
+    ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}, 8 + 16 / 4096),
+    ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
+     8 + 16 / 128 ** 2),
+    ("int-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, 8.125),
+    ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                              "scale_dtype": "torch.float8_e4m3fn"}, 4.5 + 32 / 4096 ** 2),
+    ("mxfp4-pack-quantized", MX := {"num_bits": 4, "type": "float", "group_size": 32, "scale_dtype": "torch.uint8"},
+     4.25),
+    ("mxfp8-quantized", {**MX, "num_bits": 8}, 8.25),
+    ("dense", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, 16.125),
+]
+
+
+@pytest.mark.parametrize("fmt,weights,want", BITS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BITS)])
+def test_bits_per_weight(fmt, weights, want):
+    assert format_named(fmt).bits_per_weight(scheme(weights), (4096, 4096)) == pytest.approx(want, rel=1e-12)

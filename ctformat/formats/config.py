@@ -25,6 +25,7 @@ class FormatGroup:
     targets: tuple[str, ...]
     scheme: Scheme
     format: type[Format]
+    format_name: str = ""               # the wire name (float-quantized and naive-quantized share a class)
     ignore: tuple[str, ...] = ()        # a sparsity block's own ignore list
 
 
@@ -56,7 +57,7 @@ class FormatConfig:
             why = fmt.misfit(scheme) if scheme.weights is not None else None
             if why:
                 raise ConfigError(f"format {fmt_name!r}: {why}", rule="FMT-01", where=f"{gw}.format")
-            groups.append(FormatGroup(name, tuple(g["targets"]), scheme, fmt))
+            groups.append(FormatGroup(name, tuple(g["targets"]), scheme, fmt, fmt_name))
         kv = obj.get("kv_cache_scheme")
         return cls(tuple(groups), tuple(obj.get("ignore") or ()), _sparsity(obj.get("sparsity_config"), where),
                    None if kv is None else QuantArgs.from_json(kv, where=f"{where}.kv_cache_scheme"),
@@ -88,4 +89,5 @@ def _sparsity(obj: Any, where: str) -> FormatGroup | None:
     if not obj or not isinstance(obj, Mapping) or obj.get("format") in (None, "dense"):
         return None
     fmt = format_named(obj["format"], where=f"{where}.sparsity_config.format")
-    return FormatGroup("sparsity_config", tuple(obj.get("targets") or ()), Scheme(), fmt, tuple(obj.get("ignore") or ()))
+    return FormatGroup("sparsity_config", tuple(obj.get("targets") or ()), Scheme(), fmt, obj["format"],
+                       tuple(obj.get("ignore") or ()))

@@ -1,4 +1,4 @@
-"""The rules of spec/formats.md §8 as data, and the checks of one module against its format's
+"""The rules of spec/formats.md §9 as data, and the checks of one module against its format's
 tables: header-only (check_module, torch-free) and on tensor values (check_values).
 
 Problems are returned as TensorError (rule, where, message), collected, never raised, so
