@@ -35,7 +35,8 @@ RULES: dict[str, tuple[str, str]] = {
     "FMT-18": ("error", "static input/output qparams have the activation strategy's dtype and shape"),
     "FMT-19": ("error", "group_size divides in_features for group and tensor_group"),
     "FMT-20": ("warning", "--target vllm: the block width divides in_features"),
-    "FMT-21": ("error", "a legacy sparse module has compressed, bitmask, shape (and row_offsets) of the right dtypes and shapes"),
+    "FMT-21": ("error", "a legacy sparse module has compressed, bitmask, shape (and row_offsets) of the right "
+                        "dtypes and shapes"),
     "FMT-22": ("error", "marlin-24 cannot be dequantized: no decompressor exists"),
     "FMT-30": ("error", "weight scales are finite and > 0 (no FP8 NaN, no E8M0 255)"),
     "FMT-31": ("error", "F8_E4M3 weight values are not NaN"),
