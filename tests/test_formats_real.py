@@ -199,7 +199,8 @@ def test_sparse24_over_fp8_legacy_f16_equals_ct_014_model_path(tmp_path):
     t = {**Sparse24Bitmask.compress(q, s), "weight_scale": scale}
     safetensors.save_file({"q": Sparse24Bitmask.scatter(t), "s": scale}, tmp_path / "in.safetensors")
     subprocess.run([sys.executable, "-c", _CT014_F16, str(tmp_path / "in.safetensors"),
-                    str(tmp_path / "out.safetensors")], check=True, env={**os.environ, "PYTHONPATH": str(CT014)}, timeout=300, capture_output=True)
+                    str(tmp_path / "out.safetensors")], check=True, env={**os.environ, "PYTHONPATH": str(CT014)},
+                   timeout=300, capture_output=True)
     ref = safetensors.load_file(tmp_path / "out.safetensors")
     assert bool(ref["f16"])
     legacy = Sparse24Bitmask.decompress(t, s, torch.bfloat16, legacy_f16=True)

@@ -127,7 +127,8 @@ def test_value_checks():
     t = {"weight": torch.tensor([[-8, 7, 8]], dtype=torch.int8), "weight_scale": torch.ones(1, 1)}
     assert [p.rule for p in check_values(format_named("int-quantized"), w4, t, where="m")] == ["FMT-33"]
     mx = scheme({"num_bits": 4, "type": "float", "group_size": 32, "scale_dtype": "torch.uint8"})
-    t = {"weight_packed": torch.zeros(1, 16, dtype=torch.uint8), "weight_scale": torch.tensor([[255]], dtype=torch.uint8)}
+    t = {"weight_packed": torch.zeros(1, 16, dtype=torch.uint8),
+         "weight_scale": torch.tensor([[255]], dtype=torch.uint8)}
     assert [p.rule for p in check_values(format_named("mxfp4-pack-quantized"), mx, t, where="m")] == ["FMT-30"]
 
 
