@@ -6,7 +6,8 @@ from __future__ import annotations
 
 __all__ = [
     "DTYPES", "DTYPE_SIZES", "FLOAT_DTYPES", "FLOAT_NAMES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
-    "MIXED_PRECISION", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
+    "MIXED_PRECISION", "DENSE_FORMAT", "FORMATS", "SPARSITY_FORMATS", "UNREAD_FORMATS", "FORMAT_PARAMS",
+    "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
     "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
     "LEGACY_MARLIN", "MARLIN_REFUSALS",
@@ -33,14 +34,47 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 MIXED_PRECISION = "mixed-precision"
+DENSE_FORMAT = "dense"
+
+# The compressed-tensors formats a config group's `format` may name, and the family that stores
+# them (spec/formats.md §1.1). mixed-precision is a top-level summary only; the sparsity formats
+# are named by sparsity_config; mxfp6 is not read (CFG-03).
+FORMATS: dict[str, str] = {
+    "pack-quantized": "pack", "naive-quantized": "naive", "int-quantized": "naive", "float-quantized": "naive",
+    "mxfp8-quantized": "mxfp8", "nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4",
+    "dense": "dense", "marlin-24": "marlin-24",
+}
+SPARSITY_FORMATS: dict[str, str] = {"sparse-bitmask": "sparse-bitmask", "sparse-24-bitmask": "sparse-24"}
+UNREAD_FORMATS: dict[str, str] = {
+    "mxfp6-pack-quantized": "MXFP6 (compressed-tensors 0.20, three bytes per four values) is not read",
+}
 
 # The two word layouts of pack-quantized (spec §3.3). They agree for 1, 2, 4 and 8 bits.
 CROSS_WORD = "dense"   # ceil(n*b/32) words, values may straddle words (CT >= 0.18); "dense" in CT's words
 PADDED = "padded"      # 32//b values per word, top bits unused (CT 0.5 .. 0.17)
 CROSS_WORD_SINCE = (0, 18)
 
-# Tensors of one quantized Linear, by suffix (spec §2).
-QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+# Tensors of one quantized module besides `weight` and `bias`, by family (spec §2, spec/formats.md
+# §3-§6): any of them makes a module quantized.
+FORMAT_PARAMS: dict[str, tuple[str, ...]] = {
+    "pack": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"),
+    "naive": ("weight_scale", "weight_zero_point", "weight_global_scale"),
+    "fp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "sparse": ("compressed", "bitmask", "shape", "row_offsets"),
+    "marlin-24": ("weight_packed", "scale_packed", "meta"),
+}
+# Activation qparams a module stores (spec/formats.md §1.3): not weights, dropped by a dense export.
+ACTIVATION_PARAMS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+                     "output_global_scale")
+QUANT_PARAMS: tuple[str, ...] = tuple(dict.fromkeys(
+    [name for names in FORMAT_PARAMS.values() for name in names] + list(ACTIVATION_PARAMS)))
+# kv-cache qparams on an attention module (spec/formats.md §9, KV rules).
+KV_PARAMS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
+# Transform locations (spec/formats.md §6.5): online ones store a rotation tensor, offline ones
+# are fused into the stored weights.
+ONLINE_LOCATIONS = ("input", "output", "k_cache", "q_attn")
+OFFLINE_LOCATIONS = ("weight_input", "weight_output")
+TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
 
 # Module names that hold a 2-D `weight` but are embeddings, not Linear (spec §4.3).
 EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "wte", "wpe", "word_embeddings",
@@ -98,9 +132,9 @@ RULES: dict[str, tuple[str, str]] = {
     "HDR-06": ("error", "the data buffer ends exactly at the end of the file"),
     "CFG-01": ("error", "config.json is a UTF-8 JSON object"),
     "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors"),
-    "CFG-03": ("error", "the format is pack-quantized, or mixed-precision with pack-quantized groups"),
+    "CFG-03": ("error", "every group with weights has a format ctformat reads (not mxfp6, not mixed-precision or a sparsity format as a group's)"),
     "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
-    "CFG-05": ("error", "weights.type is int and num_bits is an integer in 1..8"),
+    "CFG-05": ("error", "type is int with num_bits 1..8, or float with num_bits 4 or 8"),
     "CFG-06": ("error", "strategy and group_size agree"),
     "CFG-07": ("error", "actorder is null, false, weight, static or group (true and dynamic read as group)"),
     "CFG-08": ("warning", "keys not in the schema are kept and reported"),

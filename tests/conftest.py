@@ -68,6 +68,26 @@ def _fail_skip_in_ci(report) -> None:
             report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
 
 
+# compressed-tensors 0.14.0.1, the last release with the legacy sparse compressors, beside the
+# system's 0.20: installed from PyPI into a cache folder once (CTFORMAT_CT014 names another).
+CT014 = Path(os.environ.get("CTFORMAT_CT014") or Path.home() / ".cache" / "ctformat-tests" / "ct-0.14.0.1")
+
+
+@pytest.fixture(scope="session")
+def ct014() -> Path:
+    """A folder to put on PYTHONPATH for compressed-tensors 0.14.0.1 (pure Python, no deps)."""
+    import subprocess
+    if not (CT014 / "compressed_tensors").is_dir():
+        CT014.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CT014.parent))
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
+                              "compressed-tensors==0.14.0.1"], capture_output=True, text=True, timeout=600)
+        if run.returncode:
+            pytest.skip(f"compressed-tensors 0.14.0.1 could not be installed: {run.stderr[-300:]}")
+        tmp.rename(CT014)
+    return CT014
+
+
 def tree_snapshot(path: Path) -> dict[str, bytes]:
     """Every file under path with its bytes: to prove something was not touched."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -17,7 +17,7 @@ from compressed_tensors.quantization.lifecycle import forward  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
 from ctformat.formats import format_named  # noqa: E402
-from ctformat.formats.args import QuantArgs, Scheme  # noqa: E402
+from ctformat.scheme import QuantGroup, QuantScheme  # noqa: E402
 
 __all__ = ["bits", "same", "ct_scheme", "ct_decompress", "ct_compress", "ct_qparams", "scheme", "forward",
            "generate_gparam", "QuantizationArgs"]
@@ -32,15 +32,15 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
-def scheme(weights: dict, fmt: str, inputs: dict | None = None) -> tuple[Scheme, QuantizationScheme]:
-    """The same group as ctformat's Scheme and as compressed-tensors' QuantizationScheme."""
+def scheme(weights: dict, fmt: str, inputs: dict | None = None) -> tuple[QuantGroup, QuantizationScheme]:
+    """The same group as ctformat's QuantGroup and as compressed-tensors' QuantizationScheme."""
     obj = {"targets": ["Linear"], "weights": weights, "format": fmt}
     if inputs is not None:
         obj["input_activations"] = inputs
-    return Scheme.from_json(obj, where="test"), QuantizationScheme.model_validate(obj)
+    return QuantGroup.from_json("test", obj, where="test"), QuantizationScheme.model_validate(obj)
 
 
-def ct_scheme(args: QuantArgs, fmt: str) -> QuantizationScheme:
+def ct_scheme(args: QuantScheme, fmt: str) -> QuantizationScheme:
     return QuantizationScheme.model_validate({"targets": ["Linear"], "weights": args.to_json(), "format": fmt})
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, FORMATS
 from ctformat.formats import format_named
-from ctformat.formats.args import Scheme
-from ctformat.formats.config import FormatConfig
+from ctformat.scheme import QuantGroup, QuantizationConfig
 from ctformat.spec import EMBEDDING_NAMES
 
 pytest.importorskip("triton")
@@ -26,11 +25,11 @@ NVFP4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size
 MXFP4 = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"}
 
 
-def scheme(weights: dict, fmt: str) -> Scheme:
-    return Scheme.from_json({"targets": ["Linear"], "weights": weights, "format": fmt}, where="test")
+def scheme(weights: dict, fmt: str) -> QuantGroup:
+    return QuantGroup.from_json("test", {"targets": ["Linear"], "weights": weights, "format": fmt}, where="test")
 
 
-def both(fmt: str, tensors: dict, s: Scheme, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+def both(fmt: str, tensors: dict, s: QuantGroup, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     f = format_named(fmt)
     on = {k: v.to(DEVICE) for k, v in tensors.items()}
     return f.decompress(on, s, dtype, kernel="triton").cpu(), f.decompress(tensors, s, dtype, kernel="torch")
@@ -127,17 +126,16 @@ def test_mxfp4_kernel_every_code_and_exponent(out_dtype):
     assert_same(*both("mxfp4-pack-quantized", t, s, dtype=out_dtype))
 
 
-ROOT = Path(os.environ.get("CTFORMAT_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "format-checkpoints"
+ROOT = FORMATS
 KERNEL_CKPTS = ["fp8-block", "fp8-dynamic", "fp8-static", "fp8-weight-only", "mxfp8a16", "nvfp4", "nvfp4a16",
                 "mxfp4a16", "mixed-fp8-nvfp4"]
 
 
-@pytest.mark.skipif(not ROOT.is_dir(), reason="shared/format-checkpoints not present")
 @pytest.mark.parametrize("name", KERNEL_CKPTS)
 def test_kernels_on_real_checkpoints(name):
     from safetensors.torch import load_file
     qc = json.loads((ROOT / name / "config.json").read_text())["quantization_config"]
-    cfg = FormatConfig.from_json(qc)
+    cfg = QuantizationConfig.from_json(qc)
     mods: dict[str, dict] = {}
     for k, v in load_file(ROOT / name / "model.safetensors").items():
         p, _, suffix = k.rpartition(".")
@@ -147,9 +145,10 @@ def test_kernels_on_real_checkpoints(name):
         last = prefix.rsplit(".", 1)[-1]
         linear = last not in EMBEDDING_NAMES and not last.endswith("norm")
         g = None if cfg.is_ignored(prefix) else cfg.group_for(prefix, linear=linear)
-        if g is None or g.format.root not in ts:
+        fmt = None if g is None else format_named(cfg.group_format(g))
+        if fmt is None or fmt.root not in ts:
             continue
-        got = g.format.decompress({k: v.to(DEVICE) for k, v in ts.items()}, g.scheme, kernel="triton").cpu()
-        assert_same(got, g.format.decompress(ts, g.scheme, kernel="torch"))
+        got = fmt.decompress({k: v.to(DEVICE) for k, v in ts.items()}, g, kernel="triton").cpu()
+        assert_same(got, fmt.decompress(ts, g, kernel="torch"))
         seen += 1
     assert seen == 14

@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FORMATS
 from formats_oracle import BaseCompressor, QuantizationScheme, forward, same
 from ctformat.formats import format_named, numerics
-from ctformat.formats.config import FormatConfig
+from ctformat.scheme import QuantGroup, QuantizationConfig
 from ctformat.formats.dense import Dense
 from ctformat.formats.sparse import Sparse24Bitmask
 from ctformat.spec import EMBEDDING_NAMES
 
 safetensors = pytest.importorskip("safetensors.torch")
 
-# shared/ beside the checkout, as in conftest (CTFORMAT_SHARED overrides it for a worktree elsewhere)
-ROOT = Path(os.environ.get("CTFORMAT_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "format-checkpoints"
-FOLDERS = sorted(p for p in ROOT.glob("*") if (p / "config.json").is_file()) if ROOT.is_dir() else []
+ROOT = FORMATS
+FOLDERS = sorted(p for p in ROOT.glob("*") if (p / "config.json").is_file())
 QUANTIZED = [p for p in FOLDERS if "config_groups" in (json.loads((p / "config.json").read_text())
                                                        .get("quantization_config") or {})]
 # Fused siblings share one NVFP4 global scale (llm-compressor's fused observers).
@@ -32,10 +32,6 @@ FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj"
          "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"),
          "up_proj": ("gate_proj", "up_proj")}
 
-if not FOLDERS:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{ROOT} is missing")
-    pytestmark = pytest.mark.skip(reason="shared/format-checkpoints not present")
 
 
 def modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -49,24 +45,25 @@ def modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def quantized(path: Path):
     """(prefix, tensors, group, the group's JSON) of every quantized Linear module."""
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    cfg = FormatConfig.from_json(qc)
+    cfg = QuantizationConfig.from_json(qc)
     for prefix, ts in modules(path).items():
         last = prefix.rsplit(".", 1)[-1]
         if cfg.is_ignored(prefix) or last in EMBEDDING_NAMES or last.endswith("norm"):
             continue
         g = cfg.group_for(prefix, linear=True)
-        if g is not None and g.format.root in ts:
-            yield prefix, ts, g, qc["config_groups"][g.name]
+        fmt = None if g is None else format_named(cfg.group_format(g))
+        if fmt is not None and fmt.root in ts:
+            yield prefix, ts, g, fmt, qc["config_groups"][g.name]
 
 
 @pytest.mark.parametrize("path", QUANTIZED, ids=lambda p: p.name)
 def test_decompress_equals_ct_on_every_module(path):
     n = 0
-    for prefix, ts, g, raw in quantized(path):
+    for prefix, ts, g, fmt, raw in quantized(path):
         cs = QuantizationScheme.model_validate(raw)
         comp = BaseCompressor.get_value_from_registry(raw["format"])
         want = comp.decompress({k: ts[k] for k in comp.compression_param_names(cs) if k in ts}, cs)["weight"]
-        assert same(g.format.decompress(ts, g.scheme), want), prefix
+        assert same(fmt.decompress(ts, g), want), prefix
         n += 1
     assert n == 14
 
@@ -74,12 +71,12 @@ def test_decompress_equals_ct_on_every_module(path):
 @pytest.mark.parametrize("path", [p for p in QUANTIZED if p.name != "quip-w4a16"], ids=lambda p: p.name)
 def test_compress_of_base_equals_stored_tensors(path):
     base = {p: t["weight"] for p, t in modules(ROOT / "dense-base").items() if "weight" in t}
-    for prefix, ts, g, _ in quantized(path):
+    for prefix, ts, g, fmt, _ in quantized(path):
         kw = {}
-        if g.scheme.weights.has_global_scale:
+        if g.weights.has_global_scale:
             parent, last = prefix.rsplit(".", 1)
             kw["global_scale"] = numerics.global_scale(*(base[f"{parent}.{s}"] for s in FUSED.get(last, (last,))))
-        got = g.format.compress(base[prefix], g.scheme, **kw)
+        got = fmt.compress(base[prefix], g, **kw)
         stored = {k: v for k, v in ts.items() if not k.startswith("input_")}
         assert set(got) == set(stored), prefix
         for k, v in got.items():
@@ -88,22 +85,22 @@ def test_compress_of_base_equals_stored_tensors(path):
 
 def test_dense_checkpoint_fake_quantizes_like_ct():
     path = ROOT / "w4a16-uncompressed"
-    for prefix, ts, g, raw in quantized(path):
+    for prefix, ts, g, _, raw in quantized(path):
         cs = QuantizationScheme.model_validate(raw)
-        assert same(Dense.decompress(ts, g.scheme), ts["weight"])
+        assert same(Dense.decompress(ts, g), ts["weight"])
         want = forward.fake_quantize(ts["weight"], ts["weight_scale"], ts["weight_zero_point"], cs.weights)
-        assert same(Dense.fake_quantize(ts, g.scheme), want), prefix
+        assert same(Dense.fake_quantize(ts, g), want), prefix
 
 
 def test_tensor_sets_match_the_tables():
     """Every stored module holds exactly the tensors its format's table lists, with their dtypes
     and shapes (required ones all present)."""
-    from ctformat.formats.numerics import torch_dtype
+    from ctformat.dtypes import torch_dtype
     for path in QUANTIZED:
-        for prefix, ts, g, _ in quantized(path):
-            specs = g.format.tensors(g.scheme, g.format.dense_shape({k: tuple(v.shape) for k, v in ts.items()})
-                                     if g.format.root != "weight_packed" or "weight_shape" not in ts
-                                     else tuple(ts["weight_shape"].tolist()))
+        for prefix, ts, g, fmt, _ in quantized(path):
+            specs = fmt.tensors(g, fmt.dense_shape({k: tuple(v.shape) for k, v in ts.items()})
+                                if fmt.root != "weight_packed" or "weight_shape" not in ts
+                                else tuple(ts["weight_shape"].tolist()))
             assert set(ts) <= set(specs), (path.name, prefix, set(ts) - set(specs))
             assert {k for k, s in specs.items() if s.required} <= set(ts), (path.name, prefix)
             for k, t in ts.items():
@@ -112,7 +109,6 @@ def test_tensor_sets_match_the_tables():
 
 
 # -- legacy sparse-24 (compressed-tensors 0.14) --------------------------------------------
-CT014 = Path(os.environ.get("CTFORMAT_CT014", "/work/venvs/ct014/site"))
 _CT014_SCRIPT = """
 import sys, torch
 from safetensors.torch import load_file, save_file
@@ -126,27 +122,17 @@ save_file(out, sys.argv[2])
 """
 
 
-def _ct014_available() -> bool:
-    ok = (CT014 / "compressed_tensors").is_dir()
-    if not ok and os.environ.get("CI"):
-        raise RuntimeError(f"compressed-tensors 0.14.0.1 not found at {CT014} (set CTFORMAT_CT014)")
-    return ok
-
-
-def test_legacy_sparse24_scatter_equals_ct_014(tmp_path):
+def test_legacy_sparse24_scatter_equals_ct_014(tmp_path, ct014):
     path = ROOT / "legacy-sparse24-bitmask"
-    if not _ct014_available():
-        pytest.skip("compressed-tensors 0.14.0.1 not installed beside the system one")
     out = tmp_path / "ref.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(CT014)}
+    env = {**os.environ, "PYTHONPATH": str(ct014)}
     subprocess.run([sys.executable, "-c", _CT014_SCRIPT, str(path / "model.safetensors"), str(out)], check=True,
                    env=env, timeout=300, capture_output=True)
     ref = safetensors.load_file(out)
     mods = modules(path)
     assert len(ref) == 14
     for prefix, want in ref.items():
-        got = format_named("sparse-24-bitmask").decompress(mods[prefix], FormatConfig.from_json(
-            json.loads((path / "config.json").read_text())["quantization_config"]).sparsity.scheme)
+        got = format_named("sparse-24-bitmask").decompress(mods[prefix], None)
         assert same(got, want), prefix
 
 
@@ -185,21 +171,18 @@ save_file({"w": out, "f16": torch.tensor([lin.weight_scale.dtype == torch.float1
 """
 
 
-def test_sparse24_over_fp8_legacy_f16_equals_ct_014_model_path(tmp_path):
+def test_sparse24_over_fp8_legacy_f16_equals_ct_014_model_path(tmp_path, ct014):
     """CT 0.14 dequantized sparse-24 FP8 through a model whose weight_scale parameter is F16
     (initialize_qparams: an FP8 weight is not a float dtype): legacy_f16=True gives its bits;
     the default gives CT 0.20's single rounding, and the two differ."""
-    if not _ct014_available():
-        pytest.skip("compressed-tensors 0.14.0.1 not installed beside the system one")
-    from ctformat.formats.args import Scheme
-    s = Scheme.from_json({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"}},
-                         where="t")
+    s = QuantGroup.from_json("t", {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+                                                                      "strategy": "tensor"}}, where="t")
     q = (torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 30).to(torch.float8_e4m3fn)
     scale = torch.tensor([3.1e-5], dtype=torch.bfloat16)
     t = {**Sparse24Bitmask.compress(q, s), "weight_scale": scale}
     safetensors.save_file({"q": Sparse24Bitmask.scatter(t), "s": scale}, tmp_path / "in.safetensors")
     subprocess.run([sys.executable, "-c", _CT014_F16, str(tmp_path / "in.safetensors"),
-                    str(tmp_path / "out.safetensors")], check=True, env={**os.environ, "PYTHONPATH": str(CT014)},
+                    str(tmp_path / "out.safetensors")], check=True, env={**os.environ, "PYTHONPATH": str(ct014)},
                    timeout=300, capture_output=True)
     ref = safetensors.load_file(tmp_path / "out.safetensors")
     assert bool(ref["f16"])

@@ -11,28 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FORMATS
 from ctformat.formats import format_named
-from ctformat.formats.args import Scheme
-from ctformat.formats.config import FormatConfig
-from ctformat.formats.rules import RULES, check_module, check_values
+from ctformat.formats.rules import check_module, check_values
 from ctformat.header import read_header
+from ctformat.scheme import QuantGroup, QuantizationConfig
 from ctformat.spec import EMBEDDING_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-ROOT = Path(os.environ.get("CTFORMAT_SHARED", REPO.parent / "shared")) / "format-checkpoints"
-
-
-def test_catalogue_lists_the_spec_rules():
-    spec = (REPO / "spec" / "formats.md").read_text()
-    section = spec[spec.index("## 9. Rules"):]
-    assert set(re.findall(r"^\| `((?:FMT|KV|XFM)-\d\d)` \|", section, re.M)) == set(RULES)
+ROOT = FORMATS
 
 
 def test_tables_import_without_torch():
-    code = ("import sys, ctformat.formats, ctformat.formats.rules, ctformat.formats.config;"
+    code = ("import sys, ctformat.formats, ctformat.formats.rules;"
             "from ctformat.formats import format_named;"
-            "from ctformat.formats.args import Scheme;"
-            "s = Scheme.from_json({'targets': ['Linear'], 'weights': {'num_bits': 8, 'type': 'float'}}, where='x');"
+            "from ctformat.scheme import QuantGroup;"
+            "s = QuantGroup.from_json('g', {'targets': ['Linear'], 'weights': {'num_bits': 8, 'type': 'float'}}, where='x');"
             "format_named('float-quantized').tensors(s, (4, 4));"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -47,22 +41,22 @@ def header_modules(path: Path):
     return mods
 
 
-FOLDERS = sorted(p for p in ROOT.glob("*") if (p / "config.json").is_file()) if ROOT.is_dir() else []
+FOLDERS = sorted(p for p in ROOT.glob("*") if (p / "config.json").is_file())
 
 
-@pytest.mark.skipif(not FOLDERS, reason="shared/format-checkpoints not present")
 @pytest.mark.parametrize("path", [p for p in FOLDERS if p.name != "dense-base"], ids=lambda p: p.name)
 def test_real_checkpoints_have_no_problem(path):
-    cfg = FormatConfig.from_json(json.loads((path / "config.json").read_text())["quantization_config"])
+    cfg = QuantizationConfig.from_json(json.loads((path / "config.json").read_text())["quantization_config"])
     checked = 0
     for prefix, ts in header_modules(path).items():
         last = prefix.rsplit(".", 1)[-1]
         linear = last not in EMBEDDING_NAMES and not last.endswith("norm")
-        g = None if cfg.is_ignored(prefix) else (cfg.group_for(prefix, linear=linear)
-                                                  or cfg.sparse_for(prefix, linear=linear))
-        if g is None or g.format.root not in ts:
+        g = None if cfg.is_ignored(prefix) else cfg.group_for(prefix, linear=linear)
+        name = cfg.sparsity.format if cfg.sparse_targets(prefix, linear=linear) else (
+            cfg.group_format(g) if g is not None else None)
+        if name is None or format_named(name).root not in ts:
             continue
-        assert check_module(g.format, g.scheme, ts, where=prefix) == []
+        assert check_module(format_named(name), g, ts, where=prefix) == []
         checked += 1
     assert checked == 14
 
@@ -71,7 +65,7 @@ def scheme(weights, inputs=None):
     obj = {"targets": ["Linear"], "weights": weights}
     if inputs is not None:
         obj["input_activations"] = inputs
-    return Scheme.from_json(obj, where="t")
+    return QuantGroup.from_json("t", obj, where="t")
 
 
 FP8_STATIC = scheme({"num_bits": 8, "type": "float", "strategy": "tensor"},
@@ -134,19 +128,25 @@ def test_value_checks():
 
 CONFIG_ERRORS = [  # (group, top-level format, rule)
     ({"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "group_size": 16}}, "float-quantized", "FMT-01"),
-    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mixed-precision", "FMT-01"),
-    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mxfp6-pack-quantized", "FMT-01"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mixed-precision", "CFG-03"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "mxfp6-pack-quantized", "CFG-03"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "sparse-24-bitmask", "CFG-03"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}, "awq-packed", "CFG-03"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 6, "type": "float", "group_size": 32}}, "mxfp6-pack-quantized",
+     "CFG-05"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "group_size": 128,
+                                         "scale_dtype": "torch.float8_e4m3fn"}}, "pack-quantized", "FMT-01"),
     ({"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "group_size": 16, "symmetric": False}},
      "nvfp4-pack-quantized", "FMT-01"),
     ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "group_size": 32}}, "mxfp8-quantized",
      "FMT-01"),
-    ({"targets": ["Linear"], "weights": {"num_bits": 5, "type": "float"}}, "float-quantized", "FMT-02"),
+    ({"targets": ["Linear"], "weights": {"num_bits": 5, "type": "float"}}, "float-quantized", "CFG-05"),
     ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block"}}, "float-quantized",
      "FMT-02"),
     ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "dynamic": "local"}}, "float-quantized",
      "FMT-02"),
     ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "scale_dtype": "torch.nope"}},
-     "float-quantized", "FMT-02"),
+     "float-quantized", "CFG-06"),
     ({"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"},
       "input_activations": {"num_bits": 8, "type": "float", "strategy": "channel"}}, "float-quantized", "FMT-02"),
 ]
@@ -156,12 +156,13 @@ CONFIG_ERRORS = [  # (group, top-level format, rule)
 def test_config_errors_carry_their_rule(group, top, rule):
     from ctformat.errors import ConfigError
     with pytest.raises(ConfigError) as e:
-        FormatConfig.from_json({"quant_method": "compressed-tensors", "format": top, "config_groups": {"g": group}})
+        QuantizationConfig.from_json({"quant_method": "compressed-tensors", "format": top,
+                                      "config_groups": {"g": group}})
     assert e.value.rule == rule and str(e.value).endswith(f"[{rule}]")
 
 
 def test_mixed_precision_looks_up_each_groups_format():
-    cfg = FormatConfig.from_json({
+    cfg = QuantizationConfig.from_json({
             "quant_method": "compressed-tensors", "format": "mixed-precision", "config_groups": {
                 "a": {"targets": ["re:.*self_attn"], "format": "float-quantized",
                       "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}},
@@ -170,7 +171,7 @@ def test_mixed_precision_looks_up_each_groups_format():
                                   "scale_dtype": "torch.float8_e4m3fn"}},
                 "c": {"targets": ["lm_head"], "format": "pack-quantized",
                       "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}})
-    names = {m: cfg.group_for(m, linear=True).format_name
+    names = {m: cfg.group_format(cfg.group_for(m, linear=True))
              for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head")}
     assert names == {"model.layers.0.self_attn.q_proj": "float-quantized",
                      "model.layers.0.mlp.up_proj": "nvfp4-pack-quantized", "lm_head": "pack-quantized"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .args import FLOAT_CODES, Scheme
+from ..scheme import FLOAT_CODES, QuantGroup
 from .format import Format, TensorSpec
 from .naive import _global_scales, activation_specs, weight_tensors
 
@@ -15,43 +15,43 @@ if TYPE_CHECKING:
 __all__ = ["Dense"]
 
 
-class Dense(Format, names=("dense",)):
+class Dense(Format, family="dense"):
     """The original float weight plus its qparams (a zero point even when symmetric)."""
 
     root = "weight"
 
     @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
-        specs = activation_specs(scheme, shape, zero_point_always=True)
-        if scheme.weights is None:
+    def tensors(cls, group: QuantGroup, shape: Sequence[int]) -> dict[str, TensorSpec]:
+        specs = activation_specs(group, shape, zero_point_always=True)
+        if group.weights is None:
             return {"weight": TensorSpec(FLOAT_CODES, (tuple(shape),)), **specs}
-        return {**weight_tensors(scheme.weights, shape, value_dtypes=FLOAT_CODES, scale_dtypes=FLOAT_CODES,
+        return {**weight_tensors(group.weights, shape, value_dtypes=FLOAT_CODES, scale_dtypes=FLOAT_CODES,
                                  zero_point_always=True), **specs}
 
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         """The stored weight, unchanged (compressed-tensors' DenseCompressor)."""
         w = tensors["weight"]
         return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
     @classmethod
-    def fake_quantize(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
+    def fake_quantize(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup) -> torch.Tensor:
         """What compressed-tensors' forward uses for the weight of a frozen module: quantize and
         dequantize with the stored scale, zero point (when stored, even all zero) and global scale."""
         from . import numerics
-        if scheme.weights is None:
+        if group.weights is None:
             return tensors["weight"]
         return numerics.fake_quantize(tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point"),
-                                      scheme.weights, global_scale=tensors.get("weight_global_scale"))
+                                      group.weights, global_scale=tensors.get("weight_global_scale"))
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme, *, global_scale: torch.Tensor | None = None
+    def compress(cls, weight: torch.Tensor, group: QuantGroup, *, global_scale: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
         """The tensors an uncompressed save writes: the weight as given, min-max qparams in the
         weight dtype, a zero point (zeros when symmetric) and the global scale for tensor_group."""
         from . import numerics
-        w = scheme.weights
+        w = group.weights
         if w.has_global_scale and global_scale is None:
             global_scale = _global_scales(weight)
         g = global_scale if w.has_global_scale else None

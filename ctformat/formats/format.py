@@ -1,10 +1,10 @@
-"""One table of compressed-tensors formats: a format registers where it is declared.
+"""The base of the format families: each family class registers under the family name that
+spec.FORMATS (and SPARSITY_FORMATS) give its wire names (ctformat.formats.format_named).
 
-A Format subclass names its wire values (`class Naive(Format, names=("naive-quantized", ...))`)
-and says, as data, which tensors a module of that format holds for a scheme and a dense shape
-(`tensors`), which dense shape a stored module has (`dense_shape`), and whether it fits a
-scheme's args (`misfit`). Its codec (`decompress`, `compress`) imports torch when called; nothing
-here does. spec/formats.md is the prose of every table.
+A Format says, as data, which tensors a module of that format holds for a config group and a
+dense shape (`tensors`) and which dense shape a stored module has (`dense_shape`). Its codec
+(`decompress`, `compress`) imports torch when called; nothing here does. Which args a format can
+hold is the config's business (scheme.format_misfit). spec/formats.md is the prose of every table.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-from ..errors import ConfigError, UnsupportedError
-from ..spec import DTYPE_SIZES, MIXED_PRECISION
-from .args import FLOAT_CODES, Scheme
+from ..errors import UnsupportedError
+from ..scheme import QuantGroup, QuantScheme
+from ..spec import DTYPE_SIZES
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorSpec", "Format", "FORMATS", "format_named", "effective_format", "use_triton", "FLOAT_CODES"]
+__all__ = ["TensorSpec", "Format", "FAMILIES", "leading", "per_tensor", "weights_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,33 +38,27 @@ class TensorSpec:
         return DTYPE_SIZES[self.dtypes[0]] * prod(self.shape)
 
 
-FORMATS: dict[str, type[Format]] = {}
+FAMILIES: dict[str, type[Format]] = {}      # family name of spec.FORMATS -> its class
 
 
 class Format:
-    """A compressed-tensors `format`: its tensor set as data, and its codec."""
+    """A compressed-tensors format family: its tensor set as data, and its codec."""
 
-    names: ClassVar[tuple[str, ...]] = ()
-    root: ClassVar[str] = "weight"           # the tensor that marks a module of this format
+    family: ClassVar[str] = ""
+    root: ClassVar[str] = "weight"           # the tensor that holds the weight's values
     decodable: ClassVar[bool] = True
-    header_rules: ClassVar[bool] = True       # checked by rules.check_module (pack-quantized: TEN rules)
 
-    def __init_subclass__(cls, *, names: tuple[str, ...] = (), **kw: Any) -> None:
+    def __init_subclass__(cls, *, family: str = "", **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        cls.names = names
-        for name in names:
-            if name in FORMATS:
-                raise TypeError(f"format {name!r} is registered twice ({FORMATS[name].__name__}, {cls.__name__})")
-            FORMATS[name] = cls
+        cls.family = family
+        if family:
+            if family in FAMILIES:
+                raise TypeError(f"family {family!r} is registered twice")
+            FAMILIES[family] = cls
 
     # -- tables -----------------------------------------------------------------------------
     @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        """Why the scheme's weight args cannot be stored in this format (FMT-01), or None."""
-        return None
-
-    @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
+    def tensors(cls, group: QuantGroup | None, shape: Sequence[int]) -> dict[str, TensorSpec]:
         """Suffix -> spec of every tensor a module of dense `shape` ([out, in] or [E, out, in])
         holds; `required=False` ones may be absent. bias is always allowed and not listed."""
         raise NotImplementedError
@@ -75,53 +69,28 @@ class Format:
         return tuple(shapes[cls.root])
 
     @classmethod
-    def bits_per_weight(cls, scheme: Scheme, shape: Sequence[int]) -> float:
+    def bits_per_weight(cls, group: QuantGroup, shape: Sequence[int]) -> float:
         """Stored bits of the weight and its qparams per dense parameter (spec/formats.md §7)."""
-        specs = cls.tensors(scheme, shape)
+        specs = cls.tensors(group, shape)
         stored = sum(s.nbytes() for k, s in specs.items()
                      if s.required and not k.startswith(("input_", "output_")))
         return 8 * stored / prod(shape)
 
     # -- codec ------------------------------------------------------------------------------
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup | None,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         """Dense weight from a module's tensors (local names), bit-exact with compressed-tensors;
-        `dtype` casts its result; `kernel` as use_triton."""
-        raise UnsupportedError(f"format {cls.names[0]!r} cannot be dequantized")
+        `dtype` casts its result; `kernel` as backend.use_triton."""
+        raise UnsupportedError(f"format family {cls.family!r} cannot be dequantized")
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme, **qparams: Any) -> dict[str, torch.Tensor]:
-        raise UnsupportedError(f"format {cls.names[0]!r} cannot be written")
+    def compress(cls, weight: torch.Tensor, group: QuantGroup, **qparams: Any) -> dict[str, torch.Tensor]:
+        raise UnsupportedError(f"format family {cls.family!r} cannot be written")
 
 
-def format_named(name: str, *, where: str = "format") -> type[Format]:
-    """The Format class of a wire name; FMT-01 for names this package does not cover."""
-    from . import dense, fp4, naive, packed, sparse  # noqa: F401  (each registers its formats)
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"format {name!r} is not one ctformat reads (known: {', '.join(sorted(FORMATS))})",
-                          rule="FMT-01", where=where) from None
-
-
-def effective_format(group: Mapping[str, Any], top_format: str | None) -> str | None:
-    """A config group's own format, else the top-level one unless that is mixed-precision."""
-    own = group.get("format") if isinstance(group, Mapping) else None
-    if own is not None:
-        return own
-    return None if top_format == MIXED_PRECISION else top_format
-
-
-def use_triton(kernel: str, tensor: torch.Tensor) -> bool:
-    """kernel "torch", "triton" (CUDA, or the CPU under TRITON_INTERPRET=1) or "auto" (triton for
-    CUDA tensors when it is installed). Both give the same bits."""
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
-    if kernel != "auto":
-        return kernel == "triton"
-    from importlib.util import find_spec
-    return tensor.device.type == "cuda" and find_spec("triton") is not None
+def weights_of(group: QuantGroup | None) -> QuantScheme | None:
+    return None if group is None else group.weights
 
 
 def leading(shape: Sequence[int]) -> tuple[int, ...]:

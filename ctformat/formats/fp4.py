@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..scheme import Strategy
-from .args import E8M0, MX_GROUP, Scheme
-from .format import Format, TensorSpec, leading, per_tensor, use_triton
+from ..backend import use_triton
+from ..scheme import E8M0, MX_GROUP, QuantGroup
+from .format import Format, TensorSpec, leading, per_tensor
 from .naive import _global_scales, activation_specs
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ __all__ = ["NVFP4", "MXFP4", "NVFP4_GROUP"]
 NVFP4_GROUP = 16
 
 
-class NVFP4(Format, names=("nvfp4-pack-quantized",)):
+class NVFP4(Format, family="nvfp4"):
     """FP4 E2M1 weights, group 16 FP8 scales, per-tensor F32 global scale."""
 
     root = "weight_packed"
@@ -26,25 +26,14 @@ class NVFP4(Format, names=("nvfp4-pack-quantized",)):
     default_scale_dtype = "F8_E4M3"
 
     @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        w = scheme.weights
-        if w is None or not (w.is_float and w.num_bits == 4 and w.group_size == cls.group_size):
-            return f"{cls.names[0]} needs float 4-bit weights with group_size {cls.group_size}"
-        if not w.symmetric:
-            return "asymmetric FP4 is not supported (compressed-tensors calculate_qparams refuses it)"
-        if w.strategy not in (Strategy.GROUP, Strategy.TENSOR_GROUP):
-            return f"strategy {w.strategy.value}: FP4 weights are group or tensor_group"
-        return None
-
-    @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
-        w, lead, (out, inn) = scheme.weights, leading(shape), tuple(shape[-2:])
+    def tensors(cls, group: QuantGroup, shape: Sequence[int]) -> dict[str, TensorSpec]:
+        w, lead, (out, inn) = group.weights, leading(shape), tuple(shape[-2:])
         specs = {"weight_packed": TensorSpec(("U8",), ((*lead, out, inn // 2),)),
                  "weight_scale": TensorSpec((w.scale_dtype or cls.default_scale_dtype,),
                                             ((*lead, *w.scale_shape(out, inn)),))}
         if w.has_global_scale:
             specs["weight_global_scale"] = TensorSpec(("F32",), per_tensor(lead))
-        return {**specs, **activation_specs(scheme, shape)}
+        return {**specs, **activation_specs(group, shape)}
 
     @classmethod
     def dense_shape(cls, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
@@ -58,58 +47,52 @@ class NVFP4(Format, names=("nvfp4-pack-quantized",)):
         return scale.to(torch.bfloat16)
 
     @classmethod
-    def _stored_scale(cls, scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    def _stored_scale(cls, scale: torch.Tensor, group: QuantGroup) -> torch.Tensor:
         from . import numerics
-        return scale.to(numerics.torch_dtype(scheme.weights.scale_dtype or cls.default_scale_dtype))
+        return scale.to(numerics.torch_dtype(group.weights.scale_dtype or cls.default_scale_dtype))
 
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         """BF16 whatever the model dtype (compressed-tensors unpacks to bf16); `dtype` casts it."""
         import torch
 
         from . import numerics
-        g = tensors.get("weight_global_scale") if scheme.weights.has_global_scale else None
-        if use_triton(kernel, tensors["weight_packed"]) and (g is None) == (cls is MXFP4):
+        g = tensors.get("weight_global_scale") if group.weights.has_global_scale else None
+        if use_triton(kernel, tensors["weight_packed"], fits=(g is None) == (cls is MXFP4),
+                      what="an NVFP4 module without a global scale"):
             from .kernels_fp import dequantize_fp4
             return dequantize_fp4(tensors["weight_packed"], tensors["weight_scale"], g,
-                                  group_size=scheme.weights.group_size, dtype=dtype)
+                                  group_size=group.weights.group_size, dtype=dtype)
         values = numerics.unpack_fp4(tensors["weight_packed"], torch.bfloat16)
-        dense = numerics.dequantize(values, cls._float_scale(tensors["weight_scale"]), None, scheme.weights,
+        dense = numerics.dequantize(values, cls._float_scale(tensors["weight_scale"]), None, group.weights,
                                     global_scale=g, dtype=torch.bfloat16)
         return dense if dtype is None else dense.to(dtype)
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme, *, scale: torch.Tensor | None = None,
+    def compress(cls, weight: torch.Tensor, group: QuantGroup, *, scale: torch.Tensor | None = None,
                  global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Min-max qparams (unless given), quantize to E2M1, pack. `global_scale` may be one
         shared by fused siblings (numerics.global_scale(*weights))."""
         from . import numerics
-        w = scheme.weights
+        w = group.weights
         if w.has_global_scale and global_scale is None:
             global_scale = _global_scales(weight)
         g = global_scale if w.has_global_scale else None
         if scale is None:
             scale, _ = numerics.qparams(weight, w, global_scale=g)
         values = numerics.quantize(weight, scale, None, w, global_scale=g)
-        out = {"weight_packed": numerics.pack_fp4(values), "weight_scale": cls._stored_scale(scale, scheme)}
+        out = {"weight_packed": numerics.pack_fp4(values), "weight_scale": cls._stored_scale(scale, group)}
         if g is not None:
             out["weight_global_scale"] = g
         return out
 
 
-class MXFP4(NVFP4, names=("mxfp4-pack-quantized",)):
+class MXFP4(NVFP4, family="mxfp4"):
     """FP4 E2M1 weights, group 32, E8M0 power-of-two scales, no global scale."""
 
     group_size = MX_GROUP
     default_scale_dtype = E8M0
-
-    @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        why = super().misfit(scheme)
-        if why is None and scheme.weights.scale_dtype not in (None, E8M0):
-            return "mxfp4-pack-quantized scales are uint8 E8M0 exponents"
-        return why
 
     @classmethod
     def _float_scale(cls, scale: torch.Tensor) -> torch.Tensor:
@@ -117,6 +100,6 @@ class MXFP4(NVFP4, names=("mxfp4-pack-quantized",)):
         return numerics.e8m0_to_bf16(scale)
 
     @classmethod
-    def _stored_scale(cls, scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    def _stored_scale(cls, scale: torch.Tensor, group: QuantGroup) -> torch.Tensor:
         from . import numerics
         return numerics.bf16_to_e8m0(scale)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..errors import UnsupportedError
-from ..scheme import Strategy
-from .args import E8M0, FLOAT_CODES, MX_GROUP, QuantArgs, Scheme
-from .format import Format, TensorSpec, leading, per_tensor, use_triton
+from ..backend import use_triton
+from ..scheme import E8M0, FLOAT_CODES, QuantGroup, QuantScheme, Strategy
+from .format import Format, TensorSpec, leading, per_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["Naive", "MXFP8", "weight_tensors", "activation_specs"]
 
 
-def weight_tensors(w: QuantArgs, shape: Sequence[int], *, value_dtypes: tuple[str, ...],
+def weight_tensors(w: QuantScheme, shape: Sequence[int], *, value_dtypes: tuple[str, ...],
                    scale_dtypes: tuple[str, ...], zero_point_always: bool = False) -> dict[str, TensorSpec]:
     """weight, weight_scale, weight_zero_point, weight_global_scale of an unpacked weight."""
     lead, (out, inn) = leading(shape), tuple(shape[-2:])
@@ -31,12 +30,14 @@ def weight_tensors(w: QuantArgs, shape: Sequence[int], *, value_dtypes: tuple[st
     return specs
 
 
-def activation_specs(scheme: Scheme, shape: Sequence[int], *, zero_point_always: bool = False
+def activation_specs(group: QuantGroup | None, shape: Sequence[int], *, zero_point_always: bool = False
                      ) -> dict[str, TensorSpec]:
     """input_/output_ qparams the module stores (spec/formats.md §1.3)."""
     lead, inn = leading(shape), shape[-1]
     specs: dict[str, TensorSpec] = {}
-    a = scheme.input_activations
+    if group is None:
+        return specs
+    a = group.input_activations
     if a is not None:
         if a.has_global_scale:
             specs["input_global_scale"] = TensorSpec(("F32",), per_tensor(lead))
@@ -46,7 +47,7 @@ def activation_specs(scheme: Scheme, shape: Sequence[int], *, zero_point_always:
             specs["input_scale"] = TensorSpec(FLOAT_CODES, shapes)
             if not a.symmetric or zero_point_always:
                 specs["input_zero_point"] = TensorSpec((a.zero_point_dtype,), shapes, required=not a.symmetric)
-    o = scheme.output_activations
+    o = group.output_activations
     if o is not None and o.has_global_scale:
         specs["output_global_scale"] = TensorSpec(("F32",), per_tensor(lead))
     if o is not None and o.has_static_scale and o.strategy is Strategy.TENSOR:
@@ -56,32 +57,21 @@ def activation_specs(scheme: Scheme, shape: Sequence[int], *, zero_point_always:
     return specs
 
 
-class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized")):
+class Naive(Format, family="naive"):
     """The weight quantized in place: I8 for int, F8_E4M3 for float 8-bit."""
 
     root = "weight"
 
     @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        w = scheme.weights
-        if w is None:
-            return "the group quantizes no weights"
-        if w.is_float and w.num_bits != 8:
-            return f"float {w.num_bits}-bit weights are packed (nvfp4/mxfp4-pack-quantized), not stored one per byte"
-        if w.strategy in (Strategy.TOKEN, Strategy.ATTN_HEAD):
-            return f"strategy {w.strategy.value} does not apply to weights"
-        return None
-
-    @classmethod
-    def _scale_dtypes(cls, w: QuantArgs) -> tuple[str, ...]:
+    def _scale_dtypes(cls, w: QuantScheme) -> tuple[str, ...]:
         # the scale is held in the model dtype whatever scale_dtype says (initialize_qparams)
         return FLOAT_CODES
 
     @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
-        w = scheme.weights
+    def tensors(cls, group: QuantGroup, shape: Sequence[int]) -> dict[str, TensorSpec]:
+        w = group.weights
         return {**weight_tensors(w, shape, value_dtypes=(w.value_dtype,), scale_dtypes=cls._scale_dtypes(w)),
-                **activation_specs(scheme, shape)}
+                **activation_specs(group, shape)}
 
     # -- codec ------------------------------------------------------------------------------
     @classmethod
@@ -89,19 +79,17 @@ class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized"
         return scale
 
     @classmethod
-    def _stored_scale(cls, scale: torch.Tensor, w: QuantArgs) -> torch.Tensor:
+    def _stored_scale(cls, scale: torch.Tensor, w: QuantScheme) -> torch.Tensor:
         return scale
 
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         from . import numerics
-        w = scheme.weights
+        w = group.weights
         q, scale = tensors["weight"], cls._float_scale(tensors["weight_scale"])
         fits = w.is_float and w.symmetric and w.strategy is not Strategy.TENSOR_GROUP
-        if kernel == "triton" and not fits:
-            raise UnsupportedError("the triton kernel takes symmetric FP8 weights; use kernel='torch'")
-        if fits and use_triton(kernel, q):
+        if use_triton(kernel, q, fits=fits, what="int or asymmetric weights (it takes symmetric FP8)"):
             from .kernels_fp import dequantize_fp8
             return dequantize_fp8(q, scale, strategy=w.strategy.value, group_size=w.group_size,
                                   block_structure=w.block_structure, dtype=dtype)
@@ -110,7 +98,7 @@ class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized"
         return dense if dtype is None else dense.to(dtype)
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme, *, scale: torch.Tensor | None = None,
+    def compress(cls, weight: torch.Tensor, group: QuantGroup, *, scale: torch.Tensor | None = None,
                  zero_point: torch.Tensor | None = None, global_scale: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
         """The module's tensors as llm-compressor + compressed-tensors write them: min-max
@@ -120,7 +108,7 @@ class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized"
         import torch
 
         from . import numerics
-        w = scheme.weights
+        w = group.weights
         if w.has_global_scale and global_scale is None:
             global_scale = _global_scales(weight)
         if scale is None:
@@ -136,18 +124,11 @@ class Naive(Format, names=("naive-quantized", "int-quantized", "float-quantized"
         return out
 
 
-class MXFP8(Naive, names=("mxfp8-quantized",)):
+class MXFP8(Naive, family="mxfp8"):
     """FP8 E4M3 values with E8M0 power-of-two scales per 32 columns."""
 
     @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        w = scheme.weights
-        if w is None or not (w.is_float and w.num_bits == 8 and w.group_size == MX_GROUP and w.scale_dtype == E8M0):
-            return "mxfp8-quantized needs float 8-bit weights, group_size 32, scale_dtype uint8"
-        return None
-
-    @classmethod
-    def _scale_dtypes(cls, w: QuantArgs) -> tuple[str, ...]:
+    def _scale_dtypes(cls, w: QuantScheme) -> tuple[str, ...]:
         return (E8M0,)
 
     @classmethod
@@ -156,7 +137,7 @@ class MXFP8(Naive, names=("mxfp8-quantized",)):
         return numerics.e8m0_to_bf16(scale)
 
     @classmethod
-    def _stored_scale(cls, scale: torch.Tensor, w: QuantArgs) -> torch.Tensor:
+    def _stored_scale(cls, scale: torch.Tensor, w: QuantScheme) -> torch.Tensor:
         from . import numerics
         return numerics.bf16_to_e8m0(scale)
 

@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ..scheme import Strategy
-from .args import QuantArgs
+from ..dtypes import torch_dtype
+from ..scheme import QuantScheme, Strategy
 
-__all__ = ["torch_dtype", "E2M1", "dequantize", "quantize", "fake_quantize", "qparams", "global_scale",
+__all__ = ["E2M1", "dequantize", "quantize", "fake_quantize", "qparams", "global_scale",
            "round_fp4", "pack_fp4", "unpack_fp4", "e8m0_to_bf16", "bf16_to_e8m0", "observe"]
-
-_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8,
-          "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
-if hasattr(torch, "float8_e8m0fnu"):
-    _TORCH["F8_E8M0"] = torch.float8_e8m0fnu
 
 # E2M1 magnitudes by 3-bit index (spec/formats.md §2.2).
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP8_MAX, FP4_MAX = 448.0, 6.0
 _MX_OFFSET = {4: 2, 6: 2, 8: 8}      # floor(log2(max of the element type))
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    return _TORCH[code]
 
 
 # -- broadcasting: scales against values, per strategy --------------------------------------
@@ -40,7 +30,7 @@ def _per_tensor(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(lead, *([1] * (x.ndim - 1)))
 
 
-def _blocked(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def _blocked(x: torch.Tensor, args: QuantScheme) -> torch.Tensor:
     """[..., rows, cols] zero-padded to whole blocks, viewed [..., nbr, bh, nbc, bw]."""
     bh, bw = args.block_structure
     rows, cols = x.shape[-2:]
@@ -55,7 +45,7 @@ def _unblocked(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return y[..., : shape[-2], : shape[-1]]
 
 
-def _apply(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args: QuantArgs, op,
+def _apply(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args: QuantScheme, op,
            out_dtype: torch.dtype | None) -> torch.Tensor:
     """Run op(x', scale', zp') on views where scales broadcast element by element, as
     compressed-tensors' _process_quantization lays them out, and restore x's shape."""
@@ -87,7 +77,7 @@ def _effective(scale: torch.Tensor, gscale: torch.Tensor | None, like: torch.Ten
 
 
 # -- dequantize, quantize, fake quantize ----------------------------------------------------
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs, *,
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantScheme, *,
                global_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(q - zp) * (scale / global_scale), computed in that scale's dtype (forward.dequantize).
     `dtype` is the group strategies' output cast (default: the scale dtype)."""
@@ -100,7 +90,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return _apply(q, scale, zero_point, args, op, dtype or scale.dtype)
 
 
-def _round_values(t: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def _round_values(t: torch.Tensor, args: QuantScheme) -> torch.Tensor:
     """Clamp to the type's range and round onto its grid, staying in t's dtype."""
     lo, hi = args.q_range()
     t = torch.clamp(t, lo, hi)
@@ -113,7 +103,7 @@ def _round_values(t: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     raise NotImplementedError("FP6 values are not supported")
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs, *,
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantScheme, *,
              global_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x -> values on the type's grid (forward.quantize); cast to `dtype` if given."""
     def op(xv, s, z):
@@ -126,7 +116,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     return q if dtype is None else q.to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs, *,
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantScheme, *,
                   global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize in one pass, as compressed-tensors' forward does at run time
     (forward_helpers._quantize_dequantize): a zero point is applied even when all zero."""
@@ -143,7 +133,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 # -- qparams (calculate_qparams, generate_gparam) ------------------------------------------
-def observe(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def observe(x: torch.Tensor, args: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max per scale: whole tensor (per expert), row, group or zero-padded block."""
     s = args.strategy
     if s is Strategy.TENSOR:
@@ -187,7 +177,7 @@ def _pow2_floor(p: torch.Tensor) -> torch.Tensor:
     return v.view(p.dtype)
 
 
-def qparams(x: torch.Tensor, args: QuantArgs, *, global_scale: torch.Tensor | None = None
+def qparams(x: torch.Tensor, args: QuantScheme, *, global_scale: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point (calculate_qparams), returned as the module holds them:
     the scale in x's dtype, the zero point in zp_dtype."""

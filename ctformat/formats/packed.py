@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..scheme import QuantScheme, Strategy, packed_width
-from .args import FLOAT_CODES, Scheme
+from ..scheme import FLOAT_CODES, QuantGroup, Strategy, packed_width
 from .format import Format, TensorSpec, leading
 from .naive import activation_specs
 
@@ -15,28 +14,14 @@ if TYPE_CHECKING:
 __all__ = ["Packed"]
 
 
-def _int_scheme(scheme: Scheme) -> QuantScheme:
-    return QuantScheme.from_json(scheme.weights.to_json(), where="weights")
-
-
-class Packed(Format, names=("pack-quantized",)):
+class Packed(Format, family="pack"):
     """Int 1..8-bit values packed into int32 words (spec/ctformat.md)."""
 
     root = "weight_packed"
-    header_rules = False        # spec/ctformat.md's TEN rules judge it (weight_shape holds `in`)
 
     @classmethod
-    def misfit(cls, scheme: Scheme) -> str | None:
-        w = scheme.weights
-        if w is None or w.is_float:
-            return "pack-quantized stores int weights"
-        if w.strategy not in (Strategy.TENSOR, Strategy.CHANNEL, Strategy.GROUP):
-            return f"strategy {w.strategy.value} is not read for pack-quantized weights"
-        return None
-
-    @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
-        w, lead, (out, inn) = scheme.weights, leading(shape), tuple(shape[-2:])
+    def tensors(cls, group: QuantGroup, shape: Sequence[int]) -> dict[str, TensorSpec]:
+        w, lead, (out, inn) = group.weights, leading(shape), tuple(shape[-2:])
         scale = (*lead, *w.scale_shape(out, inn))
         specs = {"weight_packed": TensorSpec(("I32",), ((*lead, out, packed_width(inn, w.num_bits)),)),
                  "weight_scale": TensorSpec(FLOAT_CODES, (scale,)),
@@ -45,7 +30,7 @@ class Packed(Format, names=("pack-quantized",)):
             packed_zp = (*lead, packed_width(out, w.num_bits), scale[-1])
             specs["weight_zero_point"] = TensorSpec(("I32", "I8"), (packed_zp, scale) if w.strategy is not
                                                     Strategy.TENSOR else ((1,),))
-        return {**specs, **activation_specs(scheme, shape)}
+        return {**specs, **activation_specs(group, shape)}
 
     @classmethod
     def dense_shape(cls, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
@@ -54,12 +39,12 @@ class Packed(Format, names=("pack-quantized",)):
         return (*packed[:-1], 32 * packed[-1])
 
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto") -> torch.Tensor:
         from ..quant import decompress
-        return decompress(tensors, _int_scheme(scheme), dtype=dtype, kernel=kernel)
+        return decompress(tensors, group.weights, dtype=dtype, kernel=kernel)
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme, **qparams) -> dict[str, torch.Tensor]:
+    def compress(cls, weight: torch.Tensor, group: QuantGroup, **qparams) -> dict[str, torch.Tensor]:
         from ..quant import compress
-        return compress(weight, _int_scheme(scheme), **qparams)
+        return compress(weight, group.weights, **qparams)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..errors import UnsupportedError
-from .args import FLOAT_CODES, Scheme
-from .format import Format, TensorSpec
+from ..errors import TensorError, UnsupportedError
+from ..scheme import FLOAT_CODES, QuantGroup
+from .format import Format, TensorSpec, weights_of
 from .naive import Naive
 
 if TYPE_CHECKING:
@@ -18,28 +18,29 @@ __all__ = ["Sparse24Bitmask", "SparseBitmask", "Marlin24", "ANY"]
 ANY = -1          # a dimension whose size the header alone cannot tell (nnz of sparse-bitmask)
 
 
-class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
+class Sparse24Bitmask(Format, family="sparse-24"):
     """Two kept values of every four: `compressed` [out, in/2], `bitmask` U8, `shape` I64 [2, 1]."""
 
     root = "compressed"
     shape_shape: tuple[int, ...] = (2, 1)
 
     @classmethod
-    def _values_dtypes(cls, scheme: Scheme) -> tuple[str, ...]:
-        return (scheme.weights.value_dtype,) if scheme.weights is not None else FLOAT_CODES
+    def _values_dtypes(cls, group: QuantGroup | None) -> tuple[str, ...]:
+        w = weights_of(group)
+        return (w.value_dtype,) if w is not None else FLOAT_CODES
 
     @classmethod
     def _compressed_shape(cls, out: int, inn: int) -> tuple[int, ...]:
         return (out, inn // 2)
 
     @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
+    def tensors(cls, group: QuantGroup | None, shape: Sequence[int]) -> dict[str, TensorSpec]:
         out, inn = shape[-2:]
-        specs = {"compressed": TensorSpec(cls._values_dtypes(scheme), (cls._compressed_shape(out, inn),)),
+        specs = {"compressed": TensorSpec(cls._values_dtypes(group), (cls._compressed_shape(out, inn),)),
                  "bitmask": TensorSpec(("U8",), ((out, -(-inn // 8)),)),
                  "shape": TensorSpec(("I64",), (cls.shape_shape,))}
-        if scheme.weights is not None:      # sparse over quantized: the qparams of the naive format
-            specs.update({k: v for k, v in Naive.tensors(scheme, shape).items() if k != "weight"})
+        if weights_of(group) is not None:    # sparse over quantized: the qparams of the naive format
+            specs.update({k: v for k, v in Naive.tensors(group, shape).items() if k != "weight"})
         return specs
 
     @classmethod
@@ -57,7 +58,6 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
         mask = ((bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)[..., : shape[-1]].bool()
         values = tensors["compressed"].flatten()
         if int(mask.sum()) != values.numel():
-            from ..errors import TensorError
             raise TensorError(f"bitmask has {int(mask.sum())} set bits for {values.numel()} values",
                               rule="FMT-34", where="bitmask")
         dense = torch.zeros(shape, dtype=values.dtype)
@@ -68,7 +68,7 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
         return dense
 
     @classmethod
-    def decompress(cls, tensors: Mapping[str, torch.Tensor], scheme: Scheme,
+    def decompress(cls, tensors: Mapping[str, torch.Tensor], group: QuantGroup | None,
                    dtype: torch.dtype | None = None, *, kernel: str = "auto", legacy_f16: bool = False
                    ) -> torch.Tensor:
         """Scatter, then (sparse over quantized) dequantize as the naive format with the group's
@@ -76,17 +76,17 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
         legacy_f16=True reproduces compressed-tensors 0.14's model path instead, which held the
         scale of an FP8 weight in float16: bf16(f16(q) * f16(s))."""
         dense = cls.scatter(tensors)
-        if scheme.weights is not None:
+        if weights_of(group) is not None:
             import torch
             qt = {**tensors, "weight": dense}
             if legacy_f16:
                 qt["weight_scale"] = tensors["weight_scale"].to(torch.float16)
-            out = Naive.decompress(qt, scheme, kernel="torch" if legacy_f16 else kernel)
+            out = Naive.decompress(qt, group, kernel="torch" if legacy_f16 else kernel)
             return out if dtype is None else out.to(dtype)
         return dense if dtype is None else dense.to(dtype)
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
+    def compress(cls, weight: torch.Tensor, group: QuantGroup | None) -> dict[str, torch.Tensor]:
         """CT 0.14's layout of a dense (or FP8) weight: the two largest |x| of every four kept
         (an FP8 weight is ranked by its int8 bit pattern, as CT 0.14 did)."""
         import torch
@@ -101,7 +101,7 @@ class Sparse24Bitmask(Format, names=("sparse-24-bitmask",)):
                 "shape": torch.tensor([out, inn], dtype=torch.int64).reshape(cls.shape_shape)}
 
 
-class SparseBitmask(Sparse24Bitmask, names=("sparse-bitmask",)):
+class SparseBitmask(Sparse24Bitmask, family="sparse-bitmask"):
     """Any pattern: 1-D `compressed` [nnz], `bitmask`, `shape` I64 [2], `row_offsets` I64 [out]."""
 
     shape_shape = (2,)
@@ -111,8 +111,8 @@ class SparseBitmask(Sparse24Bitmask, names=("sparse-bitmask",)):
         return (ANY,)
 
     @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
-        specs = super().tensors(scheme, shape)
+    def tensors(cls, group: QuantGroup | None, shape: Sequence[int]) -> dict[str, TensorSpec]:
+        specs = super().tensors(group, shape)
         specs["row_offsets"] = TensorSpec(("I64",), ((shape[-2],),))
         return specs
 
@@ -123,7 +123,7 @@ class SparseBitmask(Sparse24Bitmask, names=("sparse-bitmask",)):
         return (rows, 8 * cols)
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
+    def compress(cls, weight: torch.Tensor, group: QuantGroup | None) -> dict[str, torch.Tensor]:
         """Every nonzero kept (CT 0.14 bitmask_compress)."""
         import torch
         keep = weight.view(torch.uint8) != 0 if weight.dtype == torch.float8_e4m3fn else weight != 0
@@ -143,7 +143,7 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
 
-class Marlin24(Format, names=("marlin-24",)):
+class Marlin24(Format, family="marlin-24"):
     """2:4-sparse int4 in Marlin's tiles (CT <= 0.14). No decompressor exists, in CT or elsewhere:
     ctformat names the module and refuses to dequantize it (FMT-22)."""
 
@@ -151,9 +151,10 @@ class Marlin24(Format, names=("marlin-24",)):
     decodable = False
 
     @classmethod
-    def tensors(cls, scheme: Scheme, shape: Sequence[int]) -> dict[str, TensorSpec]:
+    def tensors(cls, group: QuantGroup | None, shape: Sequence[int]) -> dict[str, TensorSpec]:
         out, inn = shape[-2:]
-        gs = scheme.weights.group_size if scheme.weights is not None and scheme.weights.group_size else inn
+        w = weights_of(group)
+        gs = w.group_size if w is not None and w.group_size else inn
         return {"weight_packed": TensorSpec(("I32",), ((inn // 32, 2 * out),)),
                 "scale_packed": TensorSpec(("F16",), ((-(-inn // gs), out),)),
                 "meta": TensorSpec(("I16",), ((inn // 32, 2 * out),))}
@@ -164,7 +165,7 @@ class Marlin24(Format, names=("marlin-24",)):
         return (cols // 2, 32 * rows)
 
     @classmethod
-    def decompress(cls, tensors, scheme, dtype=None, *, kernel="auto"):
+    def decompress(cls, tensors, group, dtype=None, *, kernel="auto"):
         raise UnsupportedError("marlin-24 cannot be dequantized: no decompressor exists (compressed-tensors "
-                               "<= 0.14 says 'Decompression is not implemented for the Marlin24 Compressor') "
-                               "[FMT-22]")
+                               "<= 0.14 says 'Decompression is not implemented for the Marlin24 Compressor')",
+                               rule="FMT-22")
