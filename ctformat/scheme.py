@@ -330,7 +330,7 @@ class QuantGroup:
 
 @dataclass(frozen=True, slots=True)
 class Transform:
-    """One apply entry of a transform scheme (spec/formats.md §6.5)."""
+    """One apply entry of a transform scheme (spec/formats.md §11)."""
 
     scheme: str
     type: str                            # hadamard, random-hadamard, random-matrix

@@ -12,9 +12,13 @@ from ctformat.spec import MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
-TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
+TARGETS = {"VLLM": "vllm", "TRF": "transformers", "FMT-20": "vllm"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
-DEEP = ("DATA", "MRL-07")
+DEEP = ("DATA", "MRL-07", "FMT-3", "KV-04", "XFM-04")        # rules that look at tensor values
+
+
+def target_of(rule: str) -> str | None:
+    return TARGETS.get(rule, TARGETS.get(rule.split("-")[0]))
 
 
 def test_every_rule_has_a_bad_fixture_and_nothing_else():
@@ -22,9 +26,16 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 
 def test_spec_lists_exactly_the_rules_of_the_code():
-    text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL)-\d\d)`?\s*\|", text, re.M))
-    assert table_ids == set(RULES)
+    """Every rule ID of spec.RULES sits in exactly one spec document's rule tables, and those
+    tables hold no other ID (spec/ctformat.md §6, spec/formats.md §9)."""
+    found = {}
+    for doc in sorted((ROOT / "spec").glob("*.md")):
+        ids = re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|FMT|KV|XFM)-\d\d)`?\s*\|", doc.read_text(),
+                         re.M)
+        for rule in ids:
+            found.setdefault(rule, set()).add(doc.name)
+    assert set(found) == set(RULES)
+    assert not {r: d for r, d in found.items() if len(d) > 1}
 
 
 def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
@@ -34,7 +45,7 @@ def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=TARGETS.get(rule.split("-")[0]))
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=target_of(rule))
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -44,7 +55,7 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
-    target = TARGETS.get(rule.split("-")[0])
+    target = target_of(rule)
     args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith(DEEP) else []) + (
         ["--target", target] if target else [])
     with pytest.raises(SystemExit) as exc:
