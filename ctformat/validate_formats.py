@@ -36,7 +36,7 @@ def format_data_issues(ckpt: Checkpoint, m: Module) -> list[Issue]:
     return [_issue(m, e) for e in check_values(format_named(m.format), m.group, tensors, where=m.prefix)]
 
 
-def dense_dims(ckpt: Checkpoint, m: Module) -> tuple[int, ...] | None:
+def dense_dims(m: Module) -> tuple[int, ...] | None:
     """The dense weight shape a module's headers imply ([..., out, in]); `in` of a pack-quantized
     module that is not group-wise is the packed upper bound (only weight_shape holds it)."""
     t = m.tensors
@@ -159,7 +159,7 @@ def rotation_tensors(ckpt: Checkpoint) -> dict[tuple[str, str], dict[int, Module
 
 def rotation_for(ckpt: Checkpoint, m: Module, t: Transform) -> tuple[int | None, Module | None]:
     """(the size transform `t` has on module `m`, the module holding that rotation, or None)."""
-    dims = dense_dims(ckpt, m)
+    dims = dense_dims(m)
     if dims is None:
         return None, None
     size = t.head_dim or (dims[-1] if t.location == "input" else dims[-2])

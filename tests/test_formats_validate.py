@@ -102,3 +102,41 @@ def test_a_module_with_any_quantization_tensor_is_quantized(tmp_path, suffix):
     assert [i.rule for i in report.issues] == ["FMT-10"] and "weight_packed" in report.issues[0].message
     with pytest.raises(CtFormatError):
         raise_for_errors(ckpt)
+
+
+# -- inspect ---------------------------------------------------------------------------
+# bits per weight of the 14 quantized modules (7 shapes per layer, spec/formats.md §7): the
+# stored bytes of every weight tensor, scale, global scale, zero point and bitmask
+BITS = {"fp8-dynamic": 8.104, "fp8-static": 8.0, "fp8-block": 8.001, "fp8-weight-only": 8.104, "w8a8-int8": 8.104,
+        "w4a8-int": 8.125, "w4afp8": 8.125, "nvfp4a16": 4.501, "nvfp4": 4.501, "mxfp4a16": 4.25, "mxfp8a16": 8.25,
+        "w4a16-uncompressed": 16.188, "legacy-sparse24-bitmask": 9.0, "quip-w4a16": 4.125, "w4a16-kv-fp8": 4.125}
+
+
+@pytest.mark.parametrize("path", [p for p in FOLDERS if p.name != "dense-base"], ids=lambda p: p.name)
+def test_inspect_counts_true_parameters_and_honest_bits(path):
+    d = summarize(open_checkpoint(path))
+    base = summarize(open_checkpoint(FORMATS / "dense-base"))["parameters"]["total"]
+    assert d["parameters"]["total"] == base == 459392         # every format, the dense model's count
+    assert d["parameters"]["quantized"] == 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)   # 7 Linear x 2 layers
+    if path.name in BITS:
+        assert d["bits_per_quantized_weight"] == pytest.approx(BITS[path.name], abs=1e-3)
+    assert d["modules_quantized"] == 14 and sum(d["module_formats"].values()) == 14
+
+
+def test_inspect_describes_inputs_kv_cache_transforms_and_sparsity():
+    fp8 = summarize(open_checkpoint(FORMATS / "fp8-static"))
+    [g] = fp8["config_groups"]
+    assert g["type"] == "float" and g["input_activations"]["words"] == "float8 tensor" and not g["dynamic"]
+    kv = summarize(open_checkpoint(FORMATS / "fp8-dynamic-kv-fp8"))
+    assert kv["kv_cache_scheme"]["words"] == "float8 tensor" and kv["kv_cache_modules"] == [
+        "model.layers.{0..1}.self_attn"] and kv["bytes"]["by_role"]["kv_cache"] == 8
+    quip = summarize(open_checkpoint(FORMATS / "quip-w4a16"))
+    online = [t for t in quip["transforms"] if t["online"]]
+    assert [(t["scheme"], t["location"], len(t["rotation_tensors"])) for t in online] == [("u", "output", 1),
+                                                                                      ("v", "input", 1)]
+    sp = summarize(open_checkpoint(FORMATS / "legacy-sparse24-bitmask"))
+    assert sp["sparsity"] == {"format": "sparse-24-bitmask", "targets": ["Linear"], "ignore": ["lm_head"],
+                              "modules": 14}
+    nv = summarize(open_checkpoint(FORMATS / "nvfp4"))
+    assert nv["config_groups"][0]["input_activations"]["dynamic"] == "local"
+    assert nv["bytes"]["by_role"]["activation_scales"] == 14 * 4 and nv["bytes"]["by_role"]["global_scales"] == 14 * 4
