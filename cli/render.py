@@ -99,7 +99,7 @@ def summary(d: dict[str, Any]) -> None:
     fmt = d["format"] or (f"{d['sparsity']['format']} (legacy sparsity_config)" if d.get("sparsity") else None)
     t.add_row("quantization", f"{d['quant_method']} / {fmt}" if d["quant_method"] else "none (dense)")
     beyond = _beyond_pack(d)
-    if beyond:
+    if beyond and d["module_formats"]:
         t.add_row("module formats", ", ".join(f"{k} ({v})" for k, v in d["module_formats"].items()))
     if d.get("marlin"):
         m = d["marlin"]
@@ -201,6 +201,8 @@ def converted(r, seconds: float) -> None:
     out.print(f"wrote {r.output}: {r.modules} modules {r.verb}, {r.tensors_copied} tensors copied, "
               f"{size(r.bytes_read)} read in {seconds:.1f} s on {r.device}"
               + (f" ({r.cpu_fallbacks} on the CPU after GPU out-of-memory)" if r.cpu_fallbacks else "")
+              + (f", {r.details['tensors_dropped']} tensors read and not written (activation scales, folded "
+                 "rotations, dropped kv-cache scales)" if r.details.get("tensors_dropped") else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
                  if r.details.get("legacy_format") else ""))
 

@@ -30,12 +30,14 @@ class Step:
     """One unit of conversion work: read `sources`, compute, write `outputs` in order.
     `work` gets the source tensors by name (on the compute device) and returns one tensor
     per output; without `work` the single source is copied as it is. `module` names the
-    quantized module a computing step converts (None for a copy)."""
+    quantized module a computing step converts (None for a copy, or a step that only reads);
+    `dropped` counts the sources it reads and writes nowhere (activation scales, rotations)."""
 
     outputs: list[tuple[str, str, tuple[int, ...]]]
     sources: list[str]
     work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
     module: str | None = None
+    dropped: int = 0
 
 
 @dataclass
@@ -192,8 +194,10 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             out = compute(step, tensors, device, result)
             if step.work is None:
                 result.tensors_copied += 1
-            else:
+            elif step.module is not None:
                 result.modules += 1
+            if step.dropped:
+                result.details["tensors_dropped"] = result.details.get("tensors_dropped", 0) + step.dropped
             _put(computed, (step, out, nbytes), stop)
     finally:
         # Order matters: a failure anywhere stops the reader first; the writer then gets its end

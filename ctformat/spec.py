@@ -10,7 +10,7 @@ __all__ = [
     "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
     "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
-    "LEGACY_MARLIN", "MARLIN_REFUSALS",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS",
 ]
 
 # safetensors dtype code -> (bytes per element, torch dtype name) (spec §1.2). The one dtype table.
@@ -113,6 +113,12 @@ MARLIN_REFUSALS: dict[str, str] = {
     "MCV-05": "--scale-dtype changes no scale's value (unless --allow-lossy-scales)",
     "MCV-06": "--stack-experts: complete expert sets of one scheme and shape, without g_idx",
     "MCV-07": "the input is a pack-quantized checkpoint with one dtype per tensor role",
+}
+
+# Refusals of convert --to dense (and of run/compare, which read the same dense weights)
+# (spec/formats.md §12): ID -> what a dense output needs.
+DENSE_REFUSALS: dict[str, str] = {
+    "DCV-01": "online rotations fold into a dense weight only at the input or output of a Linear layer, one per side",
 }
 
 # Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import MARLIN_REFUSALS, RULES
+from ctformat.spec import DENSE_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
@@ -41,6 +41,11 @@ def test_spec_lists_exactly_the_rules_of_the_code():
 def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
     text = (ROOT / "spec" / "ctformat.md").read_text()
     assert set(re.findall(r"^\|\s*`(MCV-\d\d)`\s*\|", text, re.M)) == set(MARLIN_REFUSALS)
+
+
+def test_spec_lists_exactly_the_dense_refusals_of_the_code():
+    text = (ROOT / "spec" / "formats.md").read_text()
+    assert set(re.findall(r"^\|\s*`(DCV-\d\d)`\s*\|", text, re.M)) == set(DENSE_REFUSALS)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
