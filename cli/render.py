@@ -211,6 +211,7 @@ def converted(r, seconds: float) -> None:
 def run_result(doc: dict[str, Any]) -> None:
     out.print(f"[bold]{doc['model']}[/]: {len(doc['input_ids'][0])} token(s) in, {doc['dtype']} on {doc['device']}"
               f"{' (streamed)' if doc['streamed'] else ''}, {doc['timing']['seconds']:.2f} s")
+    _weight_only(doc["not_simulated"])
     for b, top in enumerate(doc["next_token"]):
         out.print(f"next token{f' (sequence {b})' if len(doc['next_token']) > 1 else ''}:")
         for t in top:
@@ -222,10 +223,18 @@ def run_result(doc: dict[str, Any]) -> None:
             out.print(f"generated: {g}" + (f" {text_g!r}" if text_g is not None else ""))
 
 
+def _weight_only(skipped: list[str], side: str | None = None) -> None:
+    if skipped:
+        out.print(f"weight-only reference inference{f' ({side})' if side else ''}: {', '.join(skipped)} "
+                  "quantization not simulated")
+
+
 def compare_result(doc: dict[str, Any]) -> None:
     w = doc["weights"]
     out.print(f"A {doc['a']}\nB {doc['b']}\n{doc['positions']} positions, {doc['dtype']} on {doc['device']}, "
               f"{doc['seconds']:.2f} s")
+    for side in ("a", "b"):
+        _weight_only(doc["not_simulated"][side], side.upper())
     out.print(f"KL(A||B) nats  mean {doc['kl_mean']:.3e}  p50 {doc['kl_p50']:.3e}  p90 {doc['kl_p90']:.3e}  "
               f"p99 {doc['kl_p99']:.3e}  max {doc['kl_max']:.3e}")
     out.print(f"top-1 agreement {doc['top1_agreement']:.4f}")

@@ -9,7 +9,7 @@ import torch
 from .scheme import Transform
 from .spec import TRANSFORM_TYPES
 
-__all__ = ["rotation_matrix", "fold"]
+__all__ = ["rotation_matrix", "fold", "fold_bias"]
 
 
 def rotation_matrix(t: Transform, weight: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,5 +38,11 @@ def fold(weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Tensor |
         c = outputs.to(w.device)
         w = (c.T @ w.unflatten(-2, (-1, c.shape[0]))).flatten(-3, -2)
         if bias is not None:
-            bias = (bias.to(torch.float64).unflatten(-1, (-1, c.shape[0])) @ c).flatten(-2)
+            bias = fold_bias(bias, c)
     return w, bias
+
+
+def fold_bias(bias: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """b·C for an output rotation (CT rotates the layer's output, bias included); float64."""
+    c = outputs.to(bias.device)
+    return (bias.to(torch.float64).unflatten(-1, (-1, c.shape[0])) @ c).flatten(-2)

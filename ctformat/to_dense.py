@@ -22,7 +22,7 @@ from .spec import ACTIVATION_PARAMS, DENSE_REFUSALS, KV_PARAMS, MARLIN_PARAMS, Q
 from .validate import raise_for_errors
 from .validate_formats import dense_dims, rotation_for
 
-__all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "fold_plan", "dense_config"]
+__all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "fold_plan", "fold_matrices", "dense_config"]
 
 # tensors a converted module's step reads (a naive module's `weight` holds its quantized values)
 _PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS + ("weight",))
@@ -55,6 +55,20 @@ def fold_plan(ckpt: Checkpoint) -> dict[str, dict[str, tuple[Transform, Module]]
             _, holder = rotation_for(ckpt, m, t)
             out.setdefault(m.prefix, {})[t.location] = (t, holder)
     return out
+
+
+def fold_matrices(ckpt: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
+    """Module prefix -> {"input"/"output": the float64 matrix to fold in} (fold_plan's, with the
+    rotation tensors read; for reference inference, which holds every module at once)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def load(holder: Module, suffix: str) -> torch.Tensor | None:
+        info = holder.tensors.get(suffix)
+        if info is not None and info.name not in cache:
+            cache[info.name] = ckpt.load(info.name)
+        return None if info is None else cache[info.name]
+    return {prefix: {loc: rotation_matrix(t, load(h, "weight"), load(h, "perm")) for loc, (t, h) in folds.items()}
+            for prefix, folds in fold_plan(ckpt).items()}
 
 
 def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False, *, drop_kv_cache: bool = False,
