@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ctformat
 from conftest import FORMATS
 from formats_oracle import BaseCompressor, QuantizationScheme, forward, same
 from ctformat.formats import format_named, numerics
@@ -64,19 +65,23 @@ def test_decompress_equals_ct_on_every_module(path):
         comp = BaseCompressor.get_value_from_registry(raw["format"])
         want = comp.decompress({k: ts[k] for k in comp.compression_param_names(cs) if k in ts}, cs)["weight"]
         assert same(fmt.decompress(ts, g), want), prefix
+        assert same(ctformat.decompress(ts, g), want), prefix           # the public API's dispatch
         n += 1
     assert n == 14
 
 
-@pytest.mark.parametrize("path", [p for p in QUANTIZED if p.name != "quip-w4a16"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in QUANTIZED if p.name != "quip-w4a16"],
+                         ids=lambda p: p.name)
 def test_compress_of_base_equals_stored_tensors(path):
+    """ctformat.compress (dispatching on the group's format) of dense-base's weights gives the
+    stored tensors byte for byte: min-max qparams as llm-compressor's observers compute them."""
     base = {p: t["weight"] for p, t in modules(ROOT / "dense-base").items() if "weight" in t}
     for prefix, ts, g, fmt, _ in quantized(path):
         kw = {}
         if g.weights.has_global_scale:
             parent, last = prefix.rsplit(".", 1)
             kw["global_scale"] = numerics.global_scale(*(base[f"{parent}.{s}"] for s in FUSED.get(last, (last,))))
-        got = fmt.compress(base[prefix], g, **kw)
+        got = ctformat.compress(base[prefix], g, **kw)
         stored = {k: v for k, v in ts.items() if not k.startswith("input_")}
         assert set(got) == set(stored), prefix
         for k, v in got.items():

@@ -83,10 +83,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     `dtype` is the group strategies' output cast (default: the scale dtype)."""
     def op(xq, s, z):
         s = _effective(s, global_scale, xq)
-        w = xq.to(s.dtype)
+        w = xq.to(s.dtype, copy=True)           # a fresh tensor, so the arithmetic runs in place
         if z is not None:
-            w = w - z.to(s.dtype)
-        return w * s
+            w.sub_(z.to(s.dtype))
+        return w.mul_(s)
     return _apply(q, scale, zero_point, args, op, dtype or scale.dtype)
 
 
