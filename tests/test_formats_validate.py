@@ -140,3 +140,22 @@ def test_inspect_describes_inputs_kv_cache_transforms_and_sparsity():
     nv = summarize(open_checkpoint(FORMATS / "nvfp4"))
     assert nv["config_groups"][0]["input_activations"]["dynamic"] == "local"
     assert nv["bytes"]["by_role"]["activation_scales"] == 14 * 4 and nv["bytes"]["by_role"]["global_scales"] == 14 * 4
+
+
+def test_vllm_mixtral_expert_names_both_ways(tmp_path):
+    """Experts stored quantized under gate_proj/up_proj/down_proj and targeted by a pattern on
+    those names: vLLM looks for w1/w3/w2, builds the experts dense, and the packed weights do not
+    load. Targeting `Linear` (as llm-compressor does) is fine: vLLM maps it to its fused experts."""
+    from conftest import FIXTURES
+    src = FIXTURES / "tiny-mixtral-ct019"
+    assert not [i for i in validate_checkpoint(src, target="vllm").issues if i.rule == "VLLM-06"]
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["targets"] = [
+        "re:.*self_attn.*", "re:.*experts.*(gate|up|down)_proj$"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    found = [i for i in validate_checkpoint(dst, target="vllm").issues if i.rule == "VLLM-06"]
+    assert found and "does not target" in found[0].message and "experts.0.w1" in found[0].message
+    dense = validate_checkpoint(FIXTURES / "bad" / "VLLM-06", target="vllm").issues
+    assert {i.rule for i in dense} == {"VLLM-06"} and "does not ignore" in dense[0].message
