@@ -161,7 +161,7 @@ def dense_config(ckpt: Checkpoint, dtype: torch.dtype, *, drop_kv_cache: bool = 
     config = dict(ckpt.config or {})
     config.pop("quantization_config", None)
     q = ckpt.quant
-    if q is not None and q.kv_cache is not None and not drop_kv_cache and ckpt.marlin is None:
+    if q is not None and q.kv_cache is not None and not drop_kv_cache:
         config["quantization_config"] = {"config_groups": {}, "format": "dense", "ignore": [],
                                          "kv_cache_scheme": q.raw["kv_cache_scheme"], "quant_method": QUANT_METHOD,
                                          "quantization_status": "frozen", **({"version": q.version} if q.version
