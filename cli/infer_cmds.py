@@ -1,6 +1,9 @@
 """`ctformat run` and `ctformat compare`: reference inference through transformers (spec §11)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
 from ctformat.errors import UsageError
@@ -19,17 +22,24 @@ def _common(f):
     f = click.option("--dtype", type=click.Choice(_DTYPES), default="bfloat16", show_default=True,
                      help="Dtype of the dense weights and the forward pass.")(f)
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
-    f = click.option("--input-ids", "input_ids", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="File of token ids: a JSON list (or list of lists), or ids separated by spaces.")(f)
+    f = click.option("--input-ids", "input_ids", default=None, metavar="IDS|FILE|-",
+                     help="Token ids: inline (\"1 2 3\" or \"[1, 2, 3]\"), a file of them, or - for stdin; "
+                          "a JSON list (or list of lists), or ids separated by spaces or commas.")(f)
     f = click.option("--text", default=None, help="Text, tokenized with the tokenizer in the (first) model folder.")(f)
     return f
 
 
 def _ids(model: str, text: str | None, input_ids: str | None):
-    from ctformat.inference import read_input_ids, tokenize
+    from ctformat.inference import parse_input_ids, read_input_ids, tokenize
     if (text is None) == (input_ids is None):
         raise UsageError("give exactly one of --text and --input-ids")
-    return tokenize(model, text) if text is not None else read_input_ids(input_ids)
+    if text is not None:
+        return tokenize(model, text)
+    if input_ids == "-":
+        return parse_input_ids(sys.stdin.read(), "stdin")
+    if Path(input_ids).is_file():
+        return read_input_ids(input_ids)
+    return parse_input_ids(input_ids, f"--input-ids {input_ids!r} (no such file either)")
 
 
 @click.command(epilog=INFER_EXIT_CODES)

@@ -28,7 +28,8 @@ INFER_EXIT_CODES = EXIT_CODES + """
 
 # library keyword that would allow what an error refused -> what the user types
 OPTION_HINTS = {"force": "use --force to replace it", "allow_lossy_scales": "pass --allow-lossy-scales to convert anyway",
-                "device": "use --device cpu"}
+                "allow_lossy": "pass --allow-lossy to write fp16(s) and report the error",
+                "device": "use --device cpu", "resume": "rerun with --resume to continue"}
 
 
 def size(n: int | None) -> str:
@@ -74,15 +75,16 @@ class ProgressBar:
     def __init__(self, label: str, *, unit: str = "bytes", disable: bool = False) -> None:
         from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
-        columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) if unit == "bytes"
-                   else (MofNCompleteColumn(), TimeElapsedColumn()))
+        columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
+                   if unit == "bytes" else (MofNCompleteColumn(), TimeElapsedColumn()))
         self.bar = Progress(TextColumn(label), BarColumn(), *columns, console=err, transient=unit != "bytes",
                             disable=disable or not err.is_terminal)
-        self.task = self.bar.add_task(label, total=None)
+        self.task = self.bar.add_task(label, total=None, note="")
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Callable[..., None]:
+        """progress(done, total[, note]): note is a few words after the ETA (workers alive)."""
         self.bar.start()
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+        return lambda done, total, note="": self.bar.update(self.task, completed=done, total=total, note=note)
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()
@@ -90,6 +92,9 @@ class ProgressBar:
 
 # -- inspect -----------------------------------------------------------------------------
 def summary(d: dict[str, Any]) -> None:
+    if d["schema"] == "ctformat.inspect-gguf/1":
+        gguf_summary(d)
+        return
     t = Table(title=f"[bold]{d['path']}[/]", show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -174,6 +179,31 @@ def _format_groups(groups: list[dict[str, Any]]) -> None:
     out.print(g)
 
 
+def gguf_summary(d: dict[str, Any]) -> None:
+    t = Table(title=f"[bold]{escape(d['path'])}[/]", show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    p = d["parameters"]
+    t.add_row("format", f"GGUF version {d['version']}")
+    t.add_row("architecture", f"{d['architecture']}" + (f" ({escape(str(d['name']))})" if d["name"] else ""))
+    if d["block_count"] is not None:
+        t.add_row("layers", str(d["block_count"]) + (f", context {d['context_length']}" if d["context_length"] else ""))
+    t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} in quantized blocks, {count(p['float'])} float)")
+    t.add_row("size", f"{size(d['bytes']['total'])} of tensor data in {len(d['files'])} file(s), {d['tensors']} tensors")
+    if d["bits_per_weight"] is not None:
+        t.add_row("bits/weight", f"{d['bits_per_weight']} overall"
+                  + (f", {d['bits_per_quantized_weight']} in quantized tensors" if d["bits_per_quantized_weight"] else ""))
+    t.add_row("tokenizer", "none" if d["tokenizer"] is None else
+              f"{d['tokenizer']['model']}, pre {d['tokenizer']['pre']}, {d['tokenizer']['tokens']} tokens")
+    out.print(t)
+    g = Table(title="ggml types", title_justify="left")
+    for col in ("type", "tensors", "parameters", "size", "bits/weight"):
+        g.add_column(col, justify="left" if col == "type" else "right")
+    for name, row in d["ggml_types"].items():
+        g.add_row(name, str(row["tensors"]), count(row["parameters"]), size(row["bytes"]), str(row["bits_per_weight"]))
+    out.print(g)
+
+
 def tensors(rows: list[dict[str, Any]]) -> None:
     t = Table(title="tensors", title_justify="left")
     for col in ("name", "dtype", "shape", "size", "file"):
@@ -191,8 +221,9 @@ def report(r: dict[str, Any]) -> None:
         loc = ": ".join(x for x in (i["file"], i["where"]) if x)
         out.print(f"{sev} [bold]{i['rule']}[/] {escape(loc)}: {escape(i['message'])}")
     verdict = "[green]OK[/]" if r["ok"] else "[red]FAILED[/]"
-    out.print(f"{verdict} {r['path']}: {r['errors']} error(s), {r['warnings']} warning(s), "
-              f"{r['modules_checked']} quantized modules checked{' (deep)' if r['deep'] else ''}")
+    checked = (f"{r['tensors_checked']} GGUF tensors checked (headers)" if r.get("format") == "gguf" else
+               f"{r['modules_checked']} quantized modules checked{' (deep)' if r['deep'] else ''}")
+    out.print(f"{verdict} {r['path']}: {r['errors']} error(s), {r['warnings']} warning(s), {checked}")
 
 
 # -- convert -----------------------------------------------------------------------------
@@ -205,6 +236,23 @@ def converted(r, seconds: float) -> None:
                  "rotations, dropped kv-cache scales)" if r.details.get("tensors_dropped") else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
                  if r.details.get("legacy_format") else ""))
+    if r.target == "gguf":
+        gguf_details(r.details)
+
+
+def gguf_details(d: dict[str, Any]) -> None:
+    """What --to gguf wrote beyond the counts: files, types, what is not exact, what was left out."""
+    out.print(f"  {len(d['files'])} file(s), {size(d['bytes_written'])}, {d['tensors']} tensors: "
+              + ", ".join(f"{k} {v}" for k, v in d["ggml_types"].items()))
+    if d["lossy_scales"]:
+        out.print(f"  --allow-lossy: {d['lossy_scales']} scale(s) rounded to fp16, largest relative error "
+                  f"{d['lossy_max_rel_error']:.3g}")
+    if d["dequantized_modules"]:
+        out.print(f"  {len(d['dequantized_modules'])} quantized module(s) written as floats: "
+                  f"{', '.join(d['dequantized_modules'][:3])}{' ...' if len(d['dequantized_modules']) > 3 else ''}")
+    if d["dropped"]:
+        reasons = sorted(set(d["dropped"].values()))
+        out.print(f"  left out as llama.cpp's converter does: {len(d['dropped'])} tensor(s) ({'; '.join(reasons)})")
 
 
 # -- run and compare ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 from ._version import __version__
 from .errors import (CheckpointNotFoundError, ConfigError, CtFormatError, HeaderError, OutputExistsError,
                      SpecError, TensorError, UnsupportedError, UsageError, WriterError)
+from .extras import MissingDependencyError
 from .header import TensorInfo
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Strategy
 
@@ -31,7 +32,7 @@ _LAZY = {
 
 __all__ = [
     "__version__", "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError", "UnsupportedError",
-    "UsageError",
+    "UsageError", "MissingDependencyError",
     "CheckpointNotFoundError", "OutputExistsError", "WriterError", "TensorInfo", "QuantScheme",
     "QuantGroup", "QuantizationConfig", "Strategy", *_LAZY,
 ]

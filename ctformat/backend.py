@@ -7,6 +7,7 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 from .errors import UnsupportedError
+from .extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -24,5 +25,6 @@ def use_triton(kernel: str, tensor: torch.Tensor, *, fits: bool = True, what: st
     if kernel == "triton":
         if not fits:
             raise UnsupportedError(f"the triton kernel does not handle {what}")
+        require("triton")
         return True
     return kernel == "auto" and fits and tensor.device.type == "cuda" and find_spec("triton") is not None

@@ -259,6 +259,7 @@ def _find_shards(files: FileSource) -> tuple[list[str], dict[str, str] | None]:
 def _headers(files: FileSource, shards: list[str], index: dict[str, str] | None, fail) -> dict[str, TensorInfo]:
     """Every shard's tensors, each once and where the index says (FILE-05, FILE-06, HDR)."""
     tensors: dict[str, TensorInfo] = {}
+    files.prefetch([s for s in shards if files.is_file(s)])
     for shard in shards:
         if not files.is_file(shard):
             fail(HeaderError("shard named by the index does not exist", rule="FILE-05", file=shard))

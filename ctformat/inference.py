@@ -23,6 +23,7 @@ from .dequant import decompress_loaded, dequantize_module
 from .dtypes import dtype_name
 from .errors import CtFormatError, UnsupportedError, UsageError
 from .fold import fold, fold_bias
+from .extras import require
 from .linear import QuantLinear, expert_layers, expert_count
 from .names import loader_name
 from .pipeline import resolve_device
@@ -31,7 +32,7 @@ from .summary import summarize
 from .to_dense import fold_matrices
 from .validate import raise_for_errors
 
-__all__ = ["ReferenceModel", "load_model", "run", "compare", "read_input_ids", "tokenize", "kl_stats",
+__all__ = ["ReferenceModel", "load_model", "run", "compare", "read_input_ids", "parse_input_ids", "tokenize", "kl_stats",
            "weight_errors", "checkpoint_weights", "not_simulated"]
 
 Weights = dict[str, "QuantLinear | torch.Tensor"]     # name transformers reads -> weight as stored
@@ -77,8 +78,11 @@ class ReferenceModel:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits [batch, positions, vocab] for input_ids [batch, positions]."""
         self._done = 0
-        out = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
-        return out.float()
+        t0 = _now(self.device)
+        out = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+        if not self.stream:        # streamed: the layer hooks time compute, between materializations
+            self.stats["compute_s"] += _now(self.device) - t0
+        return out
 
     # -- weights -----------------------------------------------------------------------
     def _materialize(self, i: int) -> None:
@@ -293,6 +297,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype = t
     """A local checkpoint (quantized or dense) as a ReferenceModel; stream=None decides by size."""
     if not Path(path).exists():
         raise CtFormatError(f"{path}: reference inference needs a local checkpoint folder")
+    require("transformers")
     dev = resolve_device(device)
     ckpt = open_checkpoint(path)
     raise_for_errors(ckpt)
@@ -308,14 +313,20 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype = t
 
 # -- inputs --------------------------------------------------------------------------------
 def read_input_ids(path: str | Path) -> torch.Tensor:
-    """Token ids from a file: a JSON list of ints (one sequence), a JSON list of equally long
-    lists (a batch), or ints separated by white space. Returns int64 [batch, positions]."""
-    text = Path(path).read_text()
+    """Token ids from a file (see parse_input_ids)."""
+    return parse_input_ids(Path(path).read_text(), str(path))
+
+
+def parse_input_ids(text: str, source: str = "input ids") -> torch.Tensor:
+    """Token ids as people write them: a JSON list of ints (one sequence), a JSON list of equally
+    long lists (a batch), or ints separated by white space or commas. Returns int64 [batch, positions];
+    `source` names where the text came from in errors."""
+    path = source
     try:
         data = json.loads(text)
     except ValueError:
         try:
-            data = [int(v) for v in text.split()]
+            data = [int(v) for v in text.replace(",", " ").split()]
         except ValueError:
             raise UsageError(f"{path}: not a JSON list of token ids nor ids separated by spaces") from None
     data = [data] if isinstance(data, list) and all(isinstance(v, int) for v in data) else data
@@ -330,6 +341,7 @@ def _tokenizer(path: str | Path):
     if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         raise UsageError(f"{path}: no tokenizer here ({', '.join(_TOKENIZER_FILES)}); give token ids with "
                          f"--input-ids instead of --text")
+    require("transformers")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path))
 

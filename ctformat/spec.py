@@ -10,7 +10,8 @@ __all__ = [
     "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
     "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
-    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
+    "GGUF_VALUE_TYPES", "GGUF_MAX_DIMS", "GGUF_SHARD", "GGUF_REFUSALS",
 ]
 
 # safetensors dtype code -> (bytes per element, torch dtype name) (spec §1.2). The one dtype table.
@@ -121,6 +122,46 @@ DENSE_REFUSALS: dict[str, str] = {
     "DCV-01": "online rotations fold into a dense weight only at the input or output of a Linear layer, one per side",
 }
 
+# GGUF files (spec/gguf.md). ggml type id -> (name, elements per block, bytes per block): ggml.c's
+# type_traits (Q8_1 is 36 bytes there; gguf-py 0.19 says 40, a type no file stores). Ids that
+# ggml removed (4, 5, 31-33, 36-38) are unknown.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
+}
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)             # both little-endian with 64-bit counts (version 1 had 32-bit ones)
+GGUF_ALIGNMENT = 32                # general.alignment when absent
+GGUF_MAX_DIMS = 4                  # GGML_MAX_DIMS
+# key/value type id -> (name, struct format of one scalar; "" for string and array)
+GGUF_VALUE_TYPES: dict[int, tuple[str, str]] = {
+    0: ("UINT8", "<B"), 1: ("INT8", "<b"), 2: ("UINT16", "<H"), 3: ("INT16", "<h"), 4: ("UINT32", "<I"),
+    5: ("INT32", "<i"), 6: ("FLOAT32", "<f"), 7: ("BOOL", "<?"), 8: ("STRING", ""), 9: ("ARRAY", ""),
+    10: ("UINT64", "<Q"), 11: ("INT64", "<q"), 12: ("FLOAT64", "<d"),
+}
+GGUF_SHARD = r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$"     # gguf-py's SHARD_NAME_FORMAT
+# Refusals of convert --to gguf (spec/gguf.md §7): ID -> statement.
+GGUF_REFUSALS: dict[str, str] = {
+    "GCV-01": "architectures[0] is one spec/gguf.md §4.1 maps",
+    "GCV-02": "32-blocks lie inside one group: group_size % 32 == 0 and in_features % 32 == 0",
+    "GCV-03": "weight_g_idx, where present, is the identity arange(in) // group_size",
+    "GCV-04": "every scale (and Q4_1 minimum) is held exactly by fp16 (unless --allow-lossy)",
+    "GCV-05": "no asymmetric 8-bit modules (no exact ggml block type)",
+    "GCV-06": "--outtype and --int4-asym take the values the spec lists",
+    "GCV-07": "codes q - z lie in the block type's range (zero points inside the int range)",
+    "GCV-08": "gguf-py names every tensor for the architecture",
+    "GCV-09": "config.json has every hyperparameter the architecture needs, consistent with the shapes",
+    "GCV-10": "expert stacks are complete sets 0..E-1 of one type, shape and scheme",
+    "GCV-11": "the tokenizer is one gguf-py's readers take, with a known pre-tokenizer",
+    "GCV-12": "the input is a pack-quantized or dense checkpoint, not one in the Marlin layout",
+}
+
 # Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the
 # prose; tests check that the two list the same IDs and that each has a fixtures/bad/ case.
 RULES: dict[str, tuple[str, str]] = {
@@ -212,4 +253,10 @@ RULES: dict[str, tuple[str, str]] = {
     "XFM-02": ("error", "every online transform has its rotation tensor for each size its targets need; offline ones have none"),
     "XFM-03": ("error", "a rotation tensor is square 2-D, of the size its targets need, in the declared precision"),
     "XFM-04": ("error", "Hadamard rotations have entries +-1 and R R^T = n I; random matrices are invertible"),
+    "GGUF-01": ("error", "a .gguf file starts with the magic GGUF and version 2 or 3"),
+    "GGUF-02": ("error", "the header (key/values, tensor infos) parses inside the file: known value types, UTF-8 strings"),
+    "GGUF-03": ("error", "keys are unique; general.architecture is a string; general.alignment, if set, a power of two"),
+    "GGUF-04": ("error", "tensor names are unique; each tensor has 1..4 dims, a known ggml type, ne[0] a multiple of its block"),
+    "GGUF-05": ("error", "tensor data lies aligned inside the file, each tensor at its own offset, without overlaps"),
+    "GGUF-06": ("error", "a split set is complete: every shard present, split.no 0..n-1, one split.count and the total split.tensors.count"),
 }

@@ -7,12 +7,13 @@ from math import prod
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
+from .gguf_header import GGUFModel
 from .marlin_config import marlin_dims
 from .scheme import QuantScheme, Strategy
 from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT, PACK_QUANTIZED
 from .validate_formats import attention_prefixes, dense_dims
 
-__all__ = ["summarize", "fold_names", "tensor_rows"]
+__all__ = ["summarize", "fold_names", "tensor_rows", "gguf_summary"]
 
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
           "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
@@ -90,8 +91,11 @@ def _args(a: QuantScheme | None) -> dict[str, Any] | None:
     return None if a is None else {**a.to_json(), "words": a.words()}
 
 
-def summarize(ckpt: Checkpoint) -> dict[str, Any]:
-    """The `inspect --json` document (schema ctformat.inspect/1), from headers and config."""
+def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
+    """The `inspect --json` document (schema ctformat.inspect/1; ctformat.inspect-gguf/1 for a
+    GGUF file), from headers and config."""
+    if isinstance(ckpt, GGUFModel):
+        return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
     by_role, by_dtype = defaultdict(int), defaultdict(int)
@@ -186,8 +190,58 @@ def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
     }
 
 
-def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+_SCALAR_ARRAYS = 16          # arrays up to this length are shown whole; longer ones by length
+
+
+def gguf_summary(model: GGUFModel) -> dict[str, Any]:
+    """The `inspect --json` document of a GGUF file or split set (schema ctformat.inspect-gguf/1)."""
+    f = model.fields
+    tensors = model.tensors.values()
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
+    for t in tensors:
+        row = by_type[t.ggml_type]
+        row["tensors"] += 1
+        row["parameters"] += t.numel
+        row["bytes"] += t.nbytes
+    params = sum(t.numel for t in tensors)
+    total = sum(t.nbytes for t in tensors)
+    q = [t for t in tensors if t.ggml_type not in _FLOAT_TYPES and not t.ggml_type.startswith("I")]
+    q_params, q_bytes = sum(t.numel for t in q), sum(t.nbytes for t in q)
+    meta = {k: (v if not isinstance(v, list) or len(v) <= _SCALAR_ARRAYS else f"[{len(v)} items]")
+            for k, v in sorted(f.items()) if not k.startswith("tokenizer.ggml.")}
+    arch = f.get("general.architecture")
+    return {
+        "schema": "ctformat.inspect-gguf/1",
+        "path": model.label,
+        "format": "gguf",
+        "version": model.headers[0].version if model.headers else None,
+        "architecture": arch,
+        "name": f.get("general.name"),
+        "file_type": f.get("general.file_type"),
+        "block_count": f.get(f"{arch}.block_count"),
+        "context_length": f.get(f"{arch}.context_length"),
+        "tokenizer": None if "tokenizer.ggml.model" not in f else {
+            "model": f["tokenizer.ggml.model"], "pre": f.get("tokenizer.ggml.pre"),
+            "tokens": len(f.get("tokenizer.ggml.tokens") or ())},
+        "parameters": {"total": params, "quantized": q_params, "float": params - q_params},
+        "bytes": {"total": total, "by_type": {k: v["bytes"] for k, v in sorted(by_type.items())}},
+        "ggml_types": {k: dict(v, bits_per_weight=round(8 * v["bytes"] / v["parameters"], 3) if v["parameters"] else None)
+                       for k, v in sorted(by_type.items())},
+        "bits_per_weight": round(8 * total / params, 3) if params else None,
+        "bits_per_quantized_weight": round(8 * q_bytes / q_params, 3) if q_params else None,
+        "files": [{"file": h.file, "bytes": h.size, "tensors": len(h.tensors)} for h in model.headers],
+        "tensors": len(model.tensors),
+        "metadata": meta,
+    }
+
+
+def tensor_rows(ckpt: Checkpoint | GGUFModel, pattern: str | None) -> list[dict[str, Any]]:
     rx = re.compile(pattern) if pattern else None
+    if isinstance(ckpt, GGUFModel):
+        return [{"name": t.name, "dtype": t.ggml_type, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
+                for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name))
+                if rx is None or rx.search(t.name)]
     return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
             for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name)) if rx is None or rx.search(t.name)]
 

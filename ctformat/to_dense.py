@@ -22,7 +22,8 @@ from .spec import ACTIVATION_PARAMS, DENSE_REFUSALS, KV_PARAMS, MARLIN_PARAMS, Q
 from .validate import raise_for_errors
 from .validate_formats import dense_dims, rotation_for
 
-__all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "fold_plan", "fold_matrices", "dense_config"]
+__all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "dense_dropped", "fold_plan", "fold_matrices",
+           "dense_config"]
 
 # tensors a converted module's step reads (a naive module's `weight` holds its quantized values)
 _PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS + ("weight",))
@@ -57,56 +58,66 @@ def fold_plan(ckpt: Checkpoint) -> dict[str, dict[str, tuple[Transform, Module]]
     return out
 
 
+class _Rotations:
+    """The rotation tensors a checkpoint's online transforms store, read on first use (tied:
+    one tensor serves many modules) and turned into the matrices to fold in."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt, self.cache = ckpt, {}
+
+    def load(self, holder: Module, suffix: str) -> torch.Tensor | None:
+        info = holder.tensors.get(suffix)
+        if info is None:
+            return None
+        if info.name not in self.cache:
+            self.cache[info.name] = self.ckpt.load(info.name)
+        return self.cache[info.name]
+
+    def matrices(self, folds: dict[str, tuple[Transform, Module]]) -> dict[str, torch.Tensor]:
+        return {loc: rotation_matrix(t, self.load(h, "weight"), self.load(h, "perm")) for loc, (t, h) in folds.items()}
+
+
 def fold_matrices(ckpt: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
     """Module prefix -> {"input"/"output": the float64 matrix to fold in} (fold_plan's, with the
     rotation tensors read; for reference inference, which holds every module at once)."""
-    cache: dict[str, torch.Tensor] = {}
+    rotations = _Rotations(ckpt)
+    return {prefix: rotations.matrices(folds) for prefix, folds in fold_plan(ckpt).items()}
 
-    def load(holder: Module, suffix: str) -> torch.Tensor | None:
-        info = holder.tensors.get(suffix)
-        if info is not None and info.name not in cache:
-            cache[info.name] = ckpt.load(info.name)
-        return None if info is None else cache[info.name]
-    return {prefix: {loc: rotation_matrix(t, load(h, "weight"), load(h, "perm")) for loc, (t, h) in folds.items()}
-            for prefix, folds in fold_plan(ckpt).items()}
+
+def dense_dropped(ckpt: Checkpoint, *, drop_kv_cache: bool = False) -> frozenset[str]:
+    """Tensors a dense output leaves out without reading them through the plan: the rotation
+    matrices (folded in, read by the steps that fold them), and with `drop_kv_cache` the
+    kv-cache scales."""
+    return frozenset(i.name for m in ckpt.modules().values() for k, i in m.tensors.items()
+                     if m.rotation is not None or (drop_kv_cache and m.kv_cache and k in KV_PARAMS))
 
 
 def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False, *, drop_kv_cache: bool = False,
                originals: bool = False) -> list[Step]:
     """Steps of convert --to dense, in file order: a module's tensors become its dense weight
-    (folded with its online rotations), activation qparams and rotations are read and not
-    written, kv-cache scales are copied (or dropped), everything else is copied."""
+    (folded with its online rotations), activation qparams are read and not written,
+    kv-cache scales are copied, everything else is copied; dense_dropped names what the plan
+    leaves unread (rotations, kv-cache scales with `drop_kv_cache`)."""
     model_type, mods, plan, done = ckpt.model_type, ckpt.modules(), [], set()
     folds = fold_plan(ckpt)
-    rotations: dict[str, dict[str, torch.Tensor]] = {}
-    names = [i.name for m in mods.values() if m.rotation is not None for i in m.tensors.values()]
-    if names:                                   # read once, first; every folded module uses them
-        plan.append(Step([], names, lambda t: _stash(ckpt, t, rotations), dropped=len(names)))
+    rotations = _Rotations(ckpt)
+    dropped = dense_dropped(ckpt, drop_kv_cache=drop_kv_cache)
 
     def rename(prefix: str) -> str:
         return loader_name(prefix, model_type, keep_names)
     for info in file_order(ckpt):
         prefix, _, suffix = info.name.rpartition(".")
         m = mods[prefix]
-        if m.rotation is not None:
+        if info.name in dropped:
             continue
         computed = (m.quantized and suffix in _PARAMS) or (prefix in folds and (
             suffix == "weight" or (suffix == "bias" and "output" in folds[prefix])))
-        if m.kv_cache and suffix in KV_PARAMS and drop_kv_cache:
-            plan.append(Step([], [info.name], lambda t: [], dropped=1))
-        elif not computed:
+        if not computed:
             plan.append(copy_step(ckpt, info.name, f"{rename(prefix)}.{suffix}" if prefix else None))
         elif prefix not in done:
             done.add(prefix)
             plan.append(_dense_step(ckpt, m, dtype, rename, folds.get(prefix, {}), rotations, originals))
     return plan
-
-
-def _stash(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], rotations: dict) -> list[torch.Tensor]:
-    for name, t in tensors.items():
-        prefix, _, suffix = name.rpartition(".")
-        rotations.setdefault(prefix, {})[suffix] = t.cpu()
-    return []
 
 
 def _dense_shape(ckpt: Checkpoint, m: Module) -> tuple[int, ...]:
@@ -118,7 +129,7 @@ def _dense_shape(ckpt: Checkpoint, m: Module) -> tuple[int, ...]:
 
 
 def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename: Callable[[str], str],
-                folds: dict[str, tuple[Transform, Module]], rotations: dict, originals: bool) -> Step:
+                folds: dict[str, tuple[Transform, Module]], rotations: _Rotations, originals: bool) -> Step:
     sources = module_sources(m, _PARAMS | ({"bias"} if "output" in folds else set()))
     code = dtype_code(dtype)
     if m.is_marlin:
@@ -143,8 +154,7 @@ def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename: Callabl
     def work(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         local = by_suffix(m, t)
         w = decompress_loaded(ckpt, m, local, originals=originals) if m.quantized else local["weight"]
-        mats = {loc: rotation_matrix(tr, rotations[holder.prefix]["weight"], rotations[holder.prefix].get("perm"))
-                for loc, (tr, holder) in folds.items()}
+        mats = rotations.matrices(folds)
         w, b = fold(w, local.get("bias") if bias is not None else None, mats.get("input"), mats.get("output"))
         return [w.to(dtype)] + ([b.to(local["bias"].dtype)] if bias is not None else [])
     return Step(outs, sources, work, m.prefix, dropped)
@@ -185,7 +195,8 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
     plan = dense_plan(ckpt, dtype, keep_names, drop_kv_cache=drop_kv_cache, originals=originals)
     return run_conversion(ckpt, src, out, plan, dense_config(ckpt, dtype, drop_kv_cache=drop_kv_cache),
                           target="dense", verb="dequantized", device=dev, params=_PARAMS,
-                          max_shard_size=max_shard_size, force=force, progress=progress)
+                          max_shard_size=max_shard_size, force=force, progress=progress,
+                          dropped=dense_dropped(ckpt, drop_kv_cache=drop_kv_cache))
 
 
 def dequantize_checkpoint(model: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "auto",

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .checkpoint import Checkpoint, Module
 from .errors import CheckpointNotFoundError, SpecError
 from .formats.naive import activation_specs
+from .gguf_header import GGUFModel
 from .profiles import transformers_issues, vllm_issues
 from .report import Issue, Report, module_issue
 from .scheme import Strategy, int_range, packed_width
 from .source import open_model
-from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED
+from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED, RULES
 from .validate_formats import (checkpoint_data_issues, checkpoint_issues, config_issues, format_data_issues,
                                format_issues)
 from .validate_marlin import marlin_data_issues, marlin_issues
@@ -24,7 +25,7 @@ from .validate_marlin import marlin_data_issues, marlin_issues
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["validate", "validate_checkpoint", "check_module", "check_module_data", "shape_issue",
+__all__ = ["validate", "validate_checkpoint", "validate_gguf", "check_module", "check_module_data", "shape_issue",
            "raise_for_errors"]
 
 PROFILES = {"vllm": vllm_issues, "transformers": transformers_issues}
@@ -45,7 +46,17 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision
         return Report(str(path), (Issue.from_error(err),), deep=deep)
     except CheckpointNotFoundError as err:
         return Report(str(path), (Issue("FILE-01", "error", err.file, err.where, err.message),), deep=deep)
+    if isinstance(ckpt, GGUFModel):
+        return validate_gguf(ckpt, path=str(path))
     return validate(ckpt, deep=deep, target=target, progress=progress, path=str(path))
+
+
+def validate_gguf(model: GGUFModel, *, path: str | None = None) -> Report:
+    """The GGUF rules (spec/gguf.md §8) against a file or split set opened with strict=False:
+    headers only, so --deep and --target add nothing here."""
+    issues = tuple(Issue.from_error(p) for p in model.problems)
+    return Report(path or model.label, issues, len(model.tensors), False,
+                  tuple(r for r in RULES if r.startswith("GGUF-")), gguf=True)
 
 
 def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,

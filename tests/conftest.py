@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +47,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if IN_CI:     # checks that need an environment CI cannot build in time: said, not silently skipped
+        outside = [item for item in items if "outside_ci" in item.keywords]
+        if outside:
+            config.hook.pytest_deselected(items=outside)
+            items[:] = [item for item in items if "outside_ci" not in item.keywords]
+            config._ctformat_outside_ci = [item.nodeid for item in outside]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    outside = getattr(config, "_ctformat_outside_ci", [])
+    if outside:
+        terminalreporter.write_line(f"{len(outside)} check(s) run outside CI by their own scripts (README, "
+                                    f"'Checks outside CI'), not here: {', '.join(outside)}")
 
 
 # In CI a skip means a peer or a fixture is missing, and the proof it stands for did not run:
@@ -68,24 +84,41 @@ def _fail_skip_in_ci(report) -> None:
             report.longrepr = f"skipped in CI, where every peer must be present: {reason}"
 
 
-# compressed-tensors 0.14.0.1, the last release with the legacy sparse compressors, beside the
-# system's 0.20: installed from PyPI into a cache folder once (CTFORMAT_CT014 names another).
-CT014 = Path(os.environ.get("CTFORMAT_CT014") or Path.home() / ".cache" / "ctformat-tests" / "ct-0.14.0.1")
+CACHE = Path(os.environ.get("CTFORMAT_TEST_CACHE") or Path.home() / ".cache" / "ctformat-tests")
+
+
+def pip_target(name: str, requirements: list[str]) -> Path:
+    """A folder holding exactly `requirements` (pinned, --no-deps, from the package index),
+    installed once into the test cache: peers of another version than the environment's
+    (transformers 4.x, compressed-tensors 0.14) run from it in a subprocess with PYTHONPATH."""
+    target = CACHE / name
+    done = target / ".installed"
+    if not done.is_file() or done.read_text() != "\n".join(requirements):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--upgrade",
+                        "--target", str(target), *requirements], check=True, timeout=600)
+        done.write_text("\n".join(requirements))
+    return target
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`ctformat ARGS` run in this process (no interpreter start-up, no torch import per call):
+    exit code, stdout and stderr, as subprocess.run would give them. test_cli.py keeps the real
+    `python -m ctformat` process for what only a process shows."""
+    from ctformat_cli.main import main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
 def ct014() -> Path:
-    """A folder to put on PYTHONPATH for compressed-tensors 0.14.0.1 (pure Python, no deps)."""
-    import subprocess
-    if not (CT014 / "compressed_tensors").is_dir():
-        CT014.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=CT014.parent))
-        run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-                              "compressed-tensors==0.14.0.1"], capture_output=True, text=True, timeout=600)
-        if run.returncode:
-            pytest.skip(f"compressed-tensors 0.14.0.1 could not be installed: {run.stderr[-300:]}")
-        tmp.rename(CT014)
-    return CT014
+    """compressed-tensors 0.14.0.1, the last release with the legacy sparse compressors, to put
+    on PYTHONPATH beside the system's 0.20 (pure Python, no deps)."""
+    return pip_target("compressed-tensors-0.14.0.1", ["compressed-tensors==0.14.0.1"])
 
 
 def tree_snapshot(path: Path) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, cli_in_process
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -23,9 +23,12 @@ from ctformat.validate import validate_checkpoint
 from make_fixtures import rewrite_header
 
 
-def cli(*args, env=None, timeout=120):
+def cli(*args, env=None, timeout=None):
+    """In this process, unless the case needs its own environment or a time limit (a hang)."""
+    if env is None and timeout is None:
+        return cli_in_process(*args)
     return subprocess.run([sys.executable, "-m", "ctformat", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=env)
+                          timeout=timeout or 120, env=env)
 
 
 def copy(tmp_path, name="int4-g32"):
@@ -241,7 +244,7 @@ def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
         import time
         time.sleep(0.5)
         raise OSError("disk full")
-    monkeypatch.setattr(writer.CheckpointWriter, "write", fail)
+    monkeypatch.setattr(writer.PieceWriter, "write", fail)     # the writer convert uses
     box = []
     th = threading.Thread(target=lambda: box.append(pytest.raises(OSError, convert_to_dense, FIXTURES / "tiny-mixtral",
                                                                   tmp_path / "o", device="cpu")), daemon=True)

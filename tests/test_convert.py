@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import BAD, FIXTURES, REAL_FOLDERS, ROOT, tree_snapshot
+from conftest import BAD, FIXTURES, REAL_FOLDERS, ROOT, cli_in_process, tree_snapshot
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -154,8 +154,7 @@ def test_sigkill_at_any_moment_never_leaves_a_checkpoint_lookalike(tmp_path):
 
 def test_cli_convert_reports_and_refuses(tmp_path):
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "ctformat", "convert", *a], capture_output=True, text=True,
-                              cwd=ROOT, timeout=300)
+        return cli_in_process("convert", *a)
     r = run(str(FIXTURES / "tiny-mixtral"), str(tmp_path / "o"), "--to", "dense", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["modules_dequantized"] == 32

@@ -3,11 +3,13 @@ ctformat's dense weights, bit for bit at float32, streamed or not; compare measu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import FIXTURES, REAL, REAL_FOLDERS
+from conftest import FIXTURES, REAL, REAL_FOLDERS, ROOT
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -312,3 +314,35 @@ def test_marlin_checkpoint_gives_the_same_logits(tmp_path, stack):
     assert torch.equal(load_model(tmp_path / "m", device="cpu", dtype=torch.float32, stream=True).logits(IDS), expected)
     report = compare(tmp_path / "m", src, IDS, device="cpu", dtype=torch.float32)
     assert report["weights"]["modules"] == 35 and report["weights"]["max"] == 0.0
+
+
+def test_input_ids_inline_file_and_stdin_give_the_same_tokens(capsys, tmp_path, monkeypatch):
+    src = str(E041 / "w4a16-gptq-g128")
+    (tmp_path / "ids.txt").write_text("1 17 42\n")
+    docs = []
+    for ids in ("1 17 42", "[1, 17, 42]", "1,17,42", str(tmp_path / "ids.txt"), "-"):
+        monkeypatch.setattr("sys.stdin", __import__("io").StringIO("1 17 42"))
+        code, out, err = cli(capsys, "run", src, "--input-ids", ids, "--json", "--device", "cpu")
+        assert code == 0, err
+        docs.append(json.loads(out))
+    assert all(d["input_ids"] == [[1, 17, 42]] for d in docs)
+    assert len({json.dumps(d["next_token"]) for d in docs}) == 1
+    code, out, err = cli(capsys, "run", src, "--input-ids", "ids.json", "--device", "cpu")
+    assert code == 2 and "no such file either" in err and out == ""
+
+
+def test_run_times_the_forward_pass_without_streaming(capsys):
+    code, out, _ = cli(capsys, "run", str(E041 / "w4a16-gptq-g128"), "--input-ids", "1 2 3", "--json",
+                       "--device", "cpu", "--no-stream")
+    timing = json.loads(out)["timing"]
+    assert code == 0 and 0 < timing["compute_s"] <= timing["seconds"]
+
+
+def test_missing_transformers_is_one_line_naming_the_extra():
+    """The README's first command installs no transformers: run must say what to install."""
+    code = ("import sys; sys.modules['transformers'] = None\n"      # as if it were not installed
+            "from ctformat_cli.main import main\nmain(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, "run", str(E041 / "w4a16-gptq-g128"), "--input-ids", "1 2 3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "pip install 'ctformat[inference]'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
