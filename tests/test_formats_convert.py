@@ -208,3 +208,13 @@ def test_refused_before_anything_is_written(rule, tmp_path):
     assert e.value.rule == ("DCV-01" if rule == "VLLM-08" else "FMT-22")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert tree_snapshot(BAD / rule) == before
+
+
+def test_folded_and_dropped_tensors_give_the_same_bytes_with_workers(dense_outputs, tmp_path):
+    """Rotations are read by the steps that fold them (check_plan's dropped tensors), so worker
+    processes, each with its own plan, write the single process's bytes."""
+    from ctformat.convert import convert
+    out = tmp_path / "w"
+    convert(FORMATS / "quip-w4a16", out, to="dense", workers=2)
+    single = dense_outputs["quip-w4a16"][1]
+    assert (out / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
