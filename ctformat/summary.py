@@ -10,7 +10,7 @@ from .checkpoint import Checkpoint, Module
 from .gguf_header import GGUFModel
 from .marlin_config import marlin_dims
 from .scheme import QuantScheme, Strategy
-from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT, PACK_QUANTIZED
+from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT
 from .validate_formats import attention_prefixes, dense_dims
 
 __all__ = ["summarize", "fold_names", "tensor_rows", "gguf_summary"]
