@@ -18,13 +18,16 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/device.txt"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests dequant marlin inference convert parallel gptq)
+[ ${#steps[@]} -eq 0 ] && steps=(tests dequant formats marlin inference convert parallel gptq)
 for step in "${steps[@]}"; do
   echo "=== $step $(date -u +%T)"
   case $step in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
-             tests/test_gpu_inference.py tests/test_marlin.py \
-             "tests/test_gptq_integration.py::test_convert_on_cuda_is_the_cpu_output" 2>&1 | tee "$out/tests.log" | tail -n 25 ;;
+             tests/test_gpu_inference.py tests/test_marlin.py tests/test_formats_kernels.py \
+             "tests/test_gptq_integration.py::test_convert_on_cuda_is_the_cpu_output" 2>&1 \
+             | tee "$out/tests.log" | tail -n 25 ;;
+    formats) timeout 150 python3 benchmarks/bench_formats.py --device cuda --json "$out/formats.json" 2>&1 \
+               | tee "$out/formats.log" ;;
     dequant) timeout 200 python3 benchmarks/bench_dequant_gpu.py --sweep --json "$out/dequant.json" > "$out/dequant.log" 2>&1
              grep -v "^  flat\|^  tiled" "$out/dequant.log" ;;
     marlin) timeout 150 python3 benchmarks/bench_marlin.py --json "$out/marlin.json" 2>&1 | tee "$out/marlin.log" ;;

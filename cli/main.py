@@ -93,7 +93,7 @@ def _size(text: str) -> int:
 
 # --to value -> the options that only it takes (name as the library spells it: its default)
 _TARGET_OPTIONS = {
-    "dense": {"dtype": "bfloat16", "keep_names": False},
+    "dense": {"dtype": "bfloat16", "keep_names": False, "drop_kv_cache": False, "originals": False},
     "marlin": {"scale_dtype": None, "allow_lossy_scales": False, "stack_experts": False},
     "gptq": {"gptq_format": None, "allow_lossy": False, "keep_names": False},
     "awq": {"allow_lossy": False, "keep_names": False},
@@ -146,14 +146,20 @@ _TARGET_OPTIONS = {
                    "MODEL and OUT must be on storage every node sees.")
 @click.option("--keep-names", is_flag=True, help="--to dense/gptq/awq: keep MoE module names as on disk (no Mixtral "
               "renaming for transformers or GPTQModel).")
+@click.option("--drop-kv-cache", is_flag=True,
+              help="--to dense: drop kv-cache scales (k_scale, v_scale) and their kv_cache_scheme (default: kept).")
+@click.option("--keep-originals", "originals", is_flag=True,
+              help="--to dense, dense-format input: write the stored weights, not the ones its quantization gives.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, resume: bool,
             devices: str | None, workers: int | None, ray_address: str | None, as_json: bool, **options) -> None:
     """Convert a checkpoint to another layout; OUT appears only when complete.
 
     \b
-    --to dense: every quantized module M becomes M.weight; all other tensors and files are
-      copied; quantization_config is removed from config.json.
+    --to dense: every quantized module M becomes M.weight (any compressed-tensors format;
+      online rotations folded in); activation scales and rotation matrices are read, not
+      written; kv-cache scales are kept under a kv_cache_scheme-only quantization_config
+      (--drop-kv-cache drops both); all other tensors and files are copied.
     --to marlin: every quantized module M becomes M.B, M.s (M.zp, M.g_idx, M.perm) in vLLM
       0.33's Marlin layout (spec §10); unsupported modules are refused before writing.
     --to gptq / --to awq: every quantized module M becomes M.qweight, M.qzeros, M.scales (and

@@ -101,7 +101,11 @@ def summary(d: dict[str, Any]) -> None:
     p, b = d["parameters"], d["bytes"]
     t.add_row("architecture", str(d["architecture"]))
     d = dict(d, producer_version=None if d["producer_version"] is None else str(d["producer_version"]))
-    t.add_row("quantization", f"{d['quant_method']} / {d['format']}" if d["quant_method"] else "none (dense)")
+    fmt = d["format"] or (f"{d['sparsity']['format']} (legacy sparsity_config)" if d.get("sparsity") else None)
+    t.add_row("quantization", f"{d['quant_method']} / {fmt}" if d["quant_method"] else "none (dense)")
+    beyond = _beyond_pack(d)
+    if beyond and d["module_formats"]:
+        t.add_row("module formats", ", ".join(f"{k} ({v})" for k, v in d["module_formats"].items()))
     if d.get("marlin"):
         m = d["marlin"]
         t.add_row("marlin layout", f"{m['layout']}, " + ("loadable by legacy Marlin readers" if m["legacy_readers"]
@@ -118,13 +122,19 @@ def summary(d: dict[str, Any]) -> None:
     t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} quantized, {count(p['dense'])} dense)")
     t.add_row("size on disk", f"{size(b['total'])} in {len(d['shards'])} shard(s), {d['tensors']} tensors")
     if d["bits_per_quantized_weight"]:
-        t.add_row("bits/weight", f"{d['bits_per_quantized_weight']} (quantized modules, scales and zero points included)")
+        t.add_row("bits/weight", f"{d['bits_per_quantized_weight']} (quantized modules, " + (
+            "every scale, global scale, zero point and bitmask included)" if beyond else
+            "scales and zero points included)"))
     t.add_row("dense bf16 size", size(d["dense_equivalent_bytes"]))
     t.add_row("load memory", f"{size(d['load_bytes'])} (weights as stored)")
     t.add_row("by role", ", ".join(f"{k} {size(v)}" for k, v in b["by_role"].items()))
     t.add_row("by dtype", ", ".join(f"{k} {size(v)}" for k, v in b["by_dtype"].items()))
+    for label, value in _feature_rows(d):
+        t.add_row(label, value)
     out.print(t)
-    if d["config_groups"]:
+    if d["config_groups"] and beyond:
+        _format_groups(d["config_groups"])
+    elif d["config_groups"]:
         g = Table(title="config groups", title_justify="left")
         for col in ("group", "bits", "strategy", "group size", "symmetric", "actorder", "modules"):
             g.add_column(col, no_wrap=True)
@@ -137,6 +147,43 @@ def summary(d: dict[str, Any]) -> None:
     if d["ignored_modules"] or d["dense_linear_modules"]:
         out.print(f"[bold]ignore[/] {', '.join(d['ignore']) or '-'}")
         out.print(f"[bold]dense linear modules[/] {', '.join(d['dense_linear_modules']) or '-'}")
+
+
+def _beyond_pack(d: dict[str, Any]) -> bool:
+    """Anything the pack-quantized layout of the table does not show (spec/formats.md)."""
+    return bool(set(d.get("module_formats") or {}) - {"pack-quantized"} or d.get("kv_cache_scheme")
+                or d.get("transforms") or d.get("sparsity")
+                or any(g.get("input_activations") or g.get("output_activations") for g in d["config_groups"]))
+
+
+def _feature_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if d.get("kv_cache_scheme"):
+        rows.append(("kv cache", f"{d['kv_cache_scheme']['words']}: k_scale/v_scale on "
+                                 f"{', '.join(d['kv_cache_modules']) or 'no module'}"))
+    for t in d.get("transforms") or ():
+        where = ("online" if t["online"] else "fused into the stored weights")
+        size = f", head_dim {t['head_dim']}" if t["head_dim"] else ""
+        tensors = f", {len(t['rotation_tensors'])} rotation tensor(s)" if t["online"] else ""
+        rows.append((f"transform {t['scheme']}", f"{t['type']} at {t['location']}{' (inverse)' if t['inverse'] else ''}"
+                                                 f", {where}{size}, {t['modules']} modules{tensors}"))
+    if d.get("sparsity"):
+        s = d["sparsity"]
+        rows.append(("sparsity", f"{s['format']} on {s['modules']} modules (compressed-tensors <= 0.14)"))
+    return rows
+
+
+def _format_groups(groups: list[dict[str, Any]]) -> None:
+    """The config groups of any format: weights and input activations in words."""
+    g = Table(title="config groups", title_justify="left")
+    for col in ("group", "format", "weights", "input activations", "bits/weight", "modules"):
+        g.add_column(col, no_wrap=col != "input activations")
+    g.add_column("covers", overflow="fold", min_width=30)
+    for x in groups:
+        w, a = x["weights"], x["input_activations"]
+        g.add_row(x["name"], str(x["format"] or "-"), w["words"] if w else "-", a["words"] if a else "-",
+                  str(x["bits_per_weight"] or "-"), str(x["modules"]), "\n".join(x["modules_folded"]) or "-")
+    out.print(g)
 
 
 def gguf_summary(d: dict[str, Any]) -> None:
@@ -192,6 +239,8 @@ def converted(r, seconds: float) -> None:
     out.print(f"wrote {r.output}: {r.modules} modules {r.verb}, {r.tensors_copied} tensors copied, "
               f"{size(r.bytes_read)} read in {seconds:.1f} s on {r.device}"
               + (f" ({r.cpu_fallbacks} on the CPU after GPU out-of-memory)" if r.cpu_fallbacks else "")
+              + (f", {r.details['tensors_dropped']} tensors read and not written (activation scales, folded "
+                 "rotations, dropped kv-cache scales)" if r.details.get("tensors_dropped") else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
                  if r.details.get("legacy_format") else "")
               + (gptq_details(r.details, r.target) if r.target in ("gptq", "awq") else ""))
@@ -227,6 +276,7 @@ def gptq_details(d: dict[str, Any], target: str) -> str:
 def run_result(doc: dict[str, Any]) -> None:
     out.print(f"[bold]{doc['model']}[/]: {len(doc['input_ids'][0])} token(s) in, {doc['dtype']} on {doc['device']}"
               f"{' (streamed)' if doc['streamed'] else ''}, {doc['timing']['seconds']:.2f} s")
+    _weight_only(doc["not_simulated"])
     for b, top in enumerate(doc["next_token"]):
         out.print(f"next token{f' (sequence {b})' if len(doc['next_token']) > 1 else ''}:")
         for t in top:
@@ -238,10 +288,18 @@ def run_result(doc: dict[str, Any]) -> None:
             out.print(f"generated: {g}" + (f" {text_g!r}" if text_g is not None else ""))
 
 
+def _weight_only(skipped: list[str], side: str | None = None) -> None:
+    if skipped:
+        out.print(f"weight-only reference inference{f' ({side})' if side else ''}: {', '.join(skipped)} "
+                  "quantization not simulated")
+
+
 def compare_result(doc: dict[str, Any]) -> None:
     w = doc["weights"]
     out.print(f"A {doc['a']}\nB {doc['b']}\n{doc['positions']} positions, {doc['dtype']} on {doc['device']}, "
               f"{doc['seconds']:.2f} s")
+    for side in ("a", "b"):
+        _weight_only(doc["not_simulated"][side], side.upper())
     out.print(f"KL(A||B) nats  mean {doc['kl_mean']:.3e}  p50 {doc['kl_p50']:.3e}  p90 {doc['kl_p90']:.3e}  "
               f"p99 {doc['kl_p99']:.3e}  max {doc['kl_max']:.3e}")
     out.print(f"top-1 agreement {doc['top1_agreement']:.4f}")

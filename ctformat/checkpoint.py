@@ -18,9 +18,9 @@ from .header import TensorInfo, parse_index
 from .gptq_config import AWQ_METHOD, GPTQ_METHOD, GptqConfig, ModuleScheme, detect, read_gptq_config
 from .marlin_config import MarlinConfig
 from .names import moe_renamed
-from .scheme import QuantGroup, QuantizationConfig, QuantScheme, word_layout
-from .spec import (EMBEDDING_NAMES, GPTQ_PARAMS, INDEX_NAME, MARLIN_PARAMS, PICKLE_SUFFIXES, QUANT_PARAMS,
-                   QUANT_SETS, QUANTIZE_CONFIG_NAME, SINGLE_NAME)
+from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Transform, word_layout
+from .spec import (EMBEDDING_NAMES, GPTQ_PARAMS, INDEX_NAME, KV_PARAMS, MARLIN_PARAMS, PACK_QUANTIZED,
+                   PICKLE_SUFFIXES, QUANT_PARAMS, QUANT_SETS, QUANTIZE_CONFIG_NAME, SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +39,18 @@ class Module:
     tensors: Mapping[str, TensorInfo]
     group: QuantGroup | None = None      # the config group that targets it
     ignored: bool = False                # matched by `ignore`
+    format: str | None = None            # the format its weight is stored in (spec/formats.md §1.2)
+    rotation: Transform | None = None    # the online transform whose matrix it holds (spec/formats.md §11)
     family: str | None = None            # the checkpoint's family (CT, MARLIN, "gptq", "awq"; None: no config)
     gptq: ModuleScheme | None = None     # GPTQ/AWQ family: the scheme the config gives it (None: left dense)
 
     @property
     def quantized(self) -> bool:
-        """Carries any tensor of a quantization tensor set, complete or not (spec §2): such a
-        module is never copied as plain tensors; TEN-01 / MRL-02 / GPTQ-02 say what it lacks.
-        The family decides the set: in a GPTQ/AWQ checkpoint qweight, qzeros, scales, g_idx
-        (and stray compressed-tensors names), elsewhere the compressed-tensors set or B."""
+        """Carries any tensor of a quantization tensor set of any format, complete or not
+        (spec §2, spec/formats.md §1.2): such a module is never copied as plain tensors;
+        TEN-01 / FMT-10 / MRL-02 / GPTQ-02 say what it lacks. The family decides the set: in a
+        GPTQ/AWQ checkpoint qweight, qzeros, scales, g_idx (and stray compressed-tensors names),
+        elsewhere the compressed-tensors sets or B."""
         if self.family in GPTQ_FAMILIES:
             return any(k in GPTQ_PARAMS or k in QUANT_PARAMS for k in self.tensors)
         return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
@@ -56,6 +59,16 @@ class Module:
     def params(self) -> tuple[str, ...]:
         """Suffixes of its family's quantization tensor set (what a conversion step reads)."""
         return QUANT_SETS.get(self.family or CT, QUANT_PARAMS)
+
+    @property
+    def packed(self) -> bool:
+        """Stored pack-quantized (spec/ctformat.md §2; the TEN rules judge it)."""
+        return self.format == PACK_QUANTIZED
+
+    @property
+    def kv_cache(self) -> bool:
+        """Holds kv-cache scales (an attention module, spec/formats.md §10)."""
+        return any(k in KV_PARAMS for k in self.tensors)
 
     @property
     def quant_tensor(self) -> str:
@@ -83,6 +96,8 @@ class Module:
         """Looks like a Linear layer by tensor names alone (spec §4.3)."""
         if self.quantized:
             return True
+        if self.rotation is not None:
+            return False                  # a transform's matrix, not a layer of the model
         w = self.tensors.get("weight")
         last = self.prefix.rsplit(".", 1)[-1]
         return (w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES
@@ -133,12 +148,26 @@ class Checkpoint:
         family = self.family
         if self.gptq is not None:
             return Module(prefix, tensors, family=family, gptq=self.gptq.scheme_for(prefix))
-        m = Module(prefix, tensors, family=family)
-        if self.quant is None:
-            return m
+        q = self.quant
+        if q is None:
+            return Module(prefix, tensors, family=family)
+        rotation = None if self.marlin is not None else q.rotation_of(prefix)
+        if rotation is not None:              # never targeted by quantization (CT's internal module)
+            return Module(prefix, tensors, rotation=rotation, family=family)
+        linear = Module(prefix, tensors).is_linear
         name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
-        return Module(prefix, tensors, self.quant.group_for(name, linear=m.is_linear), self.quant.is_ignored(name),
-                      family)
+        group = q.group_for(name, linear=linear)
+        if q.sparse_targets(name, linear=linear) and "compressed" in tensors:
+            fmt = q.sparsity.format           # legacy sparse; its group (if any) says how to dequantize
+        else:
+            fmt = q.group_format(group) if group is not None and group.weights is not None else None
+        return Module(prefix, tensors, group, q.is_ignored(name), fmt, family=family)
+
+    def transforms_of(self, module: Module) -> tuple[Transform, ...]:
+        """The online transforms applied to a module (spec/formats.md §11)."""
+        if self.quant is None or not self.quant.transforms or module.rotation is not None:
+            return ()
+        return tuple(t for t in self.quant.transforms_of(module.prefix, linear=module.is_linear) if t.online)
 
     def source_name(self, prefix: str) -> str:
         """A module's name in the checkpoint it was converted from: a GPTQ/AWQ file ctformat wrote

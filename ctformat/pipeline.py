@@ -34,12 +34,15 @@ class Step:
     """One unit of conversion work: read `sources`, compute, write `outputs` in order.
     `work` gets the source tensors by name (on the compute device) and returns one tensor
     per output; without `work` the single source is copied as it is. `module` names the
-    quantized module a computing step converts (None for a copy or a plain cast)."""
+    quantized module a computing step converts (None for a copy, a plain cast, or a step
+    that only reads); `dropped` counts the sources it reads and writes nowhere (activation
+    scales, rotations)."""
 
     outputs: list[tuple[str, str, tuple[int, ...]]]
     sources: list[str]
     work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
     module: str | None = None
+    dropped: int = 0
 
 
 @dataclass
@@ -171,12 +174,13 @@ class Job:
 
 def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
                    target: str, verb: str, device: torch.device, params: frozenset[str], max_shard_size: int,
-                   force: bool, progress: Progress | None = None, extra_files: Mapping[str, Any] | None = None,
-                   skip_files: tuple[str, ...] = ()) -> ConvertResult:
+                   force: bool, progress: Progress | None = None, dropped: frozenset[str] = frozenset(),
+                   extra_files: Mapping[str, Any] | None = None, skip_files: tuple[str, ...] = ()) -> ConvertResult:
     """Write `plan`'s output in pieces into a resumable temporary folder beside `out`, published
-    by one rename (spec §1.5, §1.7), and say what was done; `extra_files` (a target's own JSON
-    files) and `skip_files` (source files not to copy) as writer.finish_folder takes them."""
-    check_plan(ckpt, plan, params)
+    by one rename (spec §1.5, §1.7), and say what was done. `dropped`: tensors the plan leaves
+    unread on purpose (check_plan); `extra_files` (a target's own JSON files) and `skip_files`
+    (source files not to copy) as writer.finish_folder takes them."""
+    check_plan(ckpt, plan, params, dropped)
     ex = EXECUTION.get()
     result = ConvertResult(target, verb, str(out), str(device))
     layout = ShardLayout([o for step in plan for o in step.outputs], max_shard_size)
@@ -196,6 +200,9 @@ def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step
         raise
     result.modules = sum(step.work is not None for step in plan)
     result.tensors_copied = len(plan) - result.modules
+    unwritten = len(dropped) + sum(step.dropped for step in plan)
+    if unwritten:
+        result.details["tensors_dropped"] = unwritten
     if ex.resume:
         result.details.update(pieces=len(job.pieces), pieces_resumed=staging.resumed, pieces_failed_check=staging.redone)
     return result
@@ -277,10 +284,10 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             nbytes = sum(t.nbytes for t in tensors.values())
             result.bytes_read += nbytes
             out = compute(step, tensors, device, result)
-            if step.module is None:          # a copy, or a cast of a tensor that is not a quantized module
-                result.tensors_copied += 1
-            else:
+            if step.module is not None:
                 result.modules += 1
+            elif step.outputs:               # a copy, or a cast of a tensor that is not a quantized module
+                result.tensors_copied += 1
             _put(computed, (step, out, nbytes), stop)
     finally:
         # Order matters: a failure anywhere stops the reader first; the writer then gets its end

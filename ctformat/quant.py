@@ -14,10 +14,10 @@ import torch
 
 from .backend import use_triton
 from .errors import TensorError, UnsupportedError
-from .dtypes import float_dtype
+from .dtypes import torch_dtype
 from .pack import cpu_map, pack_block, pack_to_int32, unpack_block, unpack_from_int32
 from .scheme import QuantScheme, Strategy, int_range, packed_width
-from .spec import CROSS_WORD
+from .spec import CROSS_WORD, FLOAT_DTYPES
 
 __all__ = ["calculate_qparams", "minmax_qparams", "quantize", "dequantize", "compress", "decompress"]
 
@@ -25,11 +25,9 @@ __all__ = ["calculate_qparams", "minmax_qparams", "quantize", "dequantize", "com
 def _check_supported(scheme: QuantScheme) -> None:
     if scheme.strategy not in (Strategy.GROUP, Strategy.CHANNEL, Strategy.TENSOR):
         raise UnsupportedError(f"strategy {scheme.strategy.value!r} is not supported for pack-quantized weights")
-    if scheme.scale_dtype is not None:
-        try:
-            float_dtype(scheme.scale_dtype)
-        except ValueError:
-            raise UnsupportedError(f"scale_dtype {scheme.scale_dtype!r} is not supported") from None
+    if scheme.scale_dtype is not None and scheme.scale_dtype not in FLOAT_DTYPES:
+        raise UnsupportedError(f"scale_dtype {scheme.scale_dtype} is not a float dtype: pack-quantized scales are "
+                               "float16, bfloat16 or float32")
 
 
 def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -91,7 +89,7 @@ def minmax_qparams(min_vals: torch.Tensor, max_vals: torch.Tensor, scheme: Quant
         zero_point = torch.clamp(qmin - lo / scale, qmin, qmax)
     eps_dtype = scale.dtype
     if scheme.scale_dtype is not None:   # rounded through scale_dtype, kept in the weight dtype
-        eps_dtype = float_dtype(scheme.scale_dtype)
+        eps_dtype = torch_dtype(scheme.scale_dtype)
         info = torch.finfo(eps_dtype)
         scale = torch.clamp(scale, info.min, info.max).to(eps_dtype).to(scale.dtype)
     scale = torch.where(scale == 0, torch.tensor(torch.finfo(eps_dtype).eps, dtype=scale.dtype,

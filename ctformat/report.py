@@ -15,8 +15,10 @@ __all__ = ["Issue", "Report", "issue", "module_issue"]
 
 # rule prefix -> the error an operation raises for it
 ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
-               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError, "GGUF": GGUFFileError,
-               "GPTQ": TensorError, "AWQ": TensorError}
+               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError, "GGUF": GGUFFileError, "FMT": TensorError,
+               "KV": TensorError, "XFM": TensorError, "GPTQ": TensorError, "AWQ": TensorError}
+# rules of those prefixes that judge the config alone
+CONFIG_RULES = frozenset({"FMT-01", "FMT-02", "FMT-03", "FMT-04", "FMT-20", "KV-01", "XFM-01"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +30,7 @@ class Issue:
     message: str           # what was expected and what was found
 
     def as_error(self) -> SpecError:
-        cls = ERROR_CLASS[self.rule.split("-")[0]]
+        cls = ConfigError if self.rule in CONFIG_RULES else ERROR_CLASS[self.rule.split("-")[0]]
         return cls(self.message, rule=self.rule, file=self.file, where=self.where)
 
     @classmethod

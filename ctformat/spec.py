@@ -6,11 +6,12 @@ from __future__ import annotations
 
 __all__ = [
     "DTYPES", "DTYPE_SIZES", "FLOAT_DTYPES", "FLOAT_NAMES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
-    "MIXED_PRECISION", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
+    "MIXED_PRECISION", "DENSE_FORMAT", "FORMATS", "SPARSITY_FORMATS", "UNREAD_FORMATS", "FORMAT_PARAMS",
+    "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
     "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
-    "LEGACY_MARLIN", "MARLIN_REFUSALS", "GPTQ_PARAMS", "AWQ_PARAMS", "QUANT_SETS", "QUANTIZE_CONFIG_NAME",
-    "GPTQ_RENAMES", "GPTQ_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS", "GPTQ_PARAMS", "AWQ_PARAMS", "QUANT_SETS",
+    "QUANTIZE_CONFIG_NAME", "GPTQ_RENAMES", "GPTQ_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
     "GGUF_VALUE_TYPES", "GGUF_MAX_DIMS", "GGUF_SHARD", "GGUF_REFUSALS",
 ]
 
@@ -35,14 +36,47 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 MIXED_PRECISION = "mixed-precision"
+DENSE_FORMAT = "dense"
+
+# The compressed-tensors formats a config group's `format` may name, and the family that stores
+# them (spec/formats.md §1.1). mixed-precision is a top-level summary only; the sparsity formats
+# are named by sparsity_config; mxfp6 is not read (CFG-03).
+FORMATS: dict[str, str] = {
+    "pack-quantized": "pack", "naive-quantized": "naive", "int-quantized": "naive", "float-quantized": "naive",
+    "mxfp8-quantized": "mxfp8", "nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4",
+    "dense": "dense", "marlin-24": "marlin-24",
+}
+SPARSITY_FORMATS: dict[str, str] = {"sparse-bitmask": "sparse-bitmask", "sparse-24-bitmask": "sparse-24"}
+UNREAD_FORMATS: dict[str, str] = {
+    "mxfp6-pack-quantized": "MXFP6 (compressed-tensors 0.20, three bytes per four values) is not read",
+}
 
 # The two word layouts of pack-quantized (spec §3.3). They agree for 1, 2, 4 and 8 bits.
 CROSS_WORD = "dense"   # ceil(n*b/32) words, values may straddle words (CT >= 0.18); "dense" in CT's words
 PADDED = "padded"      # 32//b values per word, top bits unused (CT 0.5 .. 0.17)
 CROSS_WORD_SINCE = (0, 18)
 
-# Tensors of one quantized Linear, by suffix (spec §2).
-QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+# Tensors of one quantized module besides `weight` and `bias`, by family (spec §2, spec/formats.md
+# §3-§6): any of them makes a module quantized.
+FORMAT_PARAMS: dict[str, tuple[str, ...]] = {
+    "pack": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"),
+    "naive": ("weight_scale", "weight_zero_point", "weight_global_scale"),
+    "fp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "sparse": ("compressed", "bitmask", "shape", "row_offsets"),
+    "marlin-24": ("weight_packed", "scale_packed", "meta"),
+}
+# Activation qparams a module stores (spec/formats.md §1.3): not weights, dropped by a dense export.
+ACTIVATION_PARAMS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+                     "output_global_scale")
+QUANT_PARAMS: tuple[str, ...] = tuple(dict.fromkeys(
+    [name for names in FORMAT_PARAMS.values() for name in names] + list(ACTIVATION_PARAMS)))
+# kv-cache qparams on an attention module (spec/formats.md §9, KV rules).
+KV_PARAMS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
+# Transform locations (spec/formats.md §11): online ones store a rotation tensor, offline ones
+# are fused into the stored weights.
+ONLINE_LOCATIONS = ("input", "output", "k_cache", "q_attn")
+OFFLINE_LOCATIONS = ("weight_input", "weight_output")
+TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
 
 # Module names that hold a 2-D `weight` but are embeddings, not Linear (spec §4.3).
 EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "wte", "wpe", "word_embeddings",
@@ -105,7 +139,13 @@ GPTQ_REFUSALS: dict[str, str] = {
     "QCV-04": "GPTQ v1 holds no zero point 0",
     "QCV-05": "AWQ: no act-order, one scheme, lm_head dense, no dense name inside a quantized one",
     "QCV-06": "no stacked [E, N, K] modules",
-    "QCV-07": "the input is pack-quantized with one dtype per tensor role, one 3-bit layout and MoE names of one era",
+    "QCV-07": "the input is pack-quantized weight-only (no activation or kv-cache quantization, no transforms), with one dtype per tensor role, one 3-bit layout and MoE names of one era",
+}
+
+# Refusals of convert --to dense (and of run/compare, which read the same dense weights)
+# (spec/formats.md §12): ID -> what a dense output needs.
+DENSE_REFUSALS: dict[str, str] = {
+    "DCV-01": "online rotations fold into a dense weight only at the input or output of a Linear layer, one per side",
 }
 
 # GGUF files (spec/gguf.md). ggml type id -> (name, elements per block, bytes per block): ggml.c's
@@ -165,9 +205,9 @@ RULES: dict[str, tuple[str, str]] = {
     "HDR-06": ("error", "the data buffer ends exactly at the end of the file"),
     "CFG-01": ("error", "config.json is a UTF-8 JSON object"),
     "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors (gptq and awq: spec/gptq-awq.md)"),
-    "CFG-03": ("error", "the format is pack-quantized, or mixed-precision with pack-quantized groups"),
+    "CFG-03": ("error", "every group with weights has a format ctformat reads (not mxfp6, not mixed-precision or a sparsity format as a group's)"),
     "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
-    "CFG-05": ("error", "weights.type is int and num_bits is an integer in 1..8"),
+    "CFG-05": ("error", "type is int with num_bits 1..8, or float with num_bits 4 or 8"),
     "CFG-06": ("error", "strategy and group_size agree"),
     "CFG-07": ("error", "actorder is null, false, weight, static or group (true and dynamic read as group)"),
     "CFG-08": ("warning", "keys not in the schema are kept and reported"),
@@ -185,12 +225,18 @@ RULES: dict[str, tuple[str, str]] = {
     "TEN-11": ("error", "a module a config group targets is stored quantized, not dense"),
     "TEN-12": ("warning", "fused siblings (q/k/v, gate/up, w1/w3) share one scheme"),
     "VLLM-01": ("warning", "--target vllm: no act-order g_idx (vLLM >= 0.30 refuses actorder group)"),
-    "VLLM-02": ("warning", "--target vllm: a CUDA WNA16 kernel exists for each Linear scheme"),
+    "VLLM-02": ("warning", "--target vllm: vLLM finds a scheme and a CUDA kernel for each group's Linear layers on every GPU generation"),
     "VLLM-03": ("warning", "--target vllm: expert 0's projections share one scheme and a fused-MoE backend fits"),
-    "VLLM-04": ("warning", "--target vllm: weights are static and input_activations null (the WNA16 scheme)"),
+    "VLLM-04": ("warning", "--target vllm: the input activations are quantized as declared on every GPU generation (no weight-only fallback)"),
     "VLLM-05": ("warning", "--target vllm: the checkpoint is not pre-repacked Marlin (no vLLM >= 0.10.2 loads that)"),
+    "VLLM-06": ("warning", "--target vllm: a Mixtral's ignore and targets name its experts as vLLM looks them up (w1/w3/w2)"),
+    "VLLM-07": ("warning", "--target vllm: no legacy sparsity_config (vLLM 0.33 removed sparsity support)"),
+    "VLLM-08": ("warning", "--target vllm: online transforms sit at the input or output of Linear layers (run at tensor-parallel size 1)"),
+    "VLLM-09": ("warning", "--target vllm: kv_cache_scheme is symmetric float8, per tensor or per attention head"),
+    "VLLM-10": ("warning", "--target vllm: vLLM 0.33's auto_gptq / auto_awq takes the GPTQ/AWQ scheme (symmetric 4/8-bit GPTQ without act-order groups)"),
     "TRF-01": ("warning", "--target transformers: Mixtral experts carry the names transformers' Mixtral reads (w1/w2/w3)"),
-    "TRF-02": ("warning", "--target transformers: a GPTQ/AWQ checkpoint has no quantized MoE experts (transformers 5 loads them as random values)"),
+    "TRF-02": ("warning", "--target transformers: no online transforms, which transformers does not apply"),
+    "TRF-03": ("warning", "--target transformers: a GPTQ/AWQ checkpoint has no quantized MoE experts (transformers 5 loads them as random values)"),
     "MRL-01": ("error", "a Marlin quantization_config has the known layout, a valid compressed_tensors config, and legacy keys only on the legacy subset"),
     "MRL-02": ("error", "a Marlin module has B and s, zp only if asymmetric, g_idx and perm together, nothing else but bias"),
     "MRL-03": ("error", "B is I32 [K/16, N*bits/2] with bits 4 or 8 and N a multiple of 64"),
@@ -216,12 +262,42 @@ RULES: dict[str, tuple[str, str]] = {
     "AWQ-04": ("error", "scales is F16, BF16 or F32 [K/group_size, N]"),
     "AWQ-05": ("error", "qzeros is I32 [G, N/8]"),
     "AWQ-06": ("error", "with zero_point false every stored zero is 8"),
-    "VLLM-06": ("warning", "--target vllm: vLLM 0.33's auto_gptq / auto_awq takes the GPTQ/AWQ scheme (symmetric 4/8-bit GPTQ without act-order groups)"),
     "DATA-01": ("error", "scales are finite and greater than zero"),
     "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),
     "DATA-04": ("error", "padding bits of weight_packed and weight_zero_point are zero"),
     "DATA-05": ("error", "weight_shape holds the shape the other tensors imply"),
+    # spec/formats.md §9: the formats besides pack-quantized, kv-cache scales, transforms
+    "FMT-01": ("error", "every group with weights has a format that fits its args"),
+    "FMT-02": ("error", "the args fields agree: block_structure iff block, dynamic local only with tensor_group, token only dynamic, strategies allowed for the role"),
+    "FMT-03": ("warning", "mixed-precision names two or more group formats; one format is named at the top"),
+    "FMT-04": ("warning", "a group's format is the one compressed-tensors infers for its args"),
+    "FMT-10": ("error", "a module has every tensor its format and args require"),
+    "FMT-11": ("error", "a module has no tensor beyond its format's set and bias"),
+    "FMT-12": ("error", "the root tensor has the dtype of its format"),
+    "FMT-13": ("error", "the root tensor is 2-D (3-D stacked) with the shape its format implies"),
+    "FMT-14": ("error", "weight_scale has the dtype of its format (float, F8_E4M3 or U8 E8M0)"),
+    "FMT-15": ("error", "weight_scale has the shape of its strategy"),
+    "FMT-16": ("error", "weight_zero_point has zp_dtype and the scale's shape"),
+    "FMT-17": ("error", "global scales are F32 [1] ([E, 1] stacked)"),
+    "FMT-18": ("error", "static input/output qparams have the activation strategy's dtype and shape"),
+    "FMT-19": ("error", "group_size divides in_features for group and tensor_group"),
+    "FMT-20": ("warning", "--target vllm: FP8 blocks fit vLLM's block kernels (in % block width, fused output parts % block height)"),
+    "FMT-21": ("error", "a legacy sparse module has compressed, bitmask, shape (and row_offsets) of the right dtypes and shapes"),
+    "FMT-22": ("error", "marlin-24 cannot be dequantized: no decompressor exists"),
+    "FMT-30": ("error", "weight scales are finite and > 0 (no FP8 NaN, no E8M0 255)"),
+    "FMT-31": ("error", "F8_E4M3 weight values are not NaN"),
+    "FMT-32": ("error", "global scales and static input scales are finite and > 0"),
+    "FMT-33": ("error", "int values and zero points lie in the range of num_bits"),
+    "FMT-34": ("error", "a sparse bitmask has as many set bits as values, row_offsets are its running counts"),
+    "KV-01": ("error", "kv_cache_scheme is well-formed static tensor or attn_head args"),
+    "KV-02": ("error", "every attention module has k_scale and v_scale iff kv_cache_scheme is set"),
+    "KV-03": ("error", "k/v scales are float [1] (tensor) or [kv_heads, 1, 1] (attn_head); zero points iff asymmetric"),
+    "KV-04": ("error", "k/v scales are finite and > 0"),
+    "XFM-01": ("error", "transform_config schemes have a known type and apply entries with targets and a known location"),
+    "XFM-02": ("error", "every online transform has its rotation tensor for each size its targets need; offline ones have none"),
+    "XFM-03": ("error", "a rotation tensor is square 2-D, of the size its targets need, in the declared precision"),
+    "XFM-04": ("error", "Hadamard rotations have entries +-1 and R R^T = n I; random matrices are invertible"),
     "GGUF-01": ("error", "a .gguf file starts with the magic GGUF and version 2 or 3"),
     "GGUF-02": ("error", "the header (key/values, tensor infos) parses inside the file: known value types, UTF-8 strings"),
     "GGUF-03": ("error", "keys are unique; general.architecture is a string; general.alignment, if set, a power of two"),

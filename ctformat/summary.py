@@ -11,14 +11,21 @@ from .gguf_header import GGUFModel
 from .gptq_config import AWQ_METHOD
 from .gptq_layout import in_features
 from .marlin_config import marlin_dims
-from .scheme import Strategy
-from .spec import MARLIN_LAYOUT
+from .scheme import QuantScheme, Strategy
+from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT
+from .validate_formats import attention_prefixes, dense_dims
 
 __all__ = ["summarize", "fold_names", "tensor_rows", "gguf_summary"]
 
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
           "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
-          "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx"}
+          "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx",
+          # the formats of spec/formats.md, kv-cache scales, rotations
+          "weight_global_scale": "global_scales", "compressed": "weights", "bitmask": "bitmasks",
+          "row_offsets": "bitmasks", "shape": "other", "scale_packed": "scales", "meta": "bitmasks",
+          **{k: "activation_scales" for k in ACTIVATION_PARAMS}, **{k: "kv_cache" for k in KV_PARAMS}}
+# tensors of a quantized module that are not the weight's storage (spec/formats.md §7)
+_NOT_WEIGHT_BYTES = {"weight_shape", "shape", "bias", *ACTIVATION_PARAMS}
 _GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales": "scales"}
 
 
@@ -62,6 +69,9 @@ def _params(m: Module) -> int:
         s = m.tensors.get("scales")
         k = None if m.gptq is None or s is None else in_features(m.tensors, m.gptq, m.family)
         return 0 if k is None or len(s.shape) < 2 else prod(s.shape[:-2]) * s.shape[-1] * k   # else GPTQ-02/03
+    if m.format is not None and not m.packed:
+        dims = dense_dims(m)
+        return prod(dims) if dims else 0          # an incomplete set (FMT-10): validate says so
     if "weight_packed" not in m.tensors:
         return 0                                  # an incomplete tensor set (TEN-01): validate says so
     return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
@@ -79,6 +89,16 @@ def _in_features(m: Module) -> int:
     return packed.shape[-1] * 32 // bits
 
 
+def _role(m: Module, suffix: str) -> str:
+    roles = _GPTQ_ROLES if m.is_gptq else _ROLES
+    return "transforms" if m.rotation is not None else roles.get(suffix, "other")
+
+
+def _args(a: QuantScheme | None) -> dict[str, Any] | None:
+    """One set of args as inspect shows them: the scheme's JSON plus its words."""
+    return None if a is None else {**a.to_json(), "words": a.words()}
+
+
 def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     """The `inspect --json` document (schema ctformat.inspect/1; ctformat.inspect-gguf/1 for a
     GGUF file), from headers and config."""
@@ -86,26 +106,34 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
-    roles = _GPTQ_ROLES if ckpt.gptq is not None else _ROLES
     by_role, by_dtype = defaultdict(int), defaultdict(int)
-    for t in ckpt.tensors.values():
-        suffix = t.name.rpartition(".")[2]
-        by_role[roles.get(suffix, "other")] += t.nbytes
-        by_dtype[t.dtype] += t.nbytes
+    for m in mods.values():
+        for suffix, t in m.tensors.items():
+            by_role[_role(m, suffix)] += t.nbytes
+            by_dtype[t.dtype] += t.nbytes
     quantized = [m for m in mods.values() if m.quantized]
     q_params = sum(_params(m) for m in quantized)
-    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
-    other_params = sum(t.numel for t in ckpt.tensors.values()
-                       if t.name.rpartition(".")[2] not in roles or t.name.endswith(".weight"))
+    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
+    # every tensor that is not a quantization tensor, a scale or a rotation (a quantized module's
+    # `weight` holds its quantized values, counted above)
+    other_params = sum(t.numel for m in mods.values() if m.rotation is None for k, t in m.tensors.items()
+                       if k not in (_GPTQ_ROLES if m.is_gptq else _ROLES) or (k == "weight" and not m.quantized))
     groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
     for g in (q.groups if q else ()):
-        members = [m.prefix for m in quantized if m.group is g]
+        members = [m for m in quantized if m.group is g]
         w = g.weights
+        gp = sum(_params(m) for m in members)
+        gb = sum(t.nbytes for m in members for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
         groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
                        "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
                        "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
                        "actorder": w.actorder if w else None, "modules": len(members),
-                       "modules_folded": fold_names(members)})
+                       "modules_folded": fold_names(m.prefix for m in members),
+                       "type": w.type if w else None, "block_structure": list(w.block_structure) if w and
+                       w.block_structure else None, "dynamic": w.dynamic if w else None,
+                       "weights": _args(w), "input_activations": _args(g.input_activations),
+                       "output_activations": _args(g.output_activations),
+                       "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
     ignored = [m.prefix for m in mods.values() if m.ignored]
     dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear]
     total = sum(t.nbytes for t in ckpt.tensors.values())
@@ -138,9 +166,38 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         "tensors": len(ckpt.tensors),
         "modules_quantized": len(quantized),
     }
+    if q is not None and ckpt.marlin is None:
+        data.update(_beyond_pack(ckpt, quantized))
     if ckpt.gptq is not None:                 # present for GPTQ/AWQ checkpoints only (spec/gptq-awq.md §7.1)
         data["gptq"] = _gptq_block(ckpt)
     return data
+
+
+def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
+    """The keys of spec/formats.md's features: module formats, kv-cache, transforms, sparsity."""
+    q, mods = ckpt.quant, ckpt.modules()
+    formats = defaultdict(int)
+    for m in quantized:
+        formats[m.format or "unknown"] += 1
+    rotations = [m for m in mods.values() if m.rotation is not None]
+    transforms = []
+    for t in q.transforms:
+        targeted = [m.prefix for m in mods.values() if t in ckpt.transforms_of(m)
+                    or (not t.online and t in q.transforms_of(m.prefix, linear=m.is_linear))]
+        transforms.append({"scheme": t.scheme, "type": t.type, "location": t.location, "inverse": t.inverse,
+                           "online": t.online, "head_dim": t.head_dim, "precision": t.precision,
+                           "modules": len(targeted),
+                           "rotation_tensors": [f"{m.prefix}.weight" for m in rotations if m.rotation == t]})
+    s = q.sparsity
+    return {
+        "module_formats": dict(sorted(formats.items())),
+        "kv_cache_scheme": _args(q.kv_cache),
+        "kv_cache_modules": fold_names(m.prefix for m in mods.values() if m.kv_cache),
+        "attention_modules": len(attention_prefixes(ckpt)),
+        "transforms": transforms,
+        "sparsity": None if s is None else {"format": s.format, "targets": list(s.targets), "ignore": list(s.ignore),
+                                            "modules": sum(1 for m in quantized if m.format == s.format)},
+    }
 
 
 def _gptq_groups(ckpt: Checkpoint, quantized: list[Module]) -> list[dict[str, Any]]:

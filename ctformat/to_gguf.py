@@ -136,6 +136,10 @@ def gguf_plan(ckpt: Checkpoint, *, outtype: str = "bf16", int4_asym: str = "q5_0
         raise refuse("GCV-06", f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", option="outtype")
     if ckpt.marlin is not None:
         raise refuse("GCV-12", "a Marlin checkpoint; convert it back with --to compressed-tensors first", ckpt.label)
+    other = sorted({m.format or "unknown" for m in ckpt.modules().values() if m.quantized and not m.packed})
+    if other or any(t.online for t in (ckpt.quant.transforms if ckpt.quant else ())):
+        raise refuse("GCV-12", f"{', '.join(other) or 'online-transform'} modules: this target repacks pack-quantized "
+                     "codes (convert --to dense first)", ckpt.label)
     config = dict(ckpt.config or {})
     info = arch_for(config)
     arch = gguf.MODEL_ARCH[info.arch]

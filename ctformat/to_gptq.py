@@ -133,6 +133,7 @@ def _preflight(ckpt: Checkpoint, target: str, allow_lossy: bool, keep_names: boo
     quantized = [m for m in ckpt.modules().values() if m.quantized]
     if not quantized:
         raise _refuse("QCV-07", ckpt.label, "no pack-quantized modules to convert")
+    _weight_only(ckpt, quantized)
     pre = _Preflight(dtypes=_one_dtype(ckpt, quantized))
     pre.names, pre.inverse = _renames(ckpt, keep_names)
     layouts = set()
@@ -164,6 +165,21 @@ def _preflight(ckpt: Checkpoint, target: str, allow_lossy: bool, keep_names: boo
     if target == AWQ_METHOD:
         _check_awq(ckpt, pre)
     return pre
+
+
+def _weight_only(ckpt: Checkpoint, quantized: list[Module]) -> None:
+    """QCV-07: GPTQ and AWQ hold int weights and nothing else: every quantized module
+    pack-quantized with weights only, no kv-cache scheme, no transforms (their loaders would
+    drop what the checkpoint computes with)."""
+    q = ckpt.quant
+    for m in quantized:
+        if not m.packed:
+            raise _refuse("QCV-07", m.prefix, f"stored {m.format}; GPTQ and AWQ hold pack-quantized int weights")
+        if m.group is not None and (m.group.input_activations is not None or m.group.output_activations is not None):
+            raise _refuse("QCV-07", m.prefix, "activations are quantized too; GPTQ and AWQ are weight-only")
+    if q.kv_cache is not None or q.transforms:
+        what = "a kv_cache_scheme" if q.kv_cache is not None else "transforms (transform_config)"
+        raise _refuse("QCV-07", ckpt.label, f"{what}, which GPTQ and AWQ loaders do not apply")
 
 
 def _one_dtype(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, str]:

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from .checkpoint import Checkpoint, Module
 from .errors import CheckpointNotFoundError, SpecError
+from .formats.naive import activation_specs
 from .gguf_header import GGUFModel
 from .profiles import transformers_issues, vllm_issues
 from .report import Issue, Report, module_issue
 from .scheme import Strategy, int_range, packed_width
 from .source import open_model
 from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED, RULES
+from .validate_formats import (checkpoint_data_issues, checkpoint_issues, config_issues, format_data_issues,
+                               format_issues)
 from .validate_gptq import gptq_data_issues, gptq_issues
 from .validate_marlin import marlin_data_issues, marlin_issues
 
@@ -27,8 +30,8 @@ __all__ = ["validate", "validate_checkpoint", "validate_gguf", "check_module", "
            "raise_for_errors"]
 
 PROFILES = {"vllm": vllm_issues, "transformers": transformers_issues}
-# Rules of a config the module rules cannot be judged without (beside every CFG rule)
-_CONFIG_RULES = ("MRL-01", "GPTQ-01", "AWQ-01", "GPTQ-11")
+# Config problems raised while parsing: with any of them the modules cannot be judged
+_CONFIG_RULES = ("CFG-", "FMT-01", "FMT-02", "KV-01", "XFM-01", "MRL-01", "GPTQ-01", "AWQ-01", "GPTQ-11")
 
 
 def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
@@ -64,22 +67,25 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
     issues = [Issue.from_error(p) for p in ckpt.problems]
     modules = ckpt.modules()
     quantized = [m for m in modules.values() if m.quantized]
-    if any(i.rule.startswith("CFG") or i.rule in _CONFIG_RULES for i in issues):
+    if any(i.rule.startswith(_CONFIG_RULES) for i in issues):
         return Report(path, tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
-    issues += _config_warnings(ckpt)
+    issues += _config_warnings(ckpt) + config_issues(ckpt)
     for m in modules.values():
         issues += check_module(ckpt, m)
+    issues += checkpoint_issues(ckpt)
     issues += _sibling_issues(ckpt)
     if target is not None:
         issues += PROFILES[target](ckpt)
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
-        todo = [m for m in quantized if (m.scheme is not None or m.gptq is not None)
+        todo = [m for m in quantized if (m.format is not None or m.is_marlin or m.gptq is not None)
+                and m.format != "marlin-24"
                 and not any(w == m.prefix or w.startswith(m.prefix + ".") for w in bad)]
         for k, m in enumerate(todo):
             issues += check_module_data(ckpt, m)
             if progress:
                 progress(k + 1, len(todo))
+        issues += checkpoint_data_issues(ckpt)
     return Report(path, tuple(issues), len(quantized), deep)
 
 
@@ -92,6 +98,9 @@ def raise_for_errors(ckpt: Checkpoint) -> None:
         for found in check_module(ckpt, m):
             if found.severity == "error":
                 raise found.as_error()
+    for found in checkpoint_issues(ckpt):
+        if found.severity == "error":
+            raise found.as_error()
 
 
 def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
@@ -100,14 +109,17 @@ def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
         return []
     base = "quantization_config"
     out = [(base, q.unknown)] + [(f"{base}.config_groups.{g.name}", g.unknown) for g in q.groups]
-    out += [(f"{base}.config_groups.{g.name}.weights", g.weights.unknown) for g in q.groups if g.weights]
+    out += [(f"{base}.config_groups.{g.name}.{key}", args.unknown) for g in q.groups
+            for key, args in (("weights", g.weights), ("input_activations", g.input_activations),
+                              ("output_activations", g.output_activations)) if args]
+    out += [(f"{base}.kv_cache_scheme", q.kv_cache.unknown)] if q.kv_cache else []
     return [Issue("CFG-08", "warning", "config.json", where, f"unknown keys kept as they are: {', '.join(keys)}")
             for where, keys in out if keys]
 
 
 def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
-    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08,
-    GPTQ-02..11, AWQ-02..05)."""
+    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08;
+    FMT-10..21 for the formats of spec/formats.md; GPTQ-02..11, AWQ-02..05 for GPTQ/AWQ)."""
     if m.is_gptq:
         return list(gptq_issues(ckpt, m))
     scheme = m.scheme
@@ -115,13 +127,15 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
         return list(marlin_issues(ckpt, m))
     if m.quantized and m.ignored:
         return [module_issue("TEN-09", m, m.quant_tensor, "module is matched by ignore but stored quantized")]
-    if m.quantized and scheme is None:
+    if m.quantized and m.format is None:
         return [module_issue("TEN-10", m, m.quant_tensor, "quantized tensors, but no config group targets this module")]
     if not m.quantized:
         if scheme is not None and not m.ignored and m.is_linear and "weight" in m.tensors:
             return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module, "
                            "but it is stored dense (add it to ignore, or quantize it)")]
         return []
+    if not m.packed:
+        return format_issues(ckpt, m)
     return list(_tensor_issues(ckpt, m))
 
 
@@ -132,7 +146,8 @@ def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
     need |= {"weight_g_idx"} if s.has_g_idx else set()
     for name in sorted(need - set(t)):
         yield module_issue("TEN-01", m, None, f"{name} is missing ({_scheme_words(s)} needs it)")
-    extra = set(t) - need - {"bias", "input_global_scale"}
+    # activation qparams the group's args imply (spec/formats.md §1.3) may sit beside the weight's
+    extra = set(t) - need - {"bias", "input_global_scale"} - set(activation_specs(m.group, (1, 1)))
     for name in sorted(extra):
         why = {"weight_zero_point": "a symmetric scheme stores no zero point (vLLM fails with KeyError)",
                "weight_g_idx": f"actorder is {s.actorder!r}, so no g_idx is stored",
@@ -221,7 +236,7 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
 
 
 def _precision(m: Module) -> str:
-    return f"int{m.scheme.num_bits}" if m.quantized and m.scheme else "dense"
+    return f"{m.scheme.type}{m.scheme.num_bits}" if m.quantized and m.scheme else "dense"
 
 
 def shape_issue(ckpt: Checkpoint, m: Module, shape: tuple[int, ...]) -> Issue | None:
@@ -245,6 +260,8 @@ def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
         return marlin_data_issues(ckpt, m)
     if m.is_gptq:
         return gptq_data_issues(ckpt, m)
+    if not m.packed:
+        return format_data_issues(ckpt, m)
     import torch
     s = m.scheme
     t = ckpt.load_module(m)

@@ -114,6 +114,13 @@ def cli_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(scope="session")
+def ct014() -> Path:
+    """compressed-tensors 0.14.0.1, the last release with the legacy sparse compressors, to put
+    on PYTHONPATH beside the system's 0.20 (pure Python, no deps)."""
+    return pip_target("compressed-tensors-0.14.0.1", ["compressed-tensors==0.14.0.1"])
+
+
 def tree_snapshot(path: Path) -> dict[str, bytes]:
     """Every file under path with its bytes: to prove something was not touched."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

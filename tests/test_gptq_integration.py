@@ -140,8 +140,8 @@ def test_vllm_profile_on_gptq_and_awq(outputs):
     rules = {k: [i.rule for i in validate_checkpoint(outputs[k], target="vllm").issues]
              for k in (("tiny", "gptq"), ("tiny", "awq"), ("asym", "gptq"), ("asym", "awq"), ("act", "gptq"))}
     assert rules[("tiny", "gptq")] == [] and rules[("tiny", "awq")] == [] and rules[("asym", "awq")] == []
-    assert rules[("asym", "gptq")] == ["VLLM-06"]           # sym=False: AutoGPTQConfig.TYPE_MAP refuses
-    assert rules[("act", "gptq")] == ["VLLM-06"]            # desc_act with groups: refused since vLLM 0.30
+    assert rules[("asym", "gptq")] == ["VLLM-10"]           # sym=False: AutoGPTQConfig.TYPE_MAP refuses
+    assert rules[("act", "gptq")] == ["VLLM-10"]            # desc_act with groups: refused since vLLM 0.30
     msg = validate_checkpoint(outputs["asym", "gptq"], target="vllm").issues[0].message
     assert "Unsupported quantization config: bits=4, sym=False" in msg
 

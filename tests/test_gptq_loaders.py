@@ -242,7 +242,7 @@ print(json.dumps({"missing": sorted(info["missing_keys"]), "unexpected": sorted(
 def test_transformers_leaves_mixtral_experts_random(models, target):
     """transformers 5.25 fuses Mixtral's experts into 3-D parameters, which optimum/gptqmodel do
     not replace with quantized layers: the expert tensors are UNEXPECTED, the fused ones MISSING
-    and left at their initial values, without an error (what TRF-02 warns about). Run in a fresh
+    and left at their initial values, without an error (what TRF-03 warns about). Run in a fresh
     process: once GPTQModel.load has run, it has patched transformers' Mixtral in this one."""
     import subprocess
     import sys

@@ -138,7 +138,7 @@ def test_changed_source_or_options_are_refused(source, tmp_path):
     assert r.returncode == 1 and "holds an interrupted conversion" in r.stderr and "--resume" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     # other options: refused, saying what differs
-    with pytest.raises(CtFormatError, match=r"made with other options \(dtype=torch.bfloat16, keep_names=False; "):
+    with pytest.raises(CtFormatError, match=r"made with other options \(drop_kv_cache=False, dtype=torch.bfloat16, keep_names=False, originals=False; "):
         convert(src, out, to="dense", device="cpu", max_shard_size=20_000_000, resume=True, dtype=_float16())
     # a shard rewritten in place with the same header (other weights, same shapes): refused
     shard = sorted(src.glob("*.safetensors"))[-1]

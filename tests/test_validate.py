@@ -8,13 +8,17 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import GGUF_REFUSALS, GPTQ_REFUSALS, MARLIN_REFUSALS, RULES
+from ctformat.spec import DENSE_REFUSALS, GGUF_REFUSALS, GPTQ_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
-TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
+TARGETS = {"VLLM": "vllm", "TRF": "transformers", "FMT-20": "vllm"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
-DEEP = ("DATA", "MRL-07", "GPTQ-07", "GPTQ-08", "GPTQ-09", "AWQ-06")
+DEEP = ("DATA", "MRL-07", "FMT-3", "KV-04", "XFM-04", "GPTQ-07", "GPTQ-08", "GPTQ-09", "AWQ-06")        # rules that look at tensor values
+
+
+def target_of(rule: str) -> str | None:
+    return TARGETS.get(rule, TARGETS.get(rule.split("-")[0]))
 
 
 def test_every_rule_has_a_bad_fixture_and_nothing_else():
@@ -22,7 +26,7 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 
 SPECS = sorted((ROOT / "spec").glob("*.md"))
-RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|GPTQ|AWQ)-\d\d)`?\s*\|"
+RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|FMT|KV|XFM|GPTQ|AWQ)-\d\d)`?\s*\|"
 
 
 def test_spec_lists_exactly_the_rules_of_the_code():
@@ -39,9 +43,14 @@ def test_spec_lists_exactly_the_refusals_of_the_code(prefix, catalogue, spec):
     assert set(re.findall(rf"^\|\s*`({prefix}-\d\d)`\s*\|", text, re.M)) == set(catalogue)
 
 
+def test_spec_lists_exactly_the_dense_refusals_of_the_code():
+    text = (ROOT / "spec" / "formats.md").read_text()
+    assert set(re.findall(r"^\|\s*`(DCV-\d\d)`\s*\|", text, re.M)) == set(DENSE_REFUSALS)
+
+
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=TARGETS.get(rule.split("-")[0]))
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=target_of(rule))
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -51,7 +60,7 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
-    target = TARGETS.get(rule.split("-")[0])
+    target = target_of(rule)
     args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith(DEEP) else []) + (
         ["--target", target] if target else [])
     with pytest.raises(SystemExit) as exc:
