@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call of a lent GPU machine (device time is scarce):
-#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel ...]   (default: all)
+#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel|gptq ...]   (default: all)
 # Logs go to $OUT (or /tmp/ctformat-gpu) as <step>.log and <step>.json. Expects, where the
 # machine lacks them, wheels in .whl/ (compressed-tensors and its needs) and the real
 # llm-compressor checkpoints in .devshared/real-checkpoints (linked as ../shared).
@@ -18,12 +18,13 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/device.txt"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests dequant formats marlin inference convert parallel)
+[ ${#steps[@]} -eq 0 ] && steps=(tests dequant formats marlin inference convert parallel gptq)
 for step in "${steps[@]}"; do
   echo "=== $step $(date -u +%T)"
   case $step in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
-             tests/test_gpu_inference.py tests/test_marlin.py tests/test_formats_kernels.py 2>&1 \
+             tests/test_gpu_inference.py tests/test_marlin.py tests/test_formats_kernels.py \
+             "tests/test_gptq_integration.py::test_convert_on_cuda_is_the_cpu_output" 2>&1 \
              | tee "$out/tests.log" | tail -n 25 ;;
     formats) timeout 150 python3 benchmarks/bench_formats.py --device cuda --json "$out/formats.json" 2>&1 \
                | tee "$out/formats.log" ;;
@@ -31,6 +32,7 @@ for step in "${steps[@]}"; do
              grep -v "^  flat\|^  tiled" "$out/dequant.log" ;;
     marlin) timeout 150 python3 benchmarks/bench_marlin.py --json "$out/marlin.json" 2>&1 | tee "$out/marlin.log" ;;
     inference) timeout 150 python3 benchmarks/bench_inference.py --json "$out/inference.json" 2>&1 | tee "$out/inference.log" ;;
+    gptq) timeout 300 python3 benchmarks/bench_gptq.py --device cuda --json "$out/gptq.json" 2>&1 | tee "$out/gptq.log" ;;
     convert) timeout 200 python3 benchmarks/bench_convert.py --gb 2 --device cuda --json "$out/convert.json" 2>&1 \
                | tee "$out/convert.log" ;;
     parallel) timeout 500 python3 benchmarks/bench_convert.py --gb 2 --device cuda --workers 1,2,3,4 --devices cuda:0 \

@@ -95,6 +95,8 @@ def _size(text: str) -> int:
 _TARGET_OPTIONS = {
     "dense": {"dtype": "bfloat16", "keep_names": False, "drop_kv_cache": False, "originals": False},
     "marlin": {"scale_dtype": None, "allow_lossy_scales": False, "stack_experts": False},
+    "gptq": {"gptq_format": None, "allow_lossy": False, "keep_names": False},
+    "awq": {"allow_lossy": False, "keep_names": False},
     "compressed-tensors": {},
     "gguf": {"outtype": None, "allow_lossy": False, "int4_asym": None, "dequantize_unmappable": False,
              "tokenizer_pre": None, "split_max_size": None},
@@ -105,8 +107,8 @@ _TARGET_OPTIONS = {
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--to", "target", type=click.Choice(list(_TARGET_OPTIONS)), required=True,
-              help="Output layout: dense weights, vLLM's Marlin layout, back from Marlin to pack-quantized, "
-                   "or a llama.cpp GGUF file.")
+              help="Output layout: dense weights, vLLM's Marlin layout, GPTQ, AWQ, back from Marlin, GPTQ or AWQ to "
+                   "pack-quantized, or a llama.cpp GGUF file.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16",
               show_default=True, help="--to dense: dtype of the weights (computed in the scale dtype, then cast).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
@@ -116,8 +118,12 @@ _TARGET_OPTIONS = {
               help="--to marlin: store each MoE layer's experts stacked (w13 = gate+up, w2), as vLLM's fused MoE holds them.")
 @click.option("--outtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
               help="--to gguf: type of the float tensors (default bf16; norms and routers are F32).")
+@click.option("--gptq-format", type=click.Choice(["v1", "v2"]), default=None,
+              help="--to gptq: checkpoint_format gptq (v1, zero points stored minus one) or gptq_v2 "
+                   "(default: v1 when every module is symmetric, else v2).")
 @click.option("--allow-lossy", is_flag=True,
-              help="--to gguf: write scales fp16 cannot hold exactly as fp16(s), and report how many and by how much.")
+              help="--to gguf/gptq/awq: write scales fp16 cannot hold exactly as fp16(s), and report how many and by "
+                   "how much.")
 @click.option("--int4-asym", type=click.Choice(["q5_0", "q4_1"]), default=None,
               help="--to gguf: block type of asymmetric int4 (default q5_0, exact; q4_1 is smaller, exact for some zero points).")
 @click.option("--dequantize-unmappable", is_flag=True,
@@ -138,7 +144,8 @@ _TARGET_OPTIONS = {
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
               help="Run the pieces as Ray tasks on the cluster at ADDRESS (local: start one on this host). "
                    "MODEL and OUT must be on storage every node sees.")
-@click.option("--keep-names", is_flag=True, help="--to dense: keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
+@click.option("--keep-names", is_flag=True, help="--to dense/gptq/awq: keep MoE module names as on disk (no Mixtral "
+              "renaming for transformers or GPTQModel).")
 @click.option("--drop-kv-cache", is_flag=True,
               help="--to dense: drop kv-cache scales (k_scale, v_scale) and their kv_cache_scheme (default: kept).")
 @click.option("--keep-originals", "originals", is_flag=True,
@@ -155,7 +162,11 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
       (--drop-kv-cache drops both); all other tensors and files are copied.
     --to marlin: every quantized module M becomes M.B, M.s (M.zp, M.g_idx, M.perm) in vLLM
       0.33's Marlin layout (spec §10); unsupported modules are refused before writing.
-    --to compressed-tensors: a Marlin checkpoint back to its pack-quantized source, bit for bit.
+    --to gptq / --to awq: every quantized module M becomes M.qweight, M.qzeros, M.scales (and
+      M.g_idx) as GPTQModel, transformers and vLLM read them (spec/gptq-awq.md); lossless,
+      and what cannot be held is refused before writing.
+    --to compressed-tensors: a Marlin, GPTQ or AWQ checkpoint back to pack-quantized (bit for
+      bit when ctformat wrote it).
     --to gguf: one llama.cpp GGUF file (or a split set); quantized modules are repacked into
       ggml blocks (int4 -> Q4_0, int8 -> Q8_0, ...) with their own codes, never requantized;
       what cannot be written exactly is refused before writing (spec/gguf.md).
@@ -171,8 +182,8 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
     wanted = _TARGET_OPTIONS[target]
     stray = sorted(k for k, v in options.items() if k not in wanted and v not in (None, False, "bfloat16"))
     if stray:
-        owners = {k: t for t, opts in _TARGET_OPTIONS.items() for k in opts}
-        raise UsageError(f"--{stray[0].replace('_', '-')} goes with --to {owners[stray[0]]}")
+        owners = [t for t, opts in _TARGET_OPTIONS.items() if stray[0] in opts]
+        raise UsageError(f"--{stray[0].replace('_', '-')} goes with --to {' or '.join(owners)}")
     if devices is not None and device != "auto":
         raise UsageError("--devices names the devices itself; leave out --device")
     kwargs = {k: options[k] for k in wanted if options[k] is not None}

@@ -111,7 +111,14 @@ def summary(d: dict[str, Any]) -> None:
         t.add_row("marlin layout", f"{m['layout']}, " + ("loadable by legacy Marlin readers" if m["legacy_readers"]
                                                           else "ctformat-marlin (no stock loader)")
                   + (f", {m['stacked_expert_layers']} stacked expert layer(s)" if m["stacked_expert_layers"] else ""))
-    t.add_row("producer", d["producer_version"] or "compressed-tensors < 0.6 era or unknown (no version key)")
+    if d.get("gptq"):
+        g = d["gptq"]
+        t.add_row(f"{g['method']} layout", (f"{g['format']}, " if g["method"] == "gptq" else "gemm, ")
+                  + ("ctformat provenance block (converts back bit for bit)" if g["provenance"]
+                     else "no ctformat provenance (another tool's file)")
+                  + (f", {g['dynamic_rules']} dynamic rule(s)" if g["dynamic_rules"] else ""))
+    t.add_row("producer", d["producer_version"] or ("unknown" if d.get("gptq") else
+                                                    "compressed-tensors < 0.6 era or unknown (no version key)"))
     t.add_row("parameters", f"{count(p['total'])} ({count(p['quantized'])} quantized, {count(p['dense'])} dense)")
     t.add_row("size on disk", f"{size(b['total'])} in {len(d['shards'])} shard(s), {d['tensors']} tensors")
     if d["bits_per_quantized_weight"]:
@@ -235,7 +242,8 @@ def converted(r, seconds: float) -> None:
               + (f", {r.details['tensors_dropped']} tensors read and not written (activation scales, folded "
                  "rotations, dropped kv-cache scales)" if r.details.get("tensors_dropped") else "")
               + (" (legacy Marlin format: quant_method gptq, checkpoint_format marlin)"
-                 if r.details.get("legacy_format") else ""))
+                 if r.details.get("legacy_format") else "")
+              + (gptq_details(r.details, r.target) if r.target in ("gptq", "awq") else ""))
     if r.target == "gguf":
         gguf_details(r.details)
 
@@ -253,6 +261,15 @@ def gguf_details(d: dict[str, Any]) -> None:
     if d["dropped"]:
         reasons = sorted(set(d["dropped"].values()))
         out.print(f"  left out as llama.cpp's converter does: {len(d['dropped'])} tensor(s) ({'; '.join(reasons)})")
+
+
+def gptq_details(d: dict[str, Any], target: str) -> str:
+    """The tail of --to gptq / --to awq's line: format, MoE renames, rounded scales."""
+    n = d.get("renamed_modules", 0)
+    return (f", {target} format {d['format']}"
+            + (f", {n} MoE module{'s' if n != 1 else ''} renamed for GPTQModel" if n else "")
+            + (f"; {d['lossy_scales']} scales rounded to float16 (largest change {d['largest_scale_change']:.3g})"
+               if d.get("lossy_scales") else ""))
 
 
 # -- run and compare ---------------------------------------------------------------------

@@ -15,15 +15,20 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError
 from .files import FileSource, LocalFiles
 from .header import TensorInfo, parse_index
+from .gptq_config import AWQ_METHOD, GPTQ_METHOD, GptqConfig, ModuleScheme, detect, read_gptq_config
 from .marlin_config import MarlinConfig
+from .names import moe_renamed
 from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Transform, word_layout
-from .spec import (EMBEDDING_NAMES, INDEX_NAME, KV_PARAMS, MARLIN_PARAMS, PACK_QUANTIZED, PICKLE_SUFFIXES,
-                   QUANT_PARAMS, SINGLE_NAME)
+from .spec import (EMBEDDING_NAMES, GPTQ_PARAMS, INDEX_NAME, KV_PARAMS, MARLIN_PARAMS, PACK_QUANTIZED,
+                   PICKLE_SUFFIXES, QUANT_PARAMS, QUANT_SETS, QUANTIZE_CONFIG_NAME, SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Module", "Checkpoint", "open_checkpoint", "read_checkpoint"]
+__all__ = ["Module", "Checkpoint", "open_checkpoint", "read_checkpoint", "CT", "MARLIN", "GPTQ_FAMILIES"]
+
+CT, MARLIN = "compressed-tensors", "marlin"        # checkpoint families, beside GPTQ_METHOD and AWQ_METHOD
+GPTQ_FAMILIES = (GPTQ_METHOD, AWQ_METHOD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +41,24 @@ class Module:
     ignored: bool = False                # matched by `ignore`
     format: str | None = None            # the format its weight is stored in (spec/formats.md §1.2)
     rotation: Transform | None = None    # the online transform whose matrix it holds (spec/formats.md §11)
+    family: str | None = None            # the checkpoint's family (CT, MARLIN, "gptq", "awq"; None: no config)
+    gptq: ModuleScheme | None = None     # GPTQ/AWQ family: the scheme the config gives it (None: left dense)
 
     @property
     def quantized(self) -> bool:
         """Carries any tensor of a quantization tensor set of any format, complete or not
         (spec §2, spec/formats.md §1.2): such a module is never copied as plain tensors;
-        TEN-01 / FMT-10 / MRL-02 say what it lacks."""
+        TEN-01 / FMT-10 / MRL-02 / GPTQ-02 say what it lacks. The family decides the set: in a
+        GPTQ/AWQ checkpoint qweight, qzeros, scales, g_idx (and stray compressed-tensors names),
+        elsewhere the compressed-tensors sets or B."""
+        if self.family in GPTQ_FAMILIES:
+            return any(k in GPTQ_PARAMS or k in QUANT_PARAMS for k in self.tensors)
         return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Suffixes of its family's quantization tensor set (what a conversion step reads)."""
+        return QUANT_SETS.get(self.family or CT, QUANT_PARAMS)
 
     @property
     def packed(self) -> bool:
@@ -57,12 +73,19 @@ class Module:
     @property
     def quant_tensor(self) -> str:
         """The first tensor of its quantization set that is present (where issues point)."""
-        return next((k for k in (*QUANT_PARAMS, *MARLIN_PARAMS) if k in self.tensors), next(iter(self.tensors)))
+        return next((k for k in (*self.params, *QUANT_PARAMS, *MARLIN_PARAMS) if k in self.tensors),
+                    next(iter(self.tensors)))
 
     @property
     def is_marlin(self) -> bool:
-        """Stored in the Marlin layout (spec §10): has any of B, s, zp, g_idx, perm."""
-        return any(k in self.tensors for k in MARLIN_PARAMS)
+        """Stored in the Marlin layout (spec §10): a Marlin checkpoint's module with any of B, s,
+        zp, g_idx, perm (the family decides: GPTQ's scales and g_idx are not Marlin's)."""
+        return self.family == MARLIN and any(k in self.tensors for k in MARLIN_PARAMS)
+
+    @property
+    def is_gptq(self) -> bool:
+        """Stored as GPTQ or AWQ tensors (spec/gptq-awq.md §1, §2)."""
+        return self.family in GPTQ_FAMILIES and self.quantized
 
     @property
     def scheme(self) -> QuantScheme | None:
@@ -86,9 +109,10 @@ class Checkpoint:
 
     def __init__(self, files: FileSource, *, shards: list[str], config: dict[str, Any] | None,
                  quant: QuantizationConfig | None, tensors: dict[str, TensorInfo], problems: list[SpecError],
-                 marlin: MarlinConfig | None = None) -> None:
+                 marlin: MarlinConfig | None = None, gptq: GptqConfig | None = None) -> None:
         self.files, self.shards, self.config, self.quant = files, shards, config, quant
         self.marlin = marlin           # set for a Marlin checkpoint; quant is then its source config
+        self.gptq = gptq               # set for a GPTQ or AWQ checkpoint (quant is then None)
         self.tensors, self.problems = tensors, problems
         self.root: Path | None = getattr(files, "root", None)     # None for a Hub repo
         self.label = files.label
@@ -96,6 +120,13 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.shards)} shards, {len(self.tensors)} tensors)"
+
+    @property
+    def family(self) -> str | None:
+        """CT, MARLIN, "gptq" or "awq" by the quantization config; None without one (dense)."""
+        if self.gptq is not None:
+            return self.gptq.method
+        return MARLIN if self.marlin is not None else CT if self.quant is not None else None
 
     @property
     def model_type(self) -> str | None:
@@ -114,12 +145,15 @@ class Checkpoint:
         return self._modules
 
     def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
+        family = self.family
+        if self.gptq is not None:
+            return Module(prefix, tensors, family=family, gptq=self.gptq.scheme_for(prefix))
         q = self.quant
         if q is None:
-            return Module(prefix, tensors)
+            return Module(prefix, tensors, family=family)
         rotation = None if self.marlin is not None else q.rotation_of(prefix)
         if rotation is not None:              # never targeted by quantization (CT's internal module)
-            return Module(prefix, tensors, rotation=rotation)
+            return Module(prefix, tensors, rotation=rotation, family=family)
         linear = Module(prefix, tensors).is_linear
         name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
         group = q.group_for(name, linear=linear)
@@ -127,13 +161,19 @@ class Checkpoint:
             fmt = q.sparsity.format           # legacy sparse; its group (if any) says how to dequantize
         else:
             fmt = q.group_format(group) if group is not None and group.weights is not None else None
-        return Module(prefix, tensors, group, q.is_ignored(name), fmt)
+        return Module(prefix, tensors, group, q.is_ignored(name), fmt, family=family)
 
     def transforms_of(self, module: Module) -> tuple[Transform, ...]:
         """The online transforms applied to a module (spec/formats.md §11)."""
         if self.quant is None or not self.quant.transforms or module.rotation is not None:
             return ()
         return tuple(t for t in self.quant.transforms_of(module.prefix, linear=module.is_linear) if t.online)
+
+    def source_name(self, prefix: str) -> str:
+        """A module's name in the checkpoint it was converted from: a GPTQ/AWQ file ctformat wrote
+        renames MoE modules for GPTQModel and records how (spec/gptq-awq.md §3.1); else `prefix`."""
+        prov = None if self.gptq is None else self.gptq.provenance
+        return prefix if prov is None else moe_renamed(prefix, prov.names)
 
     def word_layout(self, module: Module, in_features: int) -> str:
         """Word layout of a pack-quantized module's values (spec §3.3)."""
@@ -187,7 +227,7 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
         problems.append(err)
 
     config = _config(files, fail)
-    quant, marlin = _quantization(config, fail)
+    quant, marlin, gptq = _quantization(config, _quantize_config(files, fail), fail)
     shards, index = ([single], None) if single else _find_shards(files)
     tensors = _headers(files, shards, index, fail)
     unread = {p.file for p in problems if p.rule.startswith(("HDR", "FILE-05"))}
@@ -196,7 +236,7 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
             fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
                              file=INDEX_NAME, where=name))
     return Checkpoint(files, shards=shards, config=config, quant=quant, tensors=tensors, problems=problems,
-                      marlin=marlin)
+                      marlin=marlin, gptq=gptq)
 
 
 def _config(files: FileSource, fail) -> dict[str, Any] | None:
@@ -224,20 +264,38 @@ def _parse_config(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def _quantization(config: dict[str, Any] | None, fail) -> tuple[QuantizationConfig | None, MarlinConfig | None]:
-    """The compressed-tensors config (for a Marlin checkpoint: its source config) and the Marlin one."""
+def _quantize_config(files: FileSource, fail) -> dict[str, Any] | None:
+    """quantize_config.json when it is a GPTQ config (GPTQModel reads it first, spec/gptq-awq.md
+    §4.1); an AWQ folder's leftovers or another tool's file are not, and config.json decides."""
+    if not files.is_file(QUANTIZE_CONFIG_NAME):
+        return None
+    try:
+        obj = json.loads(files.read_bytes(QUANTIZE_CONFIG_NAME).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError, OSError) as err:
+        fail(ConfigError(f"not UTF-8 JSON: {str(err)[:200]}", rule="GPTQ-01", file=QUANTIZE_CONFIG_NAME))
+        return None
+    return obj if detect(obj) == GPTQ_METHOD else None
+
+
+def _quantization(config: dict[str, Any] | None, quantize_config: dict[str, Any] | None, fail
+                  ) -> tuple[QuantizationConfig | None, MarlinConfig | None, GptqConfig | None]:
+    """The compressed-tensors config (for a Marlin checkpoint: its source config), the Marlin
+    one, or the GPTQ/AWQ one, by what config.json's quantization_config (or a GPTQ
+    quantize_config.json beside it) says."""
     qc = None if config is None else config.get("quantization_config")
-    if qc is None:
-        return None, None
+    if qc is None and quantize_config is None:
+        return None, None, None
     try:
         if MarlinConfig.detect(qc):
             marlin = MarlinConfig.from_json(qc)
-            return marlin.source, marlin
-        return QuantizationConfig.from_json(qc), None
+            return marlin.source, marlin, None
+        if detect(qc) or qc is None:
+            return None, None, read_gptq_config(config, quantize_config)
+        return QuantizationConfig.from_json(qc), None, None
     except ConfigError as err:
-        err.file = "config.json"
+        err.file = err.file or "config.json"
         fail(err)
-        return None, None
+        return None, None, None
 
 
 def _find_shards(files: FileSource) -> tuple[list[str], dict[str, str] | None]:

@@ -1,24 +1,29 @@
 """One module of a checkpoint to its dense weight, whatever layout it is stored in: checked
 against its scheme first (validate's static rules and weight_shape, spec §6), then decompressed
-(pack-quantized: quant, spec §5; Marlin: back through the inverse layout, spec §10.10; every
-other format: its family's codec, spec/formats.md §3-§6, on CUDA through the Triton kernels of
-formats/kernels_fp.py)."""
+(pack-quantized: quant, spec §5; Marlin: back through the inverse layout, spec §10.10; GPTQ and
+AWQ: through their compressed-tensors form, spec/gptq-awq.md §1.4, §2; every other format: its
+family's codec, spec/formats.md §3-§6, on CUDA through the Triton kernels of formats/kernels_fp.py)."""
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
 
+from .awq import from_awq
 from .checkpoint import Checkpoint, Module
 from .errors import ConfigError, TensorError
 from .formats import format_named
+from .gptq import from_gptq
+from .gptq_config import AWQ_METHOD, ct_scheme
+from .gptq_layout import in_features
 from .marlin import to_ct
 from .marlin_config import scheme_of
 from .quant import decompress
-from .spec import DENSE_FORMAT, SPARSITY_FORMATS
+from .spec import CROSS_WORD, DENSE_FORMAT, SPARSITY_FORMATS
 from .validate import check_module, shape_issue
+from .validate_gptq import source_scheme
 
-__all__ = ["dequantize_module", "decompress_loaded", "checked_shape", "decompress_marlin"]
+__all__ = ["dequantize_module", "decompress_loaded", "checked_shape", "decompress_marlin", "decompress_gptq"]
 
 
 def dequantize_module(ckpt: Checkpoint, module: Module, tensors: Mapping[str, torch.Tensor] | None = None, *,
@@ -28,7 +33,7 @@ def dequantize_module(ckpt: Checkpoint, module: Module, tensors: Mapping[str, to
     (its tensors by suffix, on any device) when already loaded, else read from the files.
     A `dense`-format module gives the weight its quantization computes with (fake-quantized),
     or with `originals` the stored weight."""
-    if module.format is None and not module.is_marlin:
+    if module.format is None and not module.is_marlin and not module.is_gptq:
         raise ConfigError("no config group targets this module", rule="TEN-10", where=module.prefix)
     for found in check_module(ckpt, module):
         if found.severity == "error":
@@ -44,6 +49,8 @@ def decompress_loaded(ckpt: Checkpoint, module: Module, tensors: Mapping[str, to
     hold; its weight_shape values are checked against the headers (DATA-05, TEN-08)."""
     if module.is_marlin:
         return decompress_marlin(tensors, dtype=dtype)
+    if module.is_gptq:
+        return decompress_gptq(ckpt, module, tensors, dtype=dtype)
     if not module.packed:
         return _decompress_format(module, tensors, dtype, originals)
     shape = checked_shape(ckpt, module, tensors["weight_shape"])
@@ -81,3 +88,20 @@ def decompress_marlin(tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype
     scheme = scheme_of(tensors["B"].shape, tensors["s"].shape, "zp" in tensors, "perm" in tensors)
     ct["weight_shape"] = ct["weight_shape"].to(tensors["B"].device)
     return decompress(ct, scheme, dtype=dtype)
+
+
+def decompress_gptq(ckpt: Checkpoint, module: Module, tensors: Mapping[str, torch.Tensor], *,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight [..., N, K] of a GPTQ/AWQ module: its compressed-tensors tensors (in the
+    source's scheme and scale dtype when the provenance block is there, so the result equals the
+    source's; else float16 scales), then spec §5. The data rules are checked on the way."""
+    cfg, ms = ckpt.gptq, module.gptq
+    prov = cfg.provenance
+    scheme = source_scheme(ckpt, module) if prov is not None else ct_scheme(ms)
+    dtypes = {"weight_scale": prov.source_dtypes["weight_scale"] if prov is not None else "F16"}
+    if cfg.method == AWQ_METHOD:
+        ct = from_awq(tensors, ms, scheme, dtypes=dtypes)
+    else:
+        ct = from_gptq(tensors, ms, scheme, v1=cfg.v1, k=in_features(module.tensors, ms, cfg.method), dtypes=dtypes)
+    ct["weight_shape"] = ct["weight_shape"].to(tensors["qweight"].device)
+    return decompress(ct, scheme, layout=CROSS_WORD, dtype=dtype)

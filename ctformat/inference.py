@@ -200,12 +200,12 @@ def checkpoint_weights(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.de
     for prefix, m in ckpt.modules().items():
         if m.rotation is not None:
             continue
-        name = loader_name(prefix, model_type)
+        name = loader_name(ckpt.source_name(prefix), model_type)
         dot = f"{name}." if name else ""
         items: Weights = {}
         parts = _stacked(ckpt, m, dtype, device)
         if parts is not None:         # Marlin --stack-experts: one QuantLinear per expert and part
-            items.update({f"{loader_name(p, model_type)}.weight": q for p, q in parts})
+            items.update({f"{loader_name(ckpt.source_name(p), model_type)}.weight": q for p, q in parts})
         elif m.quantized and prefix in folds:
             items[f"{name}.weight"] = _folded_layer(ckpt, m, folds[prefix], dtype, device)
         elif m.quantized:
@@ -444,9 +444,9 @@ def _linear_modules(ckpt: Checkpoint) -> dict[str, Any]:
     for p, m in ckpt.modules().items():
         parts = _stacked(ckpt, m, torch.float32, None) if m.is_linear else None
         if parts is not None:
-            out.update({loader_name(name, mt): q for name, q in parts})
+            out.update({loader_name(ckpt.source_name(name), mt): q for name, q in parts})
         elif m.is_linear:
-            out[loader_name(p, mt)] = m
+            out[loader_name(ckpt.source_name(p), mt)] = m
     return out
 
 

@@ -13,11 +13,11 @@ from .errors import ConfigError
 from .scheme import QuantizationConfig, QuantScheme, Strategy
 from .spec import EXPERT_MODULE, LEGACY_MARLIN, MARLIN_LAYOUT, MARLIN_METHOD, MARLIN_TILE
 
-__all__ = ["SOURCE_ROLES", "MarlinConfig", "marlin_dims", "marlin_group_size", "legacy_unmet", "is_expert", "scheme_of"]
+__all__ = ["SOURCE_ROLES", "ROLE_DTYPES", "MarlinConfig", "marlin_dims", "marlin_group_size", "legacy_unmet", "is_expert", "scheme_of"]
 
 # CT tensors whose dtype a Marlin checkpoint records, so the reverse restores it
 SOURCE_ROLES = ("weight_scale", "weight_shape", "weight_zero_point")
-_ROLE_DTYPES = {"weight_scale": ("F16", "BF16", "F32"), "weight_shape": ("I64", "I32"), "weight_zero_point": ("I32", "I8")}
+ROLE_DTYPES = {"weight_scale": ("F16", "BF16", "F32"), "weight_shape": ("I64", "I32"), "weight_zero_point": ("I32", "I8")}
 _EXPERT = re.compile(EXPERT_MODULE)
 
 
@@ -105,8 +105,8 @@ class MarlinConfig:
         if not isinstance(dtypes, Mapping) or not set(dtypes) <= set(SOURCE_ROLES) or "weight_scale" not in dtypes:
             raise bad(f"source_dtypes {dtypes!r} is not an object of {', '.join(SOURCE_ROLES)}", "marlin.source_dtypes")
         for role, code in dtypes.items():
-            if not isinstance(code, str) or code not in _ROLE_DTYPES[role]:
-                raise bad(f"{role} dtype {code!r} is not one of {', '.join(_ROLE_DTYPES[role])}",
+            if not isinstance(code, str) or code not in ROLE_DTYPES[role]:
+                raise bad(f"{role} dtype {code!r} is not one of {', '.join(ROLE_DTYPES[role])}",
                           f"marlin.source_dtypes.{role}")
         if not isinstance(stacked, Mapping) or not all(_stack_entry_ok(v) for v in stacked.values()):
             raise bad("stacked_experts is not an object of {experts, w13: [gate, up], w2}", "marlin.stacked_experts")

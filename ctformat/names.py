@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 
-from .spec import EXPERT_MODULE, EXPERT_RENAMES
+from typing import Mapping
 
-__all__ = ["loader_name", "expert_parts"]
+from .spec import EXPERT_MODULE, EXPERT_RENAMES, MOE_MODULE
+
+__all__ = ["loader_name", "expert_parts", "moe_renamed"]
 
 _EXPERT = re.compile(EXPERT_MODULE)
+_MOE = re.compile(MOE_MODULE)
 
 
 def loader_name(prefix: str, model_type: str | None, keep_names: bool = False) -> str:
@@ -25,3 +28,16 @@ def expert_parts(prefix: str) -> tuple[str, int, str] | None:
     """(prefix of the experts list, expert index, part name) of a per-expert module, else None."""
     hit = _EXPERT.match(prefix)
     return None if hit is None else (hit.group(1), int(hit.group(2)), hit.group(3))
+
+
+def moe_renamed(prefix: str, table: Mapping[str, str]) -> str:
+    """`prefix` with the name of its MoE block and of its expert part mapped by `table` (the
+    router `<block>.gate` and `<block>.experts.N.<part>`; spec/gptq-awq.md §3.1); others unchanged."""
+    hit = _MOE.match(prefix) if table else None
+    if hit is None:
+        return prefix
+    head, block, tail = hit.groups()
+    if tail != "gate":
+        experts, _, part = tail.rpartition(".")
+        tail = f"{experts}.{table.get(part, part)}"
+    return f"{head}{table.get(block, block)}.{tail}"

@@ -174,11 +174,12 @@ class Job:
 
 def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
                    target: str, verb: str, device: torch.device, params: frozenset[str], max_shard_size: int,
-                   force: bool, progress: Progress | None = None, dropped: frozenset[str] = frozenset()
-                   ) -> ConvertResult:
+                   force: bool, progress: Progress | None = None, dropped: frozenset[str] = frozenset(),
+                   extra_files: Mapping[str, Any] | None = None, skip_files: tuple[str, ...] = ()) -> ConvertResult:
     """Write `plan`'s output in pieces into a resumable temporary folder beside `out`, published
     by one rename (spec §1.5, §1.7), and say what was done. `dropped`: tensors the plan leaves
-    unread on purpose (check_plan)."""
+    unread on purpose (check_plan); `extra_files` (a target's own JSON files) and `skip_files`
+    (source files not to copy) as writer.finish_folder takes them."""
     check_plan(ckpt, plan, params, dropped)
     ex = EXECUTION.get()
     result = ConvertResult(target, verb, str(out), str(device))
@@ -193,7 +194,7 @@ def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step
                            force=force)
     try:
         (ex.runner or run_here)(job, staging)
-        staging.publish(config, src, force)
+        staging.publish(config, src, force, extra_files=extra_files, skip_files=skip_files)
     except BaseException as exc:
         staging.abandon(exc)
         raise

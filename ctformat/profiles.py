@@ -37,6 +37,8 @@ def _issue(rule: str, where: str, message: str) -> Issue:
 def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
     if ckpt.marlin is not None:
         return [_marlin_issue(ckpt)]
+    if ckpt.gptq is not None:
+        return _dedupe(_gptq_issues(ckpt))
     q = ckpt.quant
     if q is None:
         return []
@@ -184,6 +186,33 @@ def _linear_issues(s: QuantScheme, where: str) -> list[Issue]:
     return []
 
 
+def _gptq_issues(ckpt: Checkpoint) -> list[Issue]:
+    """VLLM-10: what vLLM 0.33's auto_gptq / auto_awq (AutoGPTQConfig, AutoAWQConfig) make of each
+    scheme the file uses (spec/gptq-awq.md §8.1)."""
+    cfg, where = ckpt.gptq, "quantization_config"
+    schemes = dict.fromkeys([cfg.default, *(m.gptq for m in ckpt.modules().values() if m.quantized and m.gptq)])
+    out = []
+    for s in schemes:
+        if cfg.method == "awq":
+            if s.sym or not LINEAR_KERNELS["Marlin"](4, False, s.group_size):
+                why = "zero_point false" if s.sym else f"group_size {s.group_size}"
+                out.append(_issue("VLLM-10", where, f"AWQ with {why}: vLLM's Marlin kernels do not take it; vLLM: "
+                                  "\"Layer '...' is not supported by AutoAWQMarlin. Falling back to unoptimized AWQ "
+                                  "kernels.\""))
+            continue
+        if (s.bits, s.sym) not in ((4, True), (8, True)):
+            out.append(_issue("VLLM-10", where, f"vLLM 0.33 reads GPTQ as symmetric 4- or 8-bit only; vLLM: "
+                              f"\"Unsupported quantization config: bits={s.bits}, sym={s.sym}\" (keep it "
+                              "compressed-tensors, or convert --to awq for asymmetric 4-bit)"))
+        elif s.desc_act and s.group_size != -1:
+            out.append(_issue("VLLM-10", where, "vLLM >= 0.30: \"GPTQ group activation ordering (desc_act=True) is no "
+                              "longer supported\""))
+        elif not any(ok(s.bits, True, s.group_size) for ok in LINEAR_KERNELS.values()):
+            out.append(_issue("VLLM-10", where, f"int{s.bits} group_size {s.group_size}: vLLM: \"Failed to find a "
+                              "kernel that can implement the WNA16 linear layer\""))
+    return out
+
+
 def _moe_issues(ckpt: Checkpoint) -> list[Issue]:
     """vLLM resolves the scheme of expert 0's projections and picks one fused-MoE backend."""
     mods = ckpt.modules()
@@ -317,8 +346,20 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
 def transformers_issues(ckpt: Checkpoint) -> list[Issue]:
     """The --target transformers profile: what loads without an error and computes something
     else: expert names that load as random values (TRF-01), online transforms it does not apply
-    (TRF-02)."""
+    (TRF-02), quantized experts of a GPTQ/AWQ checkpoint, which load as random values (TRF-03)."""
+    if ckpt.gptq is not None:
+        return _gptq_expert_issues(ckpt)
     return _expert_issues(ckpt) + _trf_transform_issues(ckpt)
+
+
+def _gptq_expert_issues(ckpt: Checkpoint) -> list[Issue]:
+    experts = sum(1 for p, m in ckpt.modules().items() if m.quantized and expert_parts(p))
+    if not experts:
+        return []
+    return [_issue("TRF-03", "quantization_config", f"{experts} quantized MoE expert modules: transformers 5 fuses "
+                   "experts into 3-D parameters, which its GPTQ/AWQ path (optimum, gptqmodel) does not quantize, so "
+                   "from_pretrained leaves them at random values without an error (\"MISSING "
+                   "...experts.gate_up_proj\"); GPTQModel.load reads them")]
 
 
 def _trf_transform_issues(ckpt: Checkpoint) -> list[Issue]:

@@ -16,7 +16,7 @@ __all__ = ["Issue", "Report", "issue", "module_issue"]
 # rule prefix -> the error an operation raises for it
 ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
                "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError, "GGUF": GGUFFileError, "FMT": TensorError,
-               "KV": TensorError, "XFM": TensorError}
+               "KV": TensorError, "XFM": TensorError, "GPTQ": TensorError, "AWQ": TensorError}
 # rules of those prefixes that judge the config alone
 CONFIG_RULES = frozenset({"FMT-01", "FMT-02", "FMT-03", "FMT-04", "FMT-20", "KV-01", "XFM-01"})
 

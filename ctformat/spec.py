@@ -8,9 +8,10 @@ __all__ = [
     "DTYPES", "DTYPE_SIZES", "FLOAT_DTYPES", "FLOAT_NAMES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
     "MIXED_PRECISION", "DENSE_FORMAT", "FORMATS", "SPARSITY_FORMATS", "UNREAD_FORMATS", "FORMAT_PARAMS",
     "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
-    "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
+    "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
-    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS", "GPTQ_PARAMS", "AWQ_PARAMS", "QUANT_SETS",
+    "QUANTIZE_CONFIG_NAME", "GPTQ_RENAMES", "GPTQ_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
     "GGUF_VALUE_TYPES", "GGUF_MAX_DIMS", "GGUF_SHARD", "GGUF_REFUSALS",
 ]
 
@@ -90,6 +91,8 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
 
 # A per-expert MoE module: (prefix.experts, expert index, part name) (spec §10.6).
 EXPERT_MODULE = r"^(.*\.experts)\.(\d+)\.([^.]+)$"
+# An MoE layer's router or per-expert module: (prefix., block, "gate" or experts.N.part) (spec/gptq-awq.md §3.1).
+MOE_MODULE = r"^(.*\.)([^.]+)\.(gate|experts\.\d+\.[^.]+)$"
 # The projections of one expert, (gate, up, down), in the two naming eras (spec §7.2).
 MOE_PARTS: tuple[tuple[str, str, str], ...] = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 # Expert names an architecture's transformers loader reads, where they differ from what
@@ -114,6 +117,29 @@ MARLIN_REFUSALS: dict[str, str] = {
     "MCV-05": "--scale-dtype changes no scale's value (unless --allow-lossy-scales)",
     "MCV-06": "--stack-experts: complete expert sets of one scheme and shape, without g_idx",
     "MCV-07": "the input is a pack-quantized checkpoint with one dtype per tensor role",
+}
+
+# GPTQ and AWQ (spec/gptq-awq.md): tensors of one quantized Linear, by suffix (§1, §2)
+GPTQ_PARAMS = ("qweight", "qzeros", "scales", "g_idx")
+AWQ_PARAMS = ("qweight", "qzeros", "scales")
+# Each checkpoint family's quantization tensor set: a module carrying any of them is quantized
+# in a checkpoint of that family (spec §2; spec/gptq-awq.md §1, §2).
+QUANT_SETS: dict[str, tuple[str, ...]] = {"compressed-tensors": QUANT_PARAMS, "marlin": MARLIN_PARAMS,
+                                          "gptq": GPTQ_PARAMS, "awq": AWQ_PARAMS}
+QUANTIZE_CONFIG_NAME = "quantize_config.json"    # GPTQModel reads it before config.json (§4.1)
+# MoE module names GPTQModel 7.7 reads under transformers 5, where they differ from the source's
+# (spec/gptq-awq.md §3.1): model_type -> {path part on disk: path part written}
+GPTQ_RENAMES: dict[str, dict[str, str]] = {
+    "mixtral": {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}}
+# Refusals of convert --to gptq / --to awq (spec/gptq-awq.md §6): ID -> statement.
+GPTQ_REFUSALS: dict[str, str] = {
+    "QCV-01": "bits are 2, 3, 4 or 8 for GPTQ, 4 for AWQ",
+    "QCV-02": "shapes loaders read: GPTQ K*b and N*b multiples of 32 (3-bit: K, N multiples of 32); AWQ N % 8, K % gs",
+    "QCV-03": "every scale survives the cast to float16 (unless --allow-lossy)",
+    "QCV-04": "GPTQ v1 holds no zero point 0",
+    "QCV-05": "AWQ: no act-order, one scheme, lm_head dense, no dense name inside a quantized one",
+    "QCV-06": "no stacked [E, N, K] modules",
+    "QCV-07": "the input is pack-quantized weight-only (no activation or kv-cache quantization, no transforms), with one dtype per tensor role, one 3-bit layout and MoE names of one era",
 }
 
 # Refusals of convert --to dense (and of run/compare, which read the same dense weights)
@@ -178,7 +204,7 @@ RULES: dict[str, tuple[str, str]] = {
     "HDR-05": ("error", "tensor byte ranges tile the data buffer from 0 without holes or overlaps"),
     "HDR-06": ("error", "the data buffer ends exactly at the end of the file"),
     "CFG-01": ("error", "config.json is a UTF-8 JSON object"),
-    "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors"),
+    "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors (gptq and awq: spec/gptq-awq.md)"),
     "CFG-03": ("error", "every group with weights has a format ctformat reads (not mxfp6, not mixed-precision or a sparsity format as a group's)"),
     "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
     "CFG-05": ("error", "type is int with num_bits 1..8, or float with num_bits 4 or 8"),
@@ -207,8 +233,10 @@ RULES: dict[str, tuple[str, str]] = {
     "VLLM-07": ("warning", "--target vllm: no legacy sparsity_config (vLLM 0.33 removed sparsity support)"),
     "VLLM-08": ("warning", "--target vllm: online transforms sit at the input or output of Linear layers (run at tensor-parallel size 1)"),
     "VLLM-09": ("warning", "--target vllm: kv_cache_scheme is symmetric float8, per tensor or per attention head"),
+    "VLLM-10": ("warning", "--target vllm: vLLM 0.33's auto_gptq / auto_awq takes the GPTQ/AWQ scheme (symmetric 4/8-bit GPTQ without act-order groups)"),
     "TRF-01": ("warning", "--target transformers: Mixtral experts carry the names transformers' Mixtral reads (w1/w2/w3)"),
     "TRF-02": ("warning", "--target transformers: no online transforms, which transformers does not apply"),
+    "TRF-03": ("warning", "--target transformers: a GPTQ/AWQ checkpoint has no quantized MoE experts (transformers 5 loads them as random values)"),
     "MRL-01": ("error", "a Marlin quantization_config has the known layout, a valid compressed_tensors config, and legacy keys only on the legacy subset"),
     "MRL-02": ("error", "a Marlin module has B and s, zp only if asymmetric, g_idx and perm together, nothing else but bias"),
     "MRL-03": ("error", "B is I32 [K/16, N*bits/2] with bits 4 or 8 and N a multiple of 64"),
@@ -217,6 +245,23 @@ RULES: dict[str, tuple[str, str]] = {
     "MRL-06": ("error", "each Marlin module's bits, group size, symmetry and act-order match the stored compressed-tensors config"),
     "MRL-07": ("error", "perm is a permutation of 0..K-1 and g_idx is sorted within [0, G)"),
     "MRL-08": ("error", "a checkpoint tagged for the legacy Marlin readers holds only modules they read: F16 scales, N % 256 == 0, K % 128 == 0, no MoE experts"),
+    "GPTQ-01": ("error", "the GPTQ config has quant_method gptq, bits 2/3/4/8, group_size -1 or positive, boolean sym and desc_act, format gptq or gptq_v2, a valid dynamic"),
+    "GPTQ-02": ("error", "a GPTQ module has qweight, qzeros, scales (g_idx with desc_act) and nothing else but bias, and the config quantizes it"),
+    "GPTQ-03": ("error", "qweight is I32 [ceil(K*b/32), N]"),
+    "GPTQ-04": ("error", "scales is F16, BF16 or F32 [G, N]"),
+    "GPTQ-05": ("error", "qzeros is I32 [G, ceil(N*b/32)]"),
+    "GPTQ-06": ("error", "g_idx is I32 [K]"),
+    "GPTQ-07": ("error", "g_idx entries lie in [0, G), and are k // group_size without desc_act"),
+    "GPTQ-08": ("error", "every stored zero decodes to a code (v1: no 2^b - 1); with sym every zero is 2^(b-1)"),
+    "GPTQ-09": ("error", "padding bits of qweight and qzeros are zero"),
+    "GPTQ-10": ("warning", "scales are F16"),
+    "GPTQ-11": ("error", "the ctformat provenance block is valid and agrees with each module's GPTQ/AWQ scheme"),
+    "AWQ-01": ("error", "the AWQ config has quant_method awq, bits 4, group_size -1 or positive, boolean zero_point, version gemm"),
+    "AWQ-02": ("error", "an AWQ module has qweight, qzeros, scales, nothing else but bias, and is not in modules_to_not_convert"),
+    "AWQ-03": ("error", "qweight is I32 [K, N/8]"),
+    "AWQ-04": ("error", "scales is F16, BF16 or F32 [K/group_size, N]"),
+    "AWQ-05": ("error", "qzeros is I32 [G, N/8]"),
+    "AWQ-06": ("error", "with zero_point false every stored zero is 8"),
     "DATA-01": ("error", "scales are finite and greater than zero"),
     "DATA-02": ("error", "zero points lie in the signed range of num_bits"),
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),

@@ -183,13 +183,16 @@ class Staging:
             if path.stem.split("-")[-1].isdigit() and int(path.stem.split("-")[1]) not in self.done:
                 path.unlink()
 
-    def publish(self, config: Mapping[str, Any] | None, source: Path | None, force: bool) -> Path:
-        """Every piece done: the index, config and other files, flushed; then one rename."""
+    def publish(self, config: Mapping[str, Any] | None, source: Path | None, force: bool, *,
+                extra_files: Mapping[str, Any] | None = None, skip_files: tuple[str, ...] = ()) -> Path:
+        """Every piece done: the index, config and other files (writer.finish_folder's
+        `extra_files` and `skip_files`), flushed; then one rename."""
         missing = self.pending
         if missing:
             raise CtFormatError(f"{self.tmp}: {len(missing)} piece(s) not written; internal error")
         try:
-            finish_folder(self.tmp, self.layout, config, source, durable=True)
+            finish_folder(self.tmp, self.layout, config, source, durable=True, extra_files=extra_files,
+                          skip_files=skip_files)
             shutil.rmtree(self.tmp / RECORDS)
             publish(self.tmp, self.out, force)
             fsync_path(self.out.parent)

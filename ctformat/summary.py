@@ -8,6 +8,8 @@ from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
 from .gguf_header import GGUFModel
+from .gptq_config import AWQ_METHOD
+from .gptq_layout import in_features
 from .marlin_config import marlin_dims
 from .scheme import QuantScheme, Strategy
 from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT
@@ -24,6 +26,7 @@ _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scal
           **{k: "activation_scales" for k in ACTIVATION_PARAMS}, **{k: "kv_cache" for k in KV_PARAMS}}
 # tensors of a quantized module that are not the weight's storage (spec/formats.md §7)
 _NOT_WEIGHT_BYTES = {"weight_shape", "shape", "bias", *ACTIVATION_PARAMS}
+_GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales": "scales"}
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
@@ -62,6 +65,10 @@ def _params(m: Module) -> int:
             return 0                              # an incomplete tensor set (MRL-02): validate says so
         k, n, _, _ = marlin_dims(b.shape, s.shape)
         return prod(b.shape[:-2]) * k * n
+    if m.is_gptq:
+        s = m.tensors.get("scales")
+        k = None if m.gptq is None or s is None else in_features(m.tensors, m.gptq, m.family)
+        return 0 if k is None or len(s.shape) < 2 else prod(s.shape[:-2]) * s.shape[-1] * k   # else GPTQ-02/03
     if m.format is not None and not m.packed:
         dims = dense_dims(m)
         return prod(dims) if dims else 0          # an incomplete set (FMT-10): validate says so
@@ -83,7 +90,8 @@ def _in_features(m: Module) -> int:
 
 
 def _role(m: Module, suffix: str) -> str:
-    return "transforms" if m.rotation is not None else _ROLES.get(suffix, "other")
+    roles = _GPTQ_ROLES if m.is_gptq else _ROLES
+    return "transforms" if m.rotation is not None else roles.get(suffix, "other")
 
 
 def _args(a: QuantScheme | None) -> dict[str, Any] | None:
@@ -109,8 +117,8 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     # every tensor that is not a quantization tensor, a scale or a rotation (a quantized module's
     # `weight` holds its quantized values, counted above)
     other_params = sum(t.numel for m in mods.values() if m.rotation is None for k, t in m.tensors.items()
-                       if k not in _ROLES or (k == "weight" and not m.quantized))
-    groups = []
+                       if k not in (_GPTQ_ROLES if m.is_gptq else _ROLES) or (k == "weight" and not m.quantized))
+    groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
     for g in (q.groups if q else ()):
         members = [m for m in quantized if m.group is g]
         w = g.weights
@@ -138,12 +146,12 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         "architecture": (cfg.get("architectures") or [None])[0],
         "model_type": cfg.get("model_type"),
         "quant_method": (cfg.get("quantization_config") or {}).get("quant_method") if ckpt.marlin else
-                        "compressed-tensors" if q else None,
-        "format": "marlin" if ckpt.marlin else q.format if q else None,
+                        "compressed-tensors" if q else ckpt.gptq.method if ckpt.gptq else None,
+        "format": "marlin" if ckpt.marlin else q.format if q else ckpt.gptq.format if ckpt.gptq else None,
         "marlin": None if ckpt.marlin is None else {
             "layout": MARLIN_LAYOUT, "legacy_readers": ckpt.marlin.legacy, "stacked_expert_layers": len(ckpt.marlin.stacked),
             "source_format": q.format},
-        "producer_version": q.version if q else None,
+        "producer_version": q.version if q else _gptq_producer(ckpt),
         "quantization_status": q.quantization_status if q else None,
         "config_groups": groups,
         "ignore": list(q.ignore) if q else [],
@@ -160,6 +168,8 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     }
     if q is not None and ckpt.marlin is None:
         data.update(_beyond_pack(ckpt, quantized))
+    if ckpt.gptq is not None:                 # present for GPTQ/AWQ checkpoints only (spec/gptq-awq.md §7.1)
+        data["gptq"] = _gptq_block(ckpt)
     return data
 
 
@@ -188,6 +198,48 @@ def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
         "sparsity": None if s is None else {"format": s.format, "targets": list(s.targets), "ignore": list(s.ignore),
                                             "modules": sum(1 for m in quantized if m.format == s.format)},
     }
+
+
+def _gptq_groups(ckpt: Checkpoint, quantized: list[Module]) -> list[dict[str, Any]]:
+    """A GPTQ/AWQ file's schemes as config groups: the default one, then each per-module override."""
+    cfg = ckpt.gptq
+    by_scheme: dict[Any, list[str]] = {cfg.default: []}
+    for m in quantized:
+        if m.gptq is not None:
+            by_scheme.setdefault(m.gptq, []).append(m.prefix)
+    out = []
+    for i, (ms, members) in enumerate(by_scheme.items()):
+        if i and not members:
+            continue
+        out.append({"name": "default" if ms == cfg.default else f"dynamic_{i}", "targets": ["Linear"] if i == 0 else
+                    members, "format": cfg.format, "num_bits": ms.bits,
+                    "strategy": "channel" if ms.group_size == -1 else "group",
+                    "group_size": None if ms.group_size == -1 else ms.group_size, "symmetric": ms.sym,
+                    "actorder": "group" if ms.desc_act else None, "modules": len(members),
+                    "modules_folded": fold_names(members)})
+    return out
+
+
+def _gptq_block(ckpt: Checkpoint) -> dict[str, Any]:
+    cfg = ckpt.gptq
+    return {"method": cfg.method, "format": cfg.format, "provenance": cfg.provenance is not None,
+            "lm_head": cfg.lm_head, "dynamic_rules": len(cfg.dynamic),
+            "modules_to_not_convert": list(cfg.not_convert) if cfg.method == AWQ_METHOD else None,
+            "renamed_parts": dict(cfg.provenance.names) if cfg.provenance is not None else {}}
+
+
+def _gptq_producer(ckpt: Checkpoint) -> str | None:
+    """ctformat (from which compressed-tensors), or GPTQModel's meta.quantizer, when the file says."""
+    cfg = ckpt.gptq
+    if cfg is None:
+        return None
+    if cfg.provenance is not None:
+        return f"ctformat, from compressed-tensors {cfg.provenance.source.version or '(no version key)'}"
+    meta = cfg.raw.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(quantizer, list):
+        return ", ".join(map(str, quantizer))
+    return quantizer if isinstance(quantizer, str) else None
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")

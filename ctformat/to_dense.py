@@ -8,17 +8,19 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, Module, open_checkpoint
+from .checkpoint import GPTQ_FAMILIES, Checkpoint, Module, open_checkpoint
 from .dequant import decompress_loaded
 from .dtypes import dtype_code, dtype_name
 from .errors import UnsupportedError
 from .fold import fold, rotation_matrix
+from .gptq_layout import in_features
 from .marlin_config import marlin_dims
 from .names import loader_name
 from .pipeline import (ConvertResult, Step, by_suffix, compute, copy_step, file_order, module_sources,
                        open_for_convert, resolve_device, run_conversion)
 from .scheme import Transform
-from .spec import ACTIVATION_PARAMS, DENSE_REFUSALS, KV_PARAMS, MARLIN_PARAMS, QUANT_METHOD, QUANT_PARAMS, SPARSITY_FORMATS
+from .spec import (ACTIVATION_PARAMS, DENSE_REFUSALS, GPTQ_PARAMS, KV_PARAMS, MARLIN_PARAMS, QUANT_METHOD, QUANT_PARAMS,
+                   QUANTIZE_CONFIG_NAME, SPARSITY_FORMATS)
 from .validate import raise_for_errors
 from .validate_formats import dense_dims, rotation_for
 
@@ -26,7 +28,7 @@ __all__ = ["convert_to_dense", "dequantize_checkpoint", "dense_plan", "dense_dro
            "dense_config"]
 
 # tensors a converted module's step reads (a naive module's `weight` holds its quantized values)
-_PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS + ("weight",))
+_PARAMS = frozenset(QUANT_PARAMS + MARLIN_PARAMS + GPTQ_PARAMS + ("weight",))
 
 
 def _refuse(rule: str, where: str, message: str) -> UnsupportedError:
@@ -104,7 +106,7 @@ def dense_plan(ckpt: Checkpoint, dtype: torch.dtype, keep_names: bool = False, *
     dropped = dense_dropped(ckpt, drop_kv_cache=drop_kv_cache)
 
     def rename(prefix: str) -> str:
-        return loader_name(prefix, model_type, keep_names)
+        return prefix if keep_names else loader_name(ckpt.source_name(prefix), model_type)
     for info in file_order(ckpt):
         prefix, _, suffix = info.name.rpartition(".")
         m = mods[prefix]
@@ -140,6 +142,9 @@ def _dense_step(ckpt: Checkpoint, m: Module, dtype: torch.dtype, rename: Callabl
             return Step(outs, sources, lambda t: _split_dense(
                 decompress_loaded(ckpt, m, by_suffix(m, t), dtype=dtype), [r for _, r in parts]), m.prefix)
         shape = (*m.tensors["B"].shape[:-2], n, k)
+    elif m.is_gptq:
+        scales = m.tensors["scales"].shape
+        shape = (*scales[:-2], scales[-1], in_features(m.tensors, m.gptq, ckpt.gptq.method))
     else:
         shape = _dense_shape(ckpt, m)
     outs = [(f"{rename(m.prefix)}.weight", code, shape)]
@@ -196,7 +201,9 @@ def convert_to_dense(model: str | Path, out: str | Path, *, dtype: torch.dtype =
     return run_conversion(ckpt, src, out, plan, dense_config(ckpt, dtype, drop_kv_cache=drop_kv_cache),
                           target="dense", verb="dequantized", device=dev, params=_PARAMS,
                           max_shard_size=max_shard_size, force=force, progress=progress,
-                          dropped=dense_dropped(ckpt, drop_kv_cache=drop_kv_cache))
+                          dropped=dense_dropped(ckpt, drop_kv_cache=drop_kv_cache),
+                          # GPTQModel reads quantize_config.json before config.json: dense output carries none
+                          skip_files=(QUANTIZE_CONFIG_NAME,) if ckpt.family in GPTQ_FAMILIES else ())
 
 
 def dequantize_checkpoint(model: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str = "auto",

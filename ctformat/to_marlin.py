@@ -206,7 +206,7 @@ def convert_to_ct(model: str | Path, out: str | Path, *, device: str = "auto", m
     """Restore a Marlin checkpoint ctformat wrote to its pack-quantized source, bit for bit."""
     src, dev, ckpt = open_for_convert(model, out, device)
     if ckpt.marlin is None:
-        raise _refuse("MCV-07", ckpt.label, "not a Marlin checkpoint; nothing to convert back")
+        raise _refuse("MCV-07", ckpt.label, "not a Marlin, GPTQ or AWQ checkpoint; nothing to convert back")
     dtypes = ckpt.marlin.source_dtypes
     mods, plan, done = ckpt.modules(), [], set()
     for info in file_order(ckpt):

@@ -2,7 +2,7 @@
 
 Static checks read headers and config only; `deep=True` also reads each quantized
 module's tensors (one module at a time) for the DATA rules. The Marlin rules are
-validate_marlin's; the loader profiles (--target) are profiles'.
+validate_marlin's, the GPTQ/AWQ rules validate_gptq's; the loader profiles (--target) are profiles'.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .source import open_model
 from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED, RULES
 from .validate_formats import (checkpoint_data_issues, checkpoint_issues, config_issues, format_data_issues,
                                format_issues)
+from .validate_gptq import gptq_data_issues, gptq_issues
 from .validate_marlin import marlin_data_issues, marlin_issues
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ __all__ = ["validate", "validate_checkpoint", "validate_gguf", "check_module", "
 
 PROFILES = {"vllm": vllm_issues, "transformers": transformers_issues}
 # Config problems raised while parsing: with any of them the modules cannot be judged
-_CONFIG_RULES = ("CFG-", "FMT-01", "FMT-02", "KV-01", "XFM-01", "MRL-01")
+_CONFIG_RULES = ("CFG-", "FMT-01", "FMT-02", "KV-01", "XFM-01", "MRL-01", "GPTQ-01", "AWQ-01", "GPTQ-11")
 
 
 def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
@@ -77,7 +78,8 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
         issues += PROFILES[target](ckpt)
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
-        todo = [m for m in quantized if (m.format is not None or m.is_marlin) and m.format != "marlin-24"
+        todo = [m for m in quantized if (m.format is not None or m.is_marlin or m.gptq is not None)
+                and m.format != "marlin-24"
                 and not any(w == m.prefix or w.startswith(m.prefix + ".") for w in bad)]
         for k, m in enumerate(todo):
             issues += check_module_data(ckpt, m)
@@ -117,7 +119,9 @@ def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
 
 def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08;
-    FMT-10..21 for the formats of spec/formats.md)."""
+    FMT-10..21 for the formats of spec/formats.md; GPTQ-02..11, AWQ-02..05 for GPTQ/AWQ)."""
+    if m.is_gptq:
+        return list(gptq_issues(ckpt, m))
     scheme = m.scheme
     if ckpt.marlin is not None and m.is_marlin:
         return list(marlin_issues(ckpt, m))
@@ -254,6 +258,8 @@ def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     if m.is_marlin:
         return marlin_data_issues(ckpt, m)
+    if m.is_gptq:
+        return gptq_data_issues(ckpt, m)
     if not m.packed:
         return format_data_issues(ckpt, m)
     import torch

@@ -253,16 +253,20 @@ class CheckpointWriter:
     data, so tensors stream straight to disk and memory holds one tensor at a time. All
     files go to a temporary folder beside `out`, renamed to `out` by close(); an exception
     inside the `with` block removes the temporary folder, so a failed run leaves nothing.
-    `source` is the input (a folder or a file): its other files are copied when it is a folder.
+    `source` is the input (a folder or a file): its other files are copied when it is a folder,
+    except those named in `skip_files`; `extra_files` (name -> JSON object) are written beside
+    config.json (a target's own config files, such as GPTQ's quantize_config.json).
     """
 
     def __init__(self, out: str | os.PathLike, plan: Iterable[tuple[str, str, tuple[int, ...]]], *,
                  max_shard_size: int = 5_000_000_000, force: bool = False,
-                 source: str | os.PathLike | None = None) -> None:
+                 source: str | os.PathLike | None = None, extra_files: Mapping[str, Any] | None = None,
+                 skip_files: Iterable[str] = ()) -> None:
         self.out = Path(out)
         self.source = None if source is None else Path(source)
         check_output(self.out, self.source, force)
         self.force = force
+        self.extra_files, self.skip_files = dict(extra_files or {}), frozenset(skip_files)
         self.layout = ShardLayout(plan, max_shard_size)
         self.plan, self.shards = self.layout.plan, self.layout.shard_of
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -304,7 +308,8 @@ class CheckpointWriter:
         if self._next != len(self.plan):
             raise WriterError(f"close() after {self._next} of {len(self.plan)} planned tensors")
         self._close_shard()
-        finish_folder(self.tmp, self.layout, config, self.source)
+        finish_folder(self.tmp, self.layout, config, self.source, extra_files=self.extra_files,
+                      skip_files=self.skip_files)
         publish(self.tmp, self.out, self.force)
         self.state = WriterState.CLOSED
         return self.out
@@ -335,12 +340,13 @@ class CheckpointWriter:
 _WEIGHT_FILES = (".safetensors", ".safetensors.index.json") + PICKLE_SUFFIXES
 
 
-def _copy_other_files(source: Path, dest: Path) -> None:
+def _copy_other_files(source: Path, dest: Path, skip_files: Iterable[str] = ()) -> None:
     """Tokenizer, generation config, README, sub-folders...: everything that is not weights
-    (nor config.json, nor hidden), as regular files (links followed)."""
+    (nor config.json, nor hidden, nor named in skip_files), as regular files (links followed)."""
     skip = shutil.ignore_patterns(".*", *(f"*{s}" for s in _WEIGHT_FILES))
+    names = {"config.json", INDEX_NAME, *skip_files}
     for p in sorted(source.iterdir()):
-        if p.name.startswith(".") or p.name in ("config.json", INDEX_NAME) or p.name.endswith(_WEIGHT_FILES):
+        if p.name.startswith(".") or p.name in names or p.name.endswith(_WEIGHT_FILES):
             continue
         if p.is_file():
             shutil.copyfile(p, dest / p.name)
@@ -349,17 +355,23 @@ def _copy_other_files(source: Path, dest: Path) -> None:
 
 
 def finish_folder(tmp: Path, layout: ShardLayout, config: Mapping[str, Any] | None, source: Path | None, *,
-                  durable: bool = False) -> None:
-    """Everything but the shards: the index, the source's other files, config.json; with
-    `durable`, each of them (and the folder) flushed to the disk."""
+                  durable: bool = False, extra_files: Mapping[str, Any] | None = None,
+                  skip_files: Iterable[str] = ()) -> None:
+    """Everything but the shards: the index, the source's other files (but `skip_files`), a
+    target's own JSON files (`extra_files`, name -> object), config.json; with `durable`, each
+    of them (and the folder) flushed to the disk."""
     written = []
+    extra_files = dict(extra_files or {})
     index = layout.index_json()
     if index is not None:
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         written.append(tmp / INDEX_NAME)
     if source is not None and source.is_dir():
-        _copy_other_files(source, tmp)
+        _copy_other_files(source, tmp, {*skip_files, *extra_files})
         written += [p for p in tmp.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")]
+    for name, obj in extra_files.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        written.append(tmp / name)
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         written.append(tmp / "config.json")

@@ -70,7 +70,9 @@ CONVERTS = [(f, ["--to", "dense"]) for f in GOOD if f not in ("tiny-mixtral-g64"
     ("tiny-mixtral-g64", ["--to", "dense"]), ("tiny-mixtral-g64", ["--to", "marlin"]),
     ("tiny-mixtral-g64", ["--to", "marlin", "--stack-experts"]),
     ("tiny-mixtral-ct019", ["--to", "dense", "--keep-names", "--dtype", "float32"]),
-    ("tiny-mixtral", ["--to", "marlin"]), ("int3-g32-dense", ["--to", "marlin"])]
+    ("tiny-mixtral", ["--to", "marlin"]), ("int3-g32-dense", ["--to", "marlin"]),
+    ("tiny-mixtral", ["--to", "gptq"]), ("tiny-mixtral", ["--to", "awq"]), ("int4-g32-asym", ["--to", "gptq"]),
+    ("int3-g32-padded", ["--to", "gptq", "--gptq-format", "v2"]), ("tiny-mixtral-ct019", ["--to", "gptq", "--keep-names"])]
 
 
 @pytest.mark.parametrize("fixture,args", CONVERTS, ids=lambda x: x if isinstance(x, str) else "_".join(x))
@@ -83,7 +85,7 @@ def test_convert_of_fixtures(capsys, monkeypatch, tmp_path, fixture, args):
             stats.pop(key)
         res["stdout"] = stats
         res["files"] = _tree(out)
-        if "--to" in args and args[args.index("--to") + 1] == "marlin":     # and back, bit for bit
+        if "--to" in args and args[args.index("--to") + 1] in ("marlin", "gptq", "awq"):     # and back, bit for bit
             back = _cli(capsys, monkeypatch, "convert", str(out), str(tmp_path / "back"), "--to",
                         "compressed-tensors", "--device", "cpu", "--json")
             res["back_exit"] = back["exit"]

@@ -8,13 +8,13 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import DENSE_REFUSALS, GGUF_REFUSALS, MARLIN_REFUSALS, RULES
+from ctformat.spec import DENSE_REFUSALS, GGUF_REFUSALS, GPTQ_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
 TARGETS = {"VLLM": "vllm", "TRF": "transformers", "FMT-20": "vllm"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
-DEEP = ("DATA", "MRL-07", "FMT-3", "KV-04", "XFM-04")        # rules that look at tensor values
+DEEP = ("DATA", "MRL-07", "FMT-3", "KV-04", "XFM-04", "GPTQ-07", "GPTQ-08", "GPTQ-09", "AWQ-06")        # rules that look at tensor values
 
 
 def target_of(rule: str) -> str | None:
@@ -26,7 +26,7 @@ def test_every_rule_has_a_bad_fixture_and_nothing_else():
 
 
 SPECS = sorted((ROOT / "spec").glob("*.md"))
-RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|FMT|KV|XFM)-\d\d)`?\s*\|"
+RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|FMT|KV|XFM|GPTQ|AWQ)-\d\d)`?\s*\|"
 
 
 def test_spec_lists_exactly_the_rules_of_the_code():
@@ -36,7 +36,8 @@ def test_spec_lists_exactly_the_rules_of_the_code():
 
 
 @pytest.mark.parametrize("prefix,catalogue,spec", [("MCV", MARLIN_REFUSALS, "ctformat.md"),
-                                                   ("GCV", GGUF_REFUSALS, "gguf.md")])
+                                                   ("GCV", GGUF_REFUSALS, "gguf.md"),
+                                                   ("QCV", GPTQ_REFUSALS, "gptq-awq.md")])
 def test_spec_lists_exactly_the_refusals_of_the_code(prefix, catalogue, spec):
     text = (ROOT / "spec" / spec).read_text()
     assert set(re.findall(rf"^\|\s*`({prefix}-\d\d)`\s*\|", text, re.M)) == set(catalogue)
