@@ -12,6 +12,7 @@ from ctformat.quant import compress, decompress
 from ctformat.scheme import QuantScheme
 
 pytest.importorskip("triton")
+from ctformat.kernels import GIDX_VARIANTS  # noqa: E402
 
 CASES = [(b, sym, strat) for b in (1, 2, 4, 8) for sym in (True, False) for strat in ("group", "channel", "tensor")
          if not (strat == "tensor" and not sym)]
@@ -90,10 +91,23 @@ class _Refuse:
 
 
 def _expect_flat_kernel(monkeypatch):
-    """Symmetric group cases must take the flat kernel: a silent fall-back to the slower tiled
+    """Cases the flat kernel covers must take it: a silent fall-back to the slower tiled
     kernel fails the test."""
     from ctformat import kernels
     monkeypatch.setattr(kernels, "_dequant_kernel", _Refuse())
+
+
+def _small_blocks(monkeypatch, words=64):
+    """Blocks of `words` packed words, so small tensors span several programs and end ragged."""
+    from ctformat import kernels
+    monkeypatch.setattr(kernels, "FLAT", {})
+    monkeypatch.setattr(kernels, "FLAT_DEFAULT", (words, 4))
+
+
+def _gidx(kind: str, k: int, groups: int, seed: int = 0) -> torch.Tensor:
+    """act-order g_idx: every group used, columns in any order (random) or ascending (sorted)."""
+    g = torch.arange(k) * groups // k
+    return (g if kind == "sorted" else g[torch.randperm(k, generator=torch.Generator().manual_seed(seed))]).int()
 
 
 @pytest.mark.parametrize("rows", [64, 65])           # 1024 words (no mask) and a ragged last block
@@ -104,6 +118,111 @@ def test_flat_kernel_full_and_ragged_blocks(bits, rows, monkeypatch):
     w = (torch.randn(rows, 16 * per, generator=torch.Generator().manual_seed(bits)) * 0.02).to(torch.bfloat16)
     s = scheme(bits, True, "group")
     s = QuantScheme.from_json({**s.to_json(), "group_size": 8 * per}, where="test")
+    got, want = both(compress(w, s), s)
+    assert torch.equal(got, want)
+
+
+ZP = {"sym": (True, True), "asym-i32": (False, True), "asym-i8": (False, False)}    # symmetric, packed zp
+
+
+@pytest.mark.parametrize("sdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("strat", ["group", "channel"])
+@pytest.mark.parametrize("zp", sorted(ZP))
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_flat_kernel_zero_points_stacked_experts(bits, zp, strat, sdtype, monkeypatch):
+    """Asymmetric schemes take the flat kernel: the zero point of row r and group g is nibble
+    r % (32/b) of word [r // (32/b), g] of each expert (I32), or [r, g] (I8). 36 rows per
+    expert: a zero-point word spans experts' row ends for 1/2/4/8 bits unless aligned."""
+    _expect_flat_kernel(monkeypatch)
+    _small_blocks(monkeypatch)
+    sym, packed_zp = ZP[zp]
+    per = 32 // bits
+    k = 12 * per if strat == "channel" else 8 * per     # channel: a row of 12 words (not a power of two)
+    gs = 2 * per if bits > 1 else 64                    # 1 bit: 2 words per group
+    for experts, rows in ((3, 36), (2, 64)):            # unaligned and aligned zero-point words
+        w = (torch.randn(experts, rows, k, generator=torch.Generator().manual_seed(bits)) * 0.05).to(sdtype)
+        s = scheme(bits, sym, strat)
+        s = QuantScheme.from_json({**s.to_json(), "group_size": gs if strat == "group" else None}, where="test")
+        t = compress(w, s, packed_zero_point=packed_zp)
+        assert sym or t["weight_zero_point"].dtype == (torch.int32 if packed_zp else torch.int8)
+        got, want = both(t, s)
+        assert got.dtype == sdtype and torch.equal(got, want), (experts, rows)
+
+
+@pytest.mark.parametrize("variant", GIDX_VARIANTS)
+@pytest.mark.parametrize("order", ["random", "sorted"])
+@pytest.mark.parametrize("zp", sorted(ZP))
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_g_idx_variants(bits, zp, order, variant, monkeypatch):
+    """Every g_idx variant, sym and asym (I32/I8 zero points), stacked experts, random and
+    sorted g_idx, ragged last blocks."""
+    from ctformat import kernels
+    monkeypatch.setattr(kernels, "GIDX", variant)
+    if variant != "tiled":
+        _expect_flat_kernel(monkeypatch)
+        _small_blocks(monkeypatch, 32)
+    sym, packed_zp = ZP[zp]
+    per = 32 // bits
+    k, groups = 6 * per, 3
+    s = QuantScheme.from_json({"num_bits": bits, "symmetric": sym, "strategy": "group", "group_size": 2 * per,
+                               "actorder": "group"}, where="test")
+    w = (torch.randn(2, 37, k, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
+    t = compress(w, s, g_idx=_gidx(order, k, groups, bits), packed_zero_point=packed_zp)
+    got, want = both(t, s)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits,k", [(8, 36), (8, 64), (4, 80), (4, 64)])
+@pytest.mark.parametrize("g_idx", [False, True])
+def test_two_words_per_thread(bits, k, g_idx, monkeypatch):
+    """Two words per thread (one int64 load, PER*2 values stored as one run) where whole pairs
+    fit a row and a group; one word per thread where they do not (8 bits, k=36: 9 words)."""
+    from ctformat import kernels
+    _expect_flat_kernel(monkeypatch)
+    _small_blocks(monkeypatch, 32)
+    monkeypatch.setattr(kernels, "VEC", {**kernels.VEC, bits: 2})
+    per = 32 // bits
+    s = QuantScheme.from_json({"num_bits": bits, "symmetric": False, "strategy": "group",
+                               "group_size": 4 * per if k % (4 * per) == 0 else per,
+                               "actorder": "group" if g_idx else None}, where="test")
+    w = (torch.randn(3, 21, k, generator=torch.Generator().manual_seed(k)) * 0.05).to(torch.float16)
+    gi = _gidx("random", k, k // s.group_size) if g_idx else None
+    got, want = both(compress(w, s, g_idx=gi), s)
+    assert torch.equal(got, want)
+
+
+def test_two_words_per_thread_odd_offset(monkeypatch):
+    """Packed words that start at an odd word offset cannot be read as int64: one word per thread."""
+    _expect_flat_kernel(monkeypatch)
+    s = scheme(8, True, "group")
+    t = compress((torch.randn(16, 64) * 0.02).to(torch.bfloat16), s)
+    base = torch.cat([torch.zeros(1, dtype=torch.int32), t["weight_packed"].reshape(-1)]).to(DEVICE)
+    t = {**{k: v.to(DEVICE) for k, v in t.items()}, "weight_packed": base[1:].view(16, 16)}
+    assert t["weight_packed"].storage_offset() == 1
+    got = decompress(t, s, kernel="triton").cpu()
+    assert torch.equal(got, decompress({k: v.cpu() for k, v in t.items()}, s, kernel="torch"))
+
+
+@pytest.mark.parametrize("g_idx", [False, True])
+def test_flat_kernel_64_bit_offsets(g_idx, monkeypatch):
+    """Past 2**31 values the flat kernel computes offsets in 64 bits (here forced on a small tensor)."""
+    from ctformat import kernels
+    _expect_flat_kernel(monkeypatch)
+    _small_blocks(monkeypatch, 32)
+    monkeypatch.setattr(kernels, "_FLAT_LIMIT", 1)
+    s = QuantScheme.from_json({"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32,
+                               "actorder": "group" if g_idx else None}, where="test")
+    w = (torch.randn(2, 24, 96, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    got, want = both(compress(w, s, g_idx=_gidx("random", 96, 3) if g_idx else None), s)
+    assert torch.equal(got, want)
+
+
+def test_flat_kernel_group_of_words_not_a_power_of_two(monkeypatch):
+    """group_size 96 (12 int4 words): the scale index is a division, not a shift."""
+    _expect_flat_kernel(monkeypatch)
+    s = QuantScheme.from_json({"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 96},
+                              where="test")
+    w = (torch.randn(20, 288, generator=torch.Generator().manual_seed(6)) * 0.05).to(torch.bfloat16)
     got, want = both(compress(w, s), s)
     assert torch.equal(got, want)
 
