@@ -12,7 +12,7 @@ Bandwidth counts bytes read plus bytes written; "copy" is torch's clone of a ten
 the output, "write only" a fill of such a tensor (the ceiling of a kernel whose traffic is mostly
 its output). Every implementation's output is compared bit for bit with ctformat's torch path
 (proven equal to compressed-tensors) before it is timed; a mismatch is printed and recorded, and
-the run goes on. --sweep first times every kernel variant and block size of the flat and tiled
+the run goes on. --sweep first times every kernel variant and block size of the flat and g_idx
 kernels on the int4 (sym, asym, g_idx) and int8 cases, keeps the fastest correct one for the rest
 of the run and prints them as kernels.py settings. Results go to --json after every case, so a
 run cut short still leaves what it measured. --check runs every case on tiny tensors on the CPU
@@ -59,13 +59,12 @@ FP_CASES = [("fp8 channel", "float-quantized", {**FP8, "strategy": "channel"}),
                                                "scale_dtype": "torch.float8_e4m3fn"}),
             ("mxfp4", "mxfp4-pack-quantized", {"num_bits": 4, "type": "float", "symmetric": True,
                                                "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"})]
-# Sweep grids: (packed words per program, warps) of the flat kernel; (rows, words, warps) of
-# the tiled one (words >= 32 x warps: each thread then holds one column of words for all rows,
-# the layout that keeps g_idx in registers).
+# Sweep grids: (packed words per program, warps) of the flat kernel; (rows, words per row,
+# warps) of the "rows" g_idx kernel.
 FLAT_GRID = [(512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 8), (2048, 16), (4096, 16)]
-TILED_GRID = [(1, 128, 4), (2, 128, 4), (4, 128, 4), (8, 128, 4), (16, 128, 4), (4, 256, 8), (8, 256, 8)]
+ROWS_GRID = [(2, 256, 8), (4, 256, 8), (8, 256, 8), (16, 256, 8), (4, 128, 4), (8, 512, 16)]
 if CHECK:
-    FLAT_GRID, TILED_GRID = FLAT_GRID[:1], TILED_GRID[:1]
+    FLAT_GRID, ROWS_GRID = FLAT_GRID[:1], ROWS_GRID[:1]
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -340,10 +339,10 @@ def sweep(reps: int, budget_s: float) -> list[dict]:
         s, t = pack_tensors(args, BF16)
         ref = decompress(t, s, kernel="torch")
         configs = [("flat", v, c) for v in ((2, 1) if bits == 8 else (1,)) for c in FLAT_GRID]
-        tiled_before = kernels._BLOCKS[bits]
+        rows_before = kernels.GIDX_ROWS
         if kind == "g_idx":
             configs = [(var, 1, c) for var in ("flat", "flat16") for c in FLAT_GRID]
-            configs += [("tiled", 1, c) for c in TILED_GRID]
+            configs += [(var, 1, c) for var in ("rows", "rows16") for c in ROWS_GRID]
         best = None
         for variant, vec, cfg in configs:
             if time.monotonic() - start > budget_s:
@@ -351,8 +350,8 @@ def sweep(reps: int, budget_s: float) -> list[dict]:
                 break
             kernels.GIDX = variant if kind == "g_idx" else kernels.GIDX
             kernels.VEC[bits] = vec
-            if variant == "tiled":
-                kernels._BLOCKS[bits] = cfg
+            if variant.startswith("rows"):
+                kernels.GIDX_ROWS = cfg
             else:
                 kernels.FLAT[(kind, bits)] = cfg
             fn = lambda t=t, s=s: decompress(t, s, kernel="triton")   # noqa: E731
@@ -363,15 +362,15 @@ def sweep(reps: int, budget_s: float) -> list[dict]:
             print(f"  sweep {kind} int{bits} {variant:6s} vec={vec} {cfg}: " + (f"{ms:.3f} ms" if ok else "WRONG BITS"))
             if ok and (best is None or ms < best["ms"]):
                 best = row
-        kernels._BLOCKS[bits] = tiled_before
+        kernels.GIDX_ROWS = rows_before
         if best is None:
             continue
         kernels.VEC[bits] = best["vec"]
         if kind == "g_idx":
             kernels.GIDX = best["variant"]
-        if best["variant"] == "tiled":
-            kernels._BLOCKS[bits] = tuple(best["config"])
-            chosen.append(f"_BLOCKS[{bits}] = {tuple(best['config'])}")
+        if best["variant"].startswith("rows"):
+            kernels.GIDX_ROWS = tuple(best["config"])
+            chosen.append(f"GIDX_ROWS = {tuple(best['config'])}")
         else:
             kernels.FLAT[(kind, bits)] = tuple(best["config"])
             chosen.append(f"FLAT[({kind!r}, {bits})] = {tuple(best['config'])}")
@@ -413,7 +412,7 @@ def main() -> None:
         doc["sweep"] = sweep(a.reps, a.sweep_s)
         from ctformat import kernels
         doc["settings"] = {"FLAT": {f"{k}/{b}": v for (k, b), v in kernels.FLAT.items()}, "VEC": kernels.VEC,
-                           "GIDX": kernels.GIDX, "BLOCKS": {str(b): v for b, v in kernels._BLOCKS.items()}}
+                           "GIDX": kernels.GIDX, "GIDX_ROWS": kernels.GIDX_ROWS}
         save()
     builds = [(name, lambda n=name, x=args, d=dtype: pack_case(n, x, d, ct)) for name, args, dtype in PACK_CASES]
     if formats is None:

@@ -189,19 +189,63 @@ def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, NC, G
     _store(out_ptr + cid[:, None, None] * PERC + at, w, vmask, OUT_KIND, NATIVE)
 
 
+@triton.jit
+def _dequant_gidx_rows_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, R, CW, GROUPS, ROWS, ZROWS,
+                              BITS: tl.constexpr, SUB: tl.constexpr, HAS_ZP: tl.constexpr,
+                              ZP_PACKED: tl.constexpr, ZP_ALIGNED: tl.constexpr, SCALE_KIND: tl.constexpr,
+                              OUT_KIND: tl.constexpr, NATIVE: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_C: tl.constexpr, EVEN: tl.constexpr):
+    # g_idx schemes, one program per BLOCK_R rows x BLOCK_C words of each: the words' g_idx
+    # entries are loaded once and serve every row, which the program then walks one by one
+    # with the flat kernel's [words, SUB, LANES] layout (so nothing is re-laid out, whatever
+    # order the compiler gives the rows).
+    PER: tl.constexpr = 32 // BITS
+    LANES: tl.constexpr = PER // SUB
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cl = tl.max_contiguous(c, 1)[:, None] + tl.zeros([1, SUB], dtype=c.dtype)          # [BLOCK_C, SUB]
+    at = tl.arange(0, SUB)[None, :, None] * LANES + tl.arange(0, LANES)[None, None, :]  # [1, SUB, LANES]
+    other = None if EVEN else 0
+    cmask = None if EVEN else cl < CW
+    g = tl.load(gidx_ptr + cl[:, :, None] * PER + at, mask=None if EVEN else cmask[:, :, None],
+                other=other).to(tl.int32)
+    for i in tl.static_range(BLOCK_R):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + i
+        mask = None if EVEN else cmask & (cl * 0 + r < R)      # the row's validity, as a tensor
+        vmask = None if EVEN else mask[:, :, None]
+        word = tl.load(packed_ptr + r * CW + cl, mask=mask, other=other, eviction_policy="evict_first")
+        u = (word.to(tl.uint32, bitcast=True)[:, :, None] >> (at * BITS)) & ((1 << BITS) - 1)
+        q = u.to(tl.int32) - (1 << (BITS - 1))
+        s = _load_scale(scale_ptr + r * GROUPS + g, vmask, other, SCALE_KIND, NATIVE, "")
+        if HAS_ZP:
+            if ZP_PACKED:   # int32 words along each expert's rows (dim -2)
+                if ZP_ALIGNED:
+                    zrow = r // PER
+                    nib = r % PER
+                else:
+                    e = r // ROWS
+                    zrow = e * ZROWS + (r - e * ROWS) // PER
+                    nib = (r - e * ROWS) % PER
+                zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=vmask, other=other)
+                z = ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+            else:           # int8, shaped like the scale
+                z = tl.load(zp_ptr + r * GROUPS + g, mask=vmask, other=other).to(tl.int32)
+            q = q - z
+        w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+        _store(out_ptr + (r * CW + cl[:, :, None]) * PER + at, w, vmask, OUT_KIND, NATIVE)
+
+
 # Flat kernel settings: (packed words per program, warps) by (case, bits), case "sym", "zp" or
 # "g_idx"; cases not listed take FLAT_DEFAULT (H100 and H200 sweeps of symmetric int4,
 # benchmarks/bench_dequant_gpu.py --sweep, which also tunes the other cases).
 FLAT_DEFAULT = (1024, 16)
 FLAT: dict[tuple[str, int], tuple[int, int]] = {}
 VEC = {1: 1, 2: 1, 4: 1, 8: 2}     # words per thread (two 8-bit words: one 16-byte bf16 store)
-# How g_idx schemes run: "flat" (the flat kernel: each chunk loads its columns' int32 g_idx
-# entries), "flat16" (the same with g_idx narrowed to int16 first: half the index traffic) or
-# "tiled" (the tiled kernel: a program loads the g_idx of its columns once, as int16, and
-# shares it across its rows; int16 so that 8 entries are one 16-byte load in the store's
-# register layout: as int32 they are re-laid out through shared memory).
+# How g_idx schemes run: "flat" (the flat kernel: each word loads its columns' g_idx entries)
+# or "rows" (a program loads the g_idx of its words once and walks BLOCK_R rows with it);
+# "16" narrows g_idx to int16 first (half the index traffic, one more small launch).
 GIDX = "flat"
-GIDX_VARIANTS = ("flat", "flat16", "tiled")
+GIDX_VARIANTS = ("flat", "flat16", "rows", "rows16")
+GIDX_ROWS = (8, 256, 8)            # rows, words, warps per program of the "rows" variant
 _FLAT_LIMIT = 2**31                # values beyond which the flat kernel takes 64-bit offsets
 
 
@@ -252,6 +296,22 @@ def _dequant_flat(p2, s2, z2, g, o2, *, num_bits: int, in_features: int, group_s
     return True
 
 
+def _dequant_gidx_rows(p2, s2, z2, g, o2, *, num_bits: int, in_features: int, rows: int) -> bool:
+    """Run the "rows" g_idx kernel when rows hold whole words; False leaves it to the tiled kernel."""
+    per = 32 // num_bits
+    n, cw = p2.shape
+    if in_features != cw * per or s2.numel() == 1:
+        return False
+    block_r, block_c, warps = GIDX_ROWS
+    _dequant_gidx_rows_kernel[(triton.cdiv(n, block_r), triton.cdiv(cw, block_c))](
+        p2, _bits_view(s2), z2 if z2 is not None else p2, g, _bits_view(o2), n, cw, s2.shape[-1], rows,
+        -(-rows // per), BITS=num_bits, SUB=max(1, per * o2.element_size() // 16), HAS_ZP=z2 is not None,
+        ZP_PACKED=z2 is not None and z2.dtype == torch.int32, ZP_ALIGNED=rows % per == 0,
+        SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[o2.dtype], NATIVE=not _INTERPRET, BLOCK_R=block_r,
+        BLOCK_C=block_c, EVEN=n % block_r == 0 and cw % block_c == 0, num_warps=warps)
+    return True
+
+
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       g_idx: torch.Tensor | None, *, num_bits: int, in_features: int, group_size: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -283,12 +343,15 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         z2 = None if zero_point is None else zero_point.reshape(s2.shape).contiguous()
     g = None
     if g_idx is not None:
-        narrow = GIDX in ("flat16", "tiled") and scale.shape[-1] <= 2**15
+        narrow = GIDX.endswith("16") and scale.shape[-1] <= 2**15
         g = g_idx.to(device=packed.device, dtype=torch.int16 if narrow else torch.int32).contiguous()
     o2 = out.view(n, in_features)
     per = 32 // num_bits
-    if (g is None or GIDX != "tiled") and _dequant_flat(p2, s2, z2, g, o2, num_bits=num_bits,
-                                                        in_features=in_features, group_size=group_size, rows=rows):
+    if (g is None or GIDX.startswith("flat")) and _dequant_flat(p2, s2, z2, g, o2, num_bits=num_bits,
+                                                               in_features=in_features, group_size=group_size,
+                                                               rows=rows):
+        return out
+    if g is not None and _dequant_gidx_rows(p2, s2, z2, g, o2, num_bits=num_bits, in_features=in_features, rows=rows):
         return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
