@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call of a lent GPU machine (device time is scarce):
-#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert ...]   (default: all)
+#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel ...]   (default: all)
 # Logs go to $OUT (or /tmp/ctformat-gpu) as <step>.log and <step>.json. Expects, where the
 # machine lacks them, wheels in .whl/ (compressed-tensors and its needs) and the real
 # llm-compressor checkpoints in .devshared/real-checkpoints (linked as ../shared).
@@ -18,15 +18,18 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/device.txt"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests dequant marlin inference convert)
+[ ${#steps[@]} -eq 0 ] && steps=(tests dequant formats marlin inference convert parallel)
 for step in "${steps[@]}"; do
   echo "=== $step $(date -u +%T)"
   case $step in
-    tests) # the kernel tests compile ~200 kernel variants: in parallel where pytest-xdist is there
+    tests) # the kernel tests compile a few hundred kernel variants: in parallel where pytest-xdist is there
            xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
-           { timeout 240 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_kernels.py
+           { timeout 240 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_kernels.py \
+               tests/test_formats_kernels.py
              timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_inference.py \
                tests/test_marlin.py; } 2>&1 | tee "$out/tests.log" | grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" ;;
+    formats) timeout 150 python3 benchmarks/bench_formats.py --device cuda --json "$out/formats.json" 2>&1 \
+               | tee "$out/formats.log" ;;
     dequant) # self-limited: sweep ~100 s, no case started after 240 s (about 4.5 minutes in all)
              timeout 400 python3 benchmarks/bench_dequant_gpu.py --sweep --sweep-s 100 --budget-s 240 \
                --json "$out/dequant.json" > "$out/dequant.log" 2>&1
@@ -35,6 +38,8 @@ for step in "${steps[@]}"; do
     inference) timeout 150 python3 benchmarks/bench_inference.py --json "$out/inference.json" 2>&1 | tee "$out/inference.log" ;;
     convert) timeout 200 python3 benchmarks/bench_convert.py --gb 2 --device cuda --json "$out/convert.json" 2>&1 \
                | tee "$out/convert.log" ;;
+    parallel) timeout 500 python3 benchmarks/bench_convert.py --gb 2 --device cuda --workers 1,2,3,4 --devices cuda:0 \
+                --json "$out/parallel.json" 2>&1 | tee "$out/parallel.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -93,9 +93,11 @@ def _size(text: str) -> int:
 
 # --to value -> the options that only it takes (name as the library spells it: its default)
 _TARGET_OPTIONS = {
-    "dense": {"dtype": "bfloat16", "keep_names": False},
+    "dense": {"dtype": "bfloat16", "keep_names": False, "drop_kv_cache": False, "originals": False},
     "marlin": {"scale_dtype": None, "allow_lossy_scales": False, "stack_experts": False},
     "compressed-tensors": {},
+    "gguf": {"outtype": None, "allow_lossy": False, "int4_asym": None, "dequantize_unmappable": False,
+             "tokenizer_pre": None, "split_max_size": None},
 }
 
 
@@ -103,7 +105,8 @@ _TARGET_OPTIONS = {
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--to", "target", type=click.Choice(list(_TARGET_OPTIONS)), required=True,
-              help="Output layout: dense weights, vLLM's Marlin layout, or back from Marlin to pack-quantized.")
+              help="Output layout: dense weights, vLLM's Marlin layout, back from Marlin to pack-quantized, "
+                   "or a llama.cpp GGUF file.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16",
               show_default=True, help="--to dense: dtype of the weights (computed in the scale dtype, then cast).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
@@ -111,21 +114,55 @@ _TARGET_OPTIONS = {
 @click.option("--allow-lossy-scales", is_flag=True, help="--to marlin: accept a --scale-dtype that rounds scales.")
 @click.option("--stack-experts", is_flag=True,
               help="--to marlin: store each MoE layer's experts stacked (w13 = gate+up, w2), as vLLM's fused MoE holds them.")
+@click.option("--outtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
+              help="--to gguf: type of the float tensors (default bf16; norms and routers are F32).")
+@click.option("--allow-lossy", is_flag=True,
+              help="--to gguf: write scales fp16 cannot hold exactly as fp16(s), and report how many and by how much.")
+@click.option("--int4-asym", type=click.Choice(["q5_0", "q4_1"]), default=None,
+              help="--to gguf: block type of asymmetric int4 (default q5_0, exact; q4_1 is smaller, exact for some zero points).")
+@click.option("--dequantize-unmappable", is_flag=True,
+              help="--to gguf: write modules no block type holds (group size 16, asym int8) as exact F32 instead of refusing.")
+@click.option("--tokenizer-pre", default=None, metavar="NAME",
+              help="--to gguf: llama.cpp's pre-tokenizer name for a BPE tokenizer ctformat does not recognize.")
+@click.option("--split-max-size", default=None, metavar="SIZE",
+              help="--to gguf: start a new shard before SIZE bytes of tensor data (50G, 500MiB...).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MiB...).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue the temporary folder an interrupted run of the same source, target and options left.")
+@click.option("--devices", default=None, metavar="LIST",
+              help="One worker process per device: cuda:0,cuda:1,... or all (the CUDA devices of this host).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (on --device, or cycling over --devices); for CPU-only hosts.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the pieces as Ray tasks on the cluster at ADDRESS (local: start one on this host). "
+                   "MODEL and OUT must be on storage every node sees.")
 @click.option("--keep-names", is_flag=True, help="--to dense: keep expert names as on disk (no Mixtral w1/w2/w3 renaming).")
+@click.option("--drop-kv-cache", is_flag=True,
+              help="--to dense: drop kv-cache scales (k_scale, v_scale) and their kv_cache_scheme (default: kept).")
+@click.option("--keep-originals", "originals", is_flag=True,
+              help="--to dense, dense-format input: write the stored weights, not the ones its quantization gives.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, as_json: bool,
-            **options) -> None:
+def convert(model: str, out: str, target: str, device: str, max_shard_size: str, force: bool, resume: bool,
+            devices: str | None, workers: int | None, ray_address: str | None, as_json: bool, **options) -> None:
     """Convert a checkpoint to another layout; OUT appears only when complete.
 
     \b
-    --to dense: every quantized module M becomes M.weight; all other tensors and files are
-      copied; quantization_config is removed from config.json.
+    --to dense: every quantized module M becomes M.weight (any compressed-tensors format;
+      online rotations folded in); activation scales and rotation matrices are read, not
+      written; kv-cache scales are kept under a kv_cache_scheme-only quantization_config
+      (--drop-kv-cache drops both); all other tensors and files are copied.
     --to marlin: every quantized module M becomes M.B, M.s (M.zp, M.g_idx, M.perm) in vLLM
       0.33's Marlin layout (spec §10); unsupported modules are refused before writing.
     --to compressed-tensors: a Marlin checkpoint back to its pack-quantized source, bit for bit.
+    --to gguf: one llama.cpp GGUF file (or a split set); quantized modules are repacked into
+      ggml blocks (int4 -> Q4_0, int8 -> Q8_0, ...) with their own codes, never requantized;
+      what cannot be written exactly is refused before writing (spec/gguf.md).
+
+    \b
+    An interrupted run (a kill, a full disk) keeps its temporary folder beside OUT; --resume
+    continues it. --devices / --workers / --ray split the work; the output is the same bytes.
 
     Example: ctformat convert fixtures/tiny-mixtral /tmp/tiny-dense --to dense
     """
@@ -136,14 +173,23 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
     if stray:
         owners = {k: t for t, opts in _TARGET_OPTIONS.items() for k in opts}
         raise UsageError(f"--{stray[0].replace('_', '-')} goes with --to {owners[stray[0]]}")
-    kwargs = {k: options[k] for k in wanted}
+    if devices is not None and device != "auto":
+        raise UsageError("--devices names the devices itself; leave out --device")
+    kwargs = {k: options[k] for k in wanted if options[k] is not None}
     for key in ("dtype", "scale_dtype"):
         if kwargs.get(key) is not None:
             kwargs[key] = float_dtype(kwargs[key])
+    if target == "gguf":
+        if click.get_current_context().get_parameter_source("max_shard_size") is not click.core.ParameterSource.DEFAULT:
+            raise UsageError("--max-shard-size goes with safetensors output; --to gguf takes --split-max-size")
+        if "split_max_size" in kwargs:
+            kwargs["split_max_size"] = _size(kwargs["split_max_size"])
+    else:
+        kwargs["max_shard_size"] = _size(max_shard_size)
     t0 = time.perf_counter()
     with render.ProgressBar(f"convert → {target}", disable=as_json) as progress:
-        result = run_convert(model, out, to=target, device=device, max_shard_size=_size(max_shard_size),
-                             force=force, progress=progress, **kwargs)
+        result = run_convert(model, out, to=target, device=device, force=force, progress=progress, resume=resume,
+                             devices=devices, workers=workers, ray=ray_address, **kwargs)
     seconds = round(time.perf_counter() - t0, 3)
     if as_json:
         render.emit_json(dict(result.to_json(), seconds=seconds))

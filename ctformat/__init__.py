@@ -18,8 +18,8 @@ from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Strategy
 # name -> module that defines it, imported on first use
 _LAZY = {
     "pack_to_int32": "pack", "unpack_from_int32": "pack", "packed_width": "scheme",
-    "quantize": "quant", "dequantize": "quant", "calculate_qparams": "quant", "compress": "quant",
-    "decompress": "quant",
+    "quantize": "quant", "dequantize": "quant", "calculate_qparams": "quant", "compress": "codec",
+    "decompress": "codec", "format_named": "formats",
     "open_checkpoint": "checkpoint", "Checkpoint": "checkpoint", "Module": "checkpoint",
     "open_model": "source", "open_hub_checkpoint": "hub", "dequantize_module": "dequant",
     "CheckpointWriter": "writer", "save_checkpoint": "writer",

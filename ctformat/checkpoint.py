@@ -16,8 +16,9 @@ from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError
 from .files import FileSource, LocalFiles
 from .header import TensorInfo, parse_index
 from .marlin_config import MarlinConfig
-from .scheme import QuantGroup, QuantizationConfig, QuantScheme, word_layout
-from .spec import EMBEDDING_NAMES, INDEX_NAME, MARLIN_PARAMS, PICKLE_SUFFIXES, QUANT_PARAMS, SINGLE_NAME
+from .scheme import QuantGroup, QuantizationConfig, QuantScheme, Transform, word_layout
+from .spec import (EMBEDDING_NAMES, INDEX_NAME, KV_PARAMS, MARLIN_PARAMS, PACK_QUANTIZED, PICKLE_SUFFIXES,
+                   QUANT_PARAMS, SINGLE_NAME)
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +34,25 @@ class Module:
     tensors: Mapping[str, TensorInfo]
     group: QuantGroup | None = None      # the config group that targets it
     ignored: bool = False                # matched by `ignore`
+    format: str | None = None            # the format its weight is stored in (spec/formats.md §1.2)
+    rotation: Transform | None = None    # the online transform whose matrix it holds (spec/formats.md §11)
 
     @property
     def quantized(self) -> bool:
-        """Carries any tensor of a quantization tensor set, complete or not (spec §2): such a
-        module is never copied as plain tensors; TEN-01 / MRL-02 say what it lacks."""
+        """Carries any tensor of a quantization tensor set of any format, complete or not
+        (spec §2, spec/formats.md §1.2): such a module is never copied as plain tensors;
+        TEN-01 / FMT-10 / MRL-02 say what it lacks."""
         return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
+
+    @property
+    def packed(self) -> bool:
+        """Stored pack-quantized (spec/ctformat.md §2; the TEN rules judge it)."""
+        return self.format == PACK_QUANTIZED
+
+    @property
+    def kv_cache(self) -> bool:
+        """Holds kv-cache scales (an attention module, spec/formats.md §10)."""
+        return any(k in KV_PARAMS for k in self.tensors)
 
     @property
     def quant_tensor(self) -> str:
@@ -59,6 +73,8 @@ class Module:
         """Looks like a Linear layer by tensor names alone (spec §4.3)."""
         if self.quantized:
             return True
+        if self.rotation is not None:
+            return False                  # a transform's matrix, not a layer of the model
         w = self.tensors.get("weight")
         last = self.prefix.rsplit(".", 1)[-1]
         return (w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES
@@ -98,11 +114,26 @@ class Checkpoint:
         return self._modules
 
     def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
-        m = Module(prefix, tensors)
-        if self.quant is None:
-            return m
+        q = self.quant
+        if q is None:
+            return Module(prefix, tensors)
+        rotation = None if self.marlin is not None else q.rotation_of(prefix)
+        if rotation is not None:              # never targeted by quantization (CT's internal module)
+            return Module(prefix, tensors, rotation=rotation)
+        linear = Module(prefix, tensors).is_linear
         name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
-        return Module(prefix, tensors, self.quant.group_for(name, linear=m.is_linear), self.quant.is_ignored(name))
+        group = q.group_for(name, linear=linear)
+        if q.sparse_targets(name, linear=linear) and "compressed" in tensors:
+            fmt = q.sparsity.format           # legacy sparse; its group (if any) says how to dequantize
+        else:
+            fmt = q.group_format(group) if group is not None and group.weights is not None else None
+        return Module(prefix, tensors, group, q.is_ignored(name), fmt)
+
+    def transforms_of(self, module: Module) -> tuple[Transform, ...]:
+        """The online transforms applied to a module (spec/formats.md §11)."""
+        if self.quant is None or not self.quant.transforms or module.rotation is not None:
+            return ()
+        return tuple(t for t in self.quant.transforms_of(module.prefix, linear=module.is_linear) if t.online)
 
     def word_layout(self, module: Module, in_features: int) -> str:
         """Word layout of a pack-quantized module's values (spec §3.3)."""
@@ -228,6 +259,7 @@ def _find_shards(files: FileSource) -> tuple[list[str], dict[str, str] | None]:
 def _headers(files: FileSource, shards: list[str], index: dict[str, str] | None, fail) -> dict[str, TensorInfo]:
     """Every shard's tensors, each once and where the index says (FILE-05, FILE-06, HDR)."""
     tensors: dict[str, TensorInfo] = {}
+    files.prefetch([s for s in shards if files.is_file(s)])
     for shard in shards:
         if not files.is_file(shard):
             fail(HeaderError("shard named by the index does not exist", rule="FILE-05", file=shard))

@@ -12,6 +12,8 @@ from typing import ClassVar
 __all__ = [
     "CtFormatError", "SpecError", "ConfigError", "HeaderError", "TensorError",
     "UsageError", "UnsupportedError", "CheckpointNotFoundError", "OutputExistsError", "WriterError",
+    "GGUFRefusal", "GGUFFileError",
+    "ResumableError",
 ]
 
 
@@ -38,6 +40,17 @@ class CtFormatError(Exception):
         text = f"{loc}: {self.message}" if loc else self.message
         text += f" ({note})" if note else ""
         return f"{text} [{self.rule}]" if self.rule else text
+
+    def __reduce__(self):
+        # keyword-only fields survive pickling (a worker process hands its error to the driver)
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> CtFormatError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class SpecError(CtFormatError, ValueError):
@@ -70,6 +83,18 @@ class UnsupportedError(CtFormatError, NotImplementedError):
     refusals of a conversion carry their rule (MCV-..)."""
 
 
+class GGUFRefusal(UnsupportedError):
+    """A model or module `convert --to gguf` cannot write exactly (spec/gguf.md §7); carries a
+    GCV rule of spec.GGUF_REFUSALS."""
+
+    def __init__(self, message: str, *, rule: str, where: str | None = None, option: str | None = None) -> None:
+        super().__init__(message, rule=rule, where=where, option=option)
+
+
+class GGUFFileError(SpecError):
+    """A .gguf file that breaks a GGUF rule of spec/gguf.md §8 (reading)."""
+
+
 class CheckpointNotFoundError(CtFormatError, FileNotFoundError):
     """The model path does not exist or holds no checkpoint (FILE-01 for a model path)."""
 
@@ -80,3 +105,8 @@ class OutputExistsError(CtFormatError, FileExistsError):
 
 class WriterError(CtFormatError, RuntimeError):
     """The checkpoint writer was used out of order or fed what its plan did not say."""
+
+
+class ResumableError(CtFormatError, OSError):
+    """The run stopped for a reason outside the input (no space left, an I/O error, workers
+    that kept dying): the pieces finished so far stay in the temporary folder for --resume."""

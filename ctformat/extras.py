@@ -12,6 +12,8 @@ __all__ = ["EXTRAS", "MissingDependencyError", "require"]
 EXTRAS: dict[str, tuple[str, str]] = {
     "transformers": ("inference", "run and compare (reference inference)"),
     "triton": ("gpu", "the GPU kernels (and their CPU interpreter)"),
+    "gguf": ("gguf", "convert --to gguf"),
+    "ray": ("ray", "conversions on a Ray cluster (convert --ray)"),
 }
 
 

@@ -1,5 +1,5 @@
-"""How the reader reaches a checkpoint's files: the FileSource protocol, and its local
-implementation (the Hub one is hub.HubFiles). The reader calls nothing else."""
+"""How the reader reaches a checkpoint's files: the FileSource protocol (seven calls), and its
+local implementation (the Hub one is hub.HubFiles). The reader calls nothing else."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,9 @@ class FileSource(Protocol):
     def readinto(self, name: str, start: int, buf) -> int:
         """Fill `buf` from byte `start` of the file; the number of bytes read."""
 
+    def prefetch(self, names: list[str]) -> None:
+        """Start reading these shards' headers ahead (a remote source fetches them in parallel)."""
+
 
 class LocalFiles:
     """The files of a checkpoint folder (symlinks followed, as in a Hugging Face cache snapshot)."""
@@ -59,3 +62,6 @@ class LocalFiles:
         with open(self.root / name, "rb") as fh:
             fh.seek(start)
             return fh.readinto(buf)
+
+    def prefetch(self, names: list[str]) -> None:
+        """Nothing to do: a local header is one read when it is needed."""

@@ -7,6 +7,9 @@ used instead. Tensor data (validate --deep) is read by range, one tensor at a ti
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from ._version import __version__
 from .checkpoint import Checkpoint, open_checkpoint, read_checkpoint
 from .errors import CheckpointNotFoundError, CtFormatError, HeaderError
@@ -15,6 +18,7 @@ from .header import TensorInfo, header_length, parse_header
 __all__ = ["open_hub_checkpoint", "HubFiles"]
 
 _FIRST_READ = 100_000          # one request covers most headers, as huggingface_hub does
+_POOL = 16                     # range requests in flight at once when many shards are read
 
 
 class HubFiles:
@@ -26,6 +30,8 @@ class HubFiles:
         self.endpoint, self.cache_dir = endpoint, cache_dir
         self.label = f"{repo_id}@{commit[:12]}"
         self.bytes_read = 0                 # body bytes received, for tests and --debug
+        self._fetched: dict[str, Future] = {}   # prefetch(): shard -> (raw header, file size) to come
+        self._lock = threading.Lock()       # bytes_read is counted from several threads
 
     def is_file(self, name: str) -> bool:
         return name in self.siblings
@@ -53,13 +59,34 @@ class HubFiles:
         r = get_session().get(url, headers=headers, follow_redirects=True)
         hf_raise_for_status(r)
         body = r.content
-        self.bytes_read += len(body)
+        with self._lock:
+            self.bytes_read += len(body)
         if r.status_code == 206:
             total = int(r.headers.get("Content-Range", "/0").rsplit("/", 1)[1])
             return body, total
         return body[start:end + 1], len(body)   # server ignored Range: slice the full body
 
+    def prefetch(self, names: list[str]) -> None:
+        """Start fetching the headers of many shards at once (a bounded pool of range requests,
+        each shard: its 8-byte length, then its header exactly); header() waits for its own, so
+        parsing overlaps the transfers. No byte beyond the headers but 8 per shard."""
+        todo = [n for n in dict.fromkeys(names) if n in self.siblings and n not in self._fetched]
+        if len(todo) < 2:
+            return                          # one shard: header() reads it in one request
+        pool = ThreadPoolExecutor(min(_POOL, len(todo)), thread_name_prefix="ctformat-hub")
+        self._fetched.update((n, pool.submit(self._exact_header, n)) for n in todo)
+        pool.shutdown(wait=False)           # the submitted requests still run; no new ones
+
+    def _exact_header(self, name: str) -> tuple[bytes, int]:
+        prefix, size = self._get(name, 0, 7)
+        n = header_length(prefix, size, name)
+        return self._get(name, 8, 8 + n - 1)[0], size
+
     def header(self, name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        pending = self._fetched.pop(name, None)
+        if pending is not None:
+            raw, size = pending.result()        # raises what the request raised
+            return parse_header(raw, size, name)
         first, size = self._get(name, 0, _FIRST_READ - 1)
         n = header_length(first[:8], size, name)
         raw = first[8:8 + n]

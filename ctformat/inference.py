@@ -19,18 +19,21 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, Module, open_checkpoint
-from .dequant import dequantize_module
+from .dequant import decompress_loaded, dequantize_module
 from .dtypes import dtype_name
 from .errors import CtFormatError, UnsupportedError, UsageError
+from .fold import fold, fold_bias
 from .extras import require
 from .linear import QuantLinear, expert_layers, expert_count
 from .names import loader_name
 from .pipeline import resolve_device
+from .spec import KV_PARAMS
 from .summary import summarize
+from .to_dense import fold_matrices
 from .validate import raise_for_errors
 
 __all__ = ["ReferenceModel", "load_model", "run", "compare", "read_input_ids", "parse_input_ids", "tokenize", "kl_stats",
-           "weight_errors", "checkpoint_weights"]
+           "weight_errors", "checkpoint_weights", "not_simulated"]
 
 Weights = dict[str, "QuantLinear | torch.Tensor"]     # name transformers reads -> weight as stored
 Progress = Callable[[int, int], None]                  # (layers done, layers in all)
@@ -193,23 +196,66 @@ def checkpoint_weights(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.de
     model_type = ckpt.model_type
     rest: Weights = {}
     layers: dict[int, Weights] = {}
+    folds = fold_matrices(ckpt)               # online rotations, folded as convert --to dense does
     for prefix, m in ckpt.modules().items():
+        if m.rotation is not None:
+            continue
         name = loader_name(prefix, model_type)
         dot = f"{name}." if name else ""
         items: Weights = {}
         parts = _stacked(ckpt, m, dtype, device)
         if parts is not None:         # Marlin --stack-experts: one QuantLinear per expert and part
             items.update({f"{loader_name(p, model_type)}.weight": q for p, q in parts})
+        elif m.quantized and prefix in folds:
+            items[f"{name}.weight"] = _folded_layer(ckpt, m, folds[prefix], dtype, device)
         elif m.quantized:
             items[f"{name}.weight"] = QuantLinear.from_checkpoint(ckpt, m, device=device, dtype=dtype)
         for suffix, info in m.tensors.items():
+            if suffix in KV_PARAMS:
+                continue              # kv-cache quantization is not simulated (weight-only inference)
             if not m.quantized or suffix == "bias":
                 items[dot + suffix] = ckpt.load(info.name, device)
+        if prefix in folds:           # a dense layer's weight, and a bias an output rotation turns
+            items.update(_folded_plain(m, items, dot, folds[prefix]))
         hit = _LAYER.match(dot)
         (layers.setdefault(int(hit.group(2)), {}) if hit else rest).update(items)
     if sorted(layers) != list(range(len(layers))):
         raise CtFormatError(f"decoder layers in the checkpoint are not numbered 0..N-1: {sorted(layers)[:10]}")
     return rest, [layers[i] for i in range(len(layers))]
+
+
+def _folded_layer(ckpt: Checkpoint, m: Module, mats: dict[str, torch.Tensor], dtype: torch.dtype,
+                  device) -> QuantLinear:
+    """A quantized module whose online rotations are folded into each dequantization."""
+    tensors = {s: ckpt.load(i.name, device) for s, i in m.tensors.items() if s != "bias"}
+
+    def dequantize(stored):
+        w = decompress_loaded(ckpt, m, stored)
+        return fold(w, None, mats.get("input"), mats.get("output"))[0].to(dtype)
+    return QuantLinear(tensors, dequantize)
+
+
+def _folded_plain(m: Module, items: Weights, dot: str, mats: dict[str, torch.Tensor]) -> Weights:
+    """The folded dense weight of an unquantized module, and the folded bias of any module."""
+    out: Weights = {}
+    w, b = items.get(f"{dot}weight"), items.get(f"{dot}bias")
+    if not m.quantized and isinstance(w, torch.Tensor):
+        out[f"{dot}weight"] = fold(w, None, mats.get("input"), mats.get("output"))[0].to(w.dtype)
+    if b is not None and "output" in mats:
+        out[f"{dot}bias"] = fold_bias(b, mats["output"]).to(b.dtype)
+    return out
+
+
+def not_simulated(ckpt: Checkpoint) -> list[str]:
+    """The quantization a checkpoint declares beyond its weights, which reference inference does
+    not apply (it runs the dequantized weights in one dtype: weight-only, spec §11.4)."""
+    q = ckpt.quant
+    if q is None:
+        return []
+    out = sorted({f"{key.replace('_', ' ')} ({a.words()})" for g in q.groups
+                  for key, a in (("input_activations", g.input_activations),
+                                 ("output_activations", g.output_activations)) if a is not None})
+    return out + ([f"kv cache ({q.kv_cache.words()})"] if q.kv_cache is not None else [])
 
 
 def _hf_config(ckpt: Checkpoint):
@@ -261,6 +307,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype = t
     rest, layers = checkpoint_weights(ckpt, dtype=dtype, device="cpu" if stream else dev)
     ref = ReferenceModel(model, rest, layers, device=dev, stream=stream, progress=progress)
     ref.config, ref.path = ckpt.config, str(path)
+    ref.not_simulated = not_simulated(ckpt)
     return ref
 
 
@@ -337,7 +384,8 @@ def run(path: str | Path, input_ids: torch.Tensor, *, top_k: int = 5, generate: 
     decode = (lambda i: tok.decode([i])) if tok is not None else (lambda i: None)
     return {
         "schema": "ctformat.run/1", "model": str(path), "device": str(ref.device), "dtype": dtype_name(dtype),
-        "streamed": ref.stream, "input_ids": input_ids.tolist(),
+        "streamed": ref.stream, "input_ids": input_ids.tolist(), "weight_only": True,
+        "not_simulated": ref.not_simulated,
         "next_token": [[{"id": int(i), "text": decode(int(i)), "prob": float(p)} for p, i in zip(ps, ix)]
                        for ps, ix in zip(top.values, top.indices)],
         "generated_ids": torch.cat(generated, dim=1).tolist() if generated else [[] for _ in input_ids],
@@ -374,9 +422,10 @@ def weight_errors(a: str | Path, b: str | Path, *, device: str = "auto", worst: 
     dev = resolve_device(device)
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     ma, mb = _linear_modules(ca), _linear_modules(cb)
+    fa, fb = fold_matrices(ca), fold_matrices(cb)
     errors = {}
     for name in sorted(ma.keys() & mb.keys()):
-        wa, wb = _dense_weight(ca, ma[name], dev), _dense_weight(cb, mb[name], dev)
+        wa, wb = _dense_weight(ca, ma[name], dev, fa), _dense_weight(cb, mb[name], dev, fb)
         if wa.shape != wb.shape:
             raise CtFormatError(f"{name}: weight shapes differ, {list(wa.shape)} in A and {list(wb.shape)} in B")
         den = float(torch.linalg.vector_norm(wb))
@@ -401,12 +450,15 @@ def _linear_modules(ckpt: Checkpoint) -> dict[str, Any]:
     return out
 
 
-def _dense_weight(ckpt: Checkpoint, m, dev: torch.device) -> torch.Tensor:
+def _dense_weight(ckpt: Checkpoint, m, dev: torch.device, folds: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A module's dense weight in float32, its online rotations folded in (spec §11.5)."""
     if isinstance(m, QuantLinear):              # one part of a stacked Marlin module
         return m.dequantize(m.stored(dev)).float()
-    if m.quantized:
-        return dequantize_module(ckpt, m, dtype=torch.float32, device=dev)
-    return ckpt.load(m.tensors["weight"].name, dev).float()
+    w = dequantize_module(ckpt, m, device=dev) if m.quantized else ckpt.load(m.tensors["weight"].name, dev)
+    mats = folds.get(m.prefix)
+    if mats:
+        w = fold(w, None, mats.get("input"), mats.get("output"))[0]
+    return w.float()
 
 
 def _same_architecture(a: Checkpoint, b: Checkpoint) -> None:
@@ -427,13 +479,15 @@ def compare(a: str | Path, b: str | Path, input_ids: torch.Tensor, *, device: st
             raise CtFormatError(f"{p}: compare needs local checkpoint folders")
     _same_architecture(open_checkpoint(a), open_checkpoint(b))
     t0 = time.perf_counter()
-    logits = []
-    for p in (a, b):
+    logits, skipped = [], {}
+    for side, p in (("a", a), ("b", b)):
         ref = load_model(p, device=device, dtype=dtype, stream=stream, progress=progress)
         _check_ids(input_ids, ref.model.config.vocab_size)
         logits.append(ref.logits(input_ids).cpu())
+        skipped[side] = ref.not_simulated
         del ref
     return {"schema": "ctformat.compare/1", "a": str(a), "b": str(b), "dtype": dtype_name(dtype),
-            "device": str(resolve_device(device)), **kl_stats(*logits),
+            "device": str(resolve_device(device)), "weight_only": True, "not_simulated": skipped,
+            **kl_stats(*logits),
             "weights": weight_errors(a, b, device=device, worst=worst),
             "seconds": round(time.perf_counter() - t0, 4)}

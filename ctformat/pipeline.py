@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -16,13 +17,16 @@ import torch
 from .checkpoint import Checkpoint, Module, open_checkpoint
 from .errors import CtFormatError, UsageError
 from .header import TensorInfo
+from .staging import Staging, identity, source_identity
 from .validate import raise_for_errors
-from .writer import CheckpointWriter, check_apart
+from .writer import Piece, PieceWriter, ShardLayout, check_apart, split_pieces
 
-__all__ = ["Step", "ConvertResult", "Writer", "resolve_device", "open_for_convert", "copy_step", "by_suffix",
-           "file_order", "module_sources", "run_conversion", "run_steps", "compute"]
+__all__ = ["Step", "ConvertResult", "Writer", "Execution", "EXECUTION", "Job", "resolve_device", "open_for_convert",
+           "copy_step", "by_suffix", "file_order", "module_sources", "run_conversion", "run_steps", "run_pieces",
+           "compute", "PIECE_SIZE"]
 
-Progress = Callable[[int, int], None]        # (bytes done, bytes in all)
+Progress = Callable[..., None]        # (bytes done, bytes in all[, note])
+PIECE_SIZE = 1 << 30                  # resumable unit: a shard is cut into pieces of about this size
 
 
 @dataclass
@@ -30,12 +34,15 @@ class Step:
     """One unit of conversion work: read `sources`, compute, write `outputs` in order.
     `work` gets the source tensors by name (on the compute device) and returns one tensor
     per output; without `work` the single source is copied as it is. `module` names the
-    quantized module a computing step converts (None for a copy)."""
+    quantized module a computing step converts (None for a copy, a plain cast, or a step
+    that only reads); `dropped` counts the sources it reads and writes nowhere (activation
+    scales, rotations)."""
 
     outputs: list[tuple[str, str, tuple[int, ...]]]
     sources: list[str]
     work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
     module: str | None = None
+    dropped: int = 0
 
 
 @dataclass
@@ -117,31 +124,117 @@ def file_order(ckpt: Checkpoint) -> list[TensorInfo]:
     return sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.start))
 
 
-def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str]) -> None:
+def check_plan(ckpt: Checkpoint, plan: list[Step], params: frozenset[str], dropped: frozenset[str] = frozenset()) -> None:
     """Every input tensor is read by exactly one step, and no tensor of a quantized module's
     set (`params`) is copied as it is: a plan that would drop or duplicate data is a bug,
-    stopped before anything is written (spec §7.1)."""
+    stopped before anything is written (spec §7.1). `dropped` names the tensors a target leaves
+    out on purpose (GGUF: rotary inv_freq, a tied lm_head, MTP layers); they must exist and
+    must not be read."""
     read = [n for step in plan for n in step.sources]
     copied = {step.sources[0] for step in plan if step.work is None}
-    lost = set(ckpt.tensors) - set(read)
+    lost = set(ckpt.tensors) - set(read) - dropped
     mods = ckpt.modules()
     stray = sorted(n for n in copied if n.rpartition(".")[2] in params and mods[n.rpartition(".")[0]].quantized)
-    if lost or len(read) != len(set(read)) or stray:
-        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, or copies "
-                           f"quantized tensors as they are ({stray[:3]})")
+    odd = sorted((dropped - set(ckpt.tensors)) | (dropped & set(read)))
+    if lost or len(read) != len(set(read)) or stray or odd:
+        raise RuntimeError(f"conversion plan loses {sorted(lost)[:3]}, reads a tensor twice, copies "
+                           f"quantized tensors as they are ({stray[:3]}), or drops what it reads or lacks ({odd[:3]})")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How run_conversion runs a plan; nothing here changes the output bytes. `runner(job,
+    staging)` writes the pending pieces (None: this process, in order); `worker(job)` is set
+    inside a worker process, which writes pieces into a folder its driver owns; `options`
+    are the target's own, part of the temporary folder's key."""
+
+    resume: bool = False
+    runner: Callable[[Job, Staging], None] | None = None
+    worker: Callable[[Job], ConvertResult] | None = None
+    options: Mapping[str, Any] | None = None
+    piece_size: int = PIECE_SIZE
+
+
+EXECUTION: ContextVar[Execution] = ContextVar("ctformat_execution", default=Execution())
+
+
+@dataclass
+class Job:
+    """A planned conversion, ready to write pieces of its output."""
+
+    ckpt: Checkpoint
+    plan: list[Step]
+    layout: ShardLayout
+    pieces: list[Piece]
+    device: torch.device
+    result: ConvertResult
+    ident: dict[str, Any]
+    progress: Progress | None = None
 
 
 def run_conversion(ckpt: Checkpoint, src: Path, out: str | Path, plan: list[Step], config: Mapping[str, Any], *,
                    target: str, verb: str, device: torch.device, params: frozenset[str], max_shard_size: int,
-                   force: bool, progress: Progress | None = None) -> ConvertResult:
-    """Run `plan` into a CheckpointWriter at `out` (published by close) and say what was done."""
-    check_plan(ckpt, plan, params)
+                   force: bool, progress: Progress | None = None, dropped: frozenset[str] = frozenset()
+                   ) -> ConvertResult:
+    """Write `plan`'s output in pieces into a resumable temporary folder beside `out`, published
+    by one rename (spec §1.5, §1.7), and say what was done. `dropped`: tensors the plan leaves
+    unread on purpose (check_plan)."""
+    check_plan(ckpt, plan, params, dropped)
+    ex = EXECUTION.get()
     result = ConvertResult(target, verb, str(out), str(device))
-    with CheckpointWriter(out, [o for step in plan for o in step.outputs], max_shard_size=max_shard_size,
-                          force=force, source=src) as writer:
-        run_steps(ckpt, plan, writer, device, result, progress)
-        writer.close(config)
+    layout = ShardLayout([o for step in plan for o in step.outputs], max_shard_size)
+    step_of = [k for k, step in enumerate(plan) for _ in step.outputs]
+    ident = identity(source=source_identity(src, ckpt.shards), target=target, options=ex.options, layout=layout,
+                     sources=[step.sources for step in plan], config=config, piece_size=ex.piece_size)
+    job = Job(ckpt, plan, layout, split_pieces(layout, step_of, ex.piece_size), device, result, ident, progress)
+    if ex.worker is not None:
+        return ex.worker(job)
+    staging = Staging.open(Path(out), src, layout=layout, pieces=job.pieces, ident=ident, resume=ex.resume,
+                           force=force)
+    try:
+        (ex.runner or run_here)(job, staging)
+        staging.publish(config, src, force)
+    except BaseException as exc:
+        staging.abandon(exc)
+        raise
+    result.modules = sum(step.work is not None for step in plan)
+    result.tensors_copied = len(plan) - result.modules
+    unwritten = len(dropped) + sum(step.dropped for step in plan)
+    if unwritten:
+        result.details["tensors_dropped"] = unwritten
+    if ex.resume:
+        result.details.update(pieces=len(job.pieces), pieces_resumed=staging.resumed, pieces_failed_check=staging.redone)
     return result
+
+
+def run_here(job: Job, staging: Staging) -> None:
+    """Every pending piece in this process, in plan order, through one pipeline."""
+    total = sum(p.end - p.start for p in job.pieces)
+    done = [total - sum(job.pieces[i].end - job.pieces[i].start for i in staging.pending)]
+
+    def advance(nbytes: int) -> None:
+        done[0] += nbytes
+        if job.progress:
+            job.progress(done[0], total)
+    if job.progress:
+        job.progress(done[0], total)
+    run_pieces(job, staging.tmp, staging.pending, lambda i, digest: staging.record(i, digest), advance)
+
+
+def run_pieces(job: Job, folder: Path, indexes: list[int], on_done: Callable[[int, str], None],
+               progress: Callable[[int], None] | None = None) -> None:
+    """Write pieces `indexes` of the job's output into `folder`: the steps with an output in
+    them, in plan order, through run_steps; a piece is recorded (on_done) once on disk."""
+    pieces = {job.pieces[i]: i for i in indexes}
+    wanted = {k for p in pieces for k in range(p.first, p.stop)}
+    names = job.layout.index
+    steps = [step for step in job.plan if any(names[o[0]] in wanted for o in step.outputs)]
+    writer = PieceWriter(folder, job.layout, pieces, lambda p, digest: on_done(pieces[p], digest), progress)
+    try:
+        run_steps(job.ckpt, steps, writer, job.device, job.result)
+    finally:
+        writer.release()
+    writer.close()
 
 
 def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.device, result: ConvertResult,
@@ -190,10 +283,10 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             nbytes = sum(t.nbytes for t in tensors.values())
             result.bytes_read += nbytes
             out = compute(step, tensors, device, result)
-            if step.work is None:
-                result.tensors_copied += 1
-            else:
+            if step.module is not None:
                 result.modules += 1
+            elif step.outputs:               # a copy, or a cast of a tensor that is not a quantized module
+                result.tensors_copied += 1
             _put(computed, (step, out, nbytes), stop)
     finally:
         # Order matters: a failure anywhere stops the reader first; the writer then gets its end

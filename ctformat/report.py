@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, HeaderError, SpecError, TensorError
+from .errors import ConfigError, GGUFFileError, HeaderError, SpecError, TensorError
 from .spec import RULES
 
 if TYPE_CHECKING:
@@ -15,7 +15,10 @@ __all__ = ["Issue", "Report", "issue", "module_issue"]
 
 # rule prefix -> the error an operation raises for it
 ERROR_CLASS = {"FILE": HeaderError, "HDR": HeaderError, "CFG": ConfigError, "TEN": TensorError, "DATA": TensorError,
-               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError}
+               "VLLM": ConfigError, "TRF": ConfigError, "MRL": TensorError, "GGUF": GGUFFileError, "FMT": TensorError,
+               "KV": TensorError, "XFM": TensorError}
+# rules of those prefixes that judge the config alone
+CONFIG_RULES = frozenset({"FMT-01", "FMT-02", "FMT-03", "FMT-04", "FMT-20", "KV-01", "XFM-01"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +30,7 @@ class Issue:
     message: str           # what was expected and what was found
 
     def as_error(self) -> SpecError:
-        cls = ERROR_CLASS[self.rule.split("-")[0]]
+        cls = ConfigError if self.rule in CONFIG_RULES else ERROR_CLASS[self.rule.split("-")[0]]
         return cls(self.message, rule=self.rule, file=self.file, where=self.where)
 
     @classmethod
@@ -57,7 +60,8 @@ class Report:
     issues: tuple[Issue, ...]
     modules_checked: int = 0
     deep: bool = False
-    rules_checked: tuple[str, ...] = field(default=tuple(RULES))
+    rules_checked: tuple[str, ...] = field(default=tuple(r for r in RULES if not r.startswith("GGUF-")))
+    gguf: bool = False           # a GGUF file: modules_checked counts its tensors (headers only)
 
     @property
     def errors(self) -> tuple[Issue, ...]:
@@ -72,6 +76,9 @@ class Report:
         return not self.errors
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": "ctformat.validate/1", "path": self.path, "ok": self.ok, "deep": self.deep,
-                "modules_checked": self.modules_checked, "errors": len(self.errors),
-                "warnings": len(self.warnings), "issues": [asdict(i) for i in self.issues]}
+        doc = {"schema": "ctformat.validate/1", "path": self.path, "ok": self.ok, "deep": self.deep,
+               "modules_checked": self.modules_checked, "errors": len(self.errors),
+               "warnings": len(self.warnings), "issues": [asdict(i) for i in self.issues]}
+        if self.gguf:
+            doc = dict(doc, format="gguf", modules_checked=0, tensors_checked=self.modules_checked)
+        return doc

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 __all__ = [
     "DTYPES", "DTYPE_SIZES", "FLOAT_DTYPES", "FLOAT_NAMES", "HEADER_SIZE_CAP", "QUANT_METHOD", "PACK_QUANTIZED",
-    "MIXED_PRECISION", "QUANT_PARAMS", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
+    "MIXED_PRECISION", "DENSE_FORMAT", "FORMATS", "SPARSITY_FORMATS", "UNREAD_FORMATS", "FORMAT_PARAMS",
+    "ACTIVATION_PARAMS", "QUANT_PARAMS", "KV_PARAMS", "ONLINE_LOCATIONS", "OFFLINE_LOCATIONS", "TRANSFORM_TYPES", "PICKLE_SUFFIXES", "INDEX_NAME", "SINGLE_NAME", "RULES", "CROSS_WORD",
     "PADDED", "CROSS_WORD_SINCE", "EMBEDDING_NAMES", "FUSED_SIBLINGS", "EXPERT_MODULE", "MOE_PARTS",
     "EXPERT_RENAMES", "MARLIN_LAYOUT", "MARLIN_METHOD", "MARLIN_PARAMS", "MARLIN_TILE", "MARLIN_GROUP_SIZES",
-    "LEGACY_MARLIN", "MARLIN_REFUSALS",
+    "LEGACY_MARLIN", "MARLIN_REFUSALS", "DENSE_REFUSALS", "GGML_TYPES", "GGUF_MAGIC", "GGUF_VERSIONS", "GGUF_ALIGNMENT",
+    "GGUF_VALUE_TYPES", "GGUF_MAX_DIMS", "GGUF_SHARD", "GGUF_REFUSALS",
 ]
 
 # safetensors dtype code -> (bytes per element, torch dtype name) (spec §1.2). The one dtype table.
@@ -33,14 +35,47 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 MIXED_PRECISION = "mixed-precision"
+DENSE_FORMAT = "dense"
+
+# The compressed-tensors formats a config group's `format` may name, and the family that stores
+# them (spec/formats.md §1.1). mixed-precision is a top-level summary only; the sparsity formats
+# are named by sparsity_config; mxfp6 is not read (CFG-03).
+FORMATS: dict[str, str] = {
+    "pack-quantized": "pack", "naive-quantized": "naive", "int-quantized": "naive", "float-quantized": "naive",
+    "mxfp8-quantized": "mxfp8", "nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4",
+    "dense": "dense", "marlin-24": "marlin-24",
+}
+SPARSITY_FORMATS: dict[str, str] = {"sparse-bitmask": "sparse-bitmask", "sparse-24-bitmask": "sparse-24"}
+UNREAD_FORMATS: dict[str, str] = {
+    "mxfp6-pack-quantized": "MXFP6 (compressed-tensors 0.20, three bytes per four values) is not read",
+}
 
 # The two word layouts of pack-quantized (spec §3.3). They agree for 1, 2, 4 and 8 bits.
 CROSS_WORD = "dense"   # ceil(n*b/32) words, values may straddle words (CT >= 0.18); "dense" in CT's words
 PADDED = "padded"      # 32//b values per word, top bits unused (CT 0.5 .. 0.17)
 CROSS_WORD_SINCE = (0, 18)
 
-# Tensors of one quantized Linear, by suffix (spec §2).
-QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+# Tensors of one quantized module besides `weight` and `bias`, by family (spec §2, spec/formats.md
+# §3-§6): any of them makes a module quantized.
+FORMAT_PARAMS: dict[str, tuple[str, ...]] = {
+    "pack": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"),
+    "naive": ("weight_scale", "weight_zero_point", "weight_global_scale"),
+    "fp4": ("weight_packed", "weight_scale", "weight_global_scale"),
+    "sparse": ("compressed", "bitmask", "shape", "row_offsets"),
+    "marlin-24": ("weight_packed", "scale_packed", "meta"),
+}
+# Activation qparams a module stores (spec/formats.md §1.3): not weights, dropped by a dense export.
+ACTIVATION_PARAMS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+                     "output_global_scale")
+QUANT_PARAMS: tuple[str, ...] = tuple(dict.fromkeys(
+    [name for names in FORMAT_PARAMS.values() for name in names] + list(ACTIVATION_PARAMS)))
+# kv-cache qparams on an attention module (spec/formats.md §9, KV rules).
+KV_PARAMS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
+# Transform locations (spec/formats.md §11): online ones store a rotation tensor, offline ones
+# are fused into the stored weights.
+ONLINE_LOCATIONS = ("input", "output", "k_cache", "q_attn")
+OFFLINE_LOCATIONS = ("weight_input", "weight_output")
+TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
 
 # Module names that hold a 2-D `weight` but are embeddings, not Linear (spec §4.3).
 EMBEDDING_NAMES = frozenset({"embed_tokens", "embed_positions", "wte", "wpe", "word_embeddings",
@@ -81,6 +116,52 @@ MARLIN_REFUSALS: dict[str, str] = {
     "MCV-07": "the input is a pack-quantized checkpoint with one dtype per tensor role",
 }
 
+# Refusals of convert --to dense (and of run/compare, which read the same dense weights)
+# (spec/formats.md §12): ID -> what a dense output needs.
+DENSE_REFUSALS: dict[str, str] = {
+    "DCV-01": "online rotations fold into a dense weight only at the input or output of a Linear layer, one per side",
+}
+
+# GGUF files (spec/gguf.md). ggml type id -> (name, elements per block, bytes per block): ggml.c's
+# type_traits (Q8_1 is 36 bytes there; gguf-py 0.19 says 40, a type no file stores). Ids that
+# ggml removed (4, 5, 31-33, 36-38) are unknown.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
+}
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)             # both little-endian with 64-bit counts (version 1 had 32-bit ones)
+GGUF_ALIGNMENT = 32                # general.alignment when absent
+GGUF_MAX_DIMS = 4                  # GGML_MAX_DIMS
+# key/value type id -> (name, struct format of one scalar; "" for string and array)
+GGUF_VALUE_TYPES: dict[int, tuple[str, str]] = {
+    0: ("UINT8", "<B"), 1: ("INT8", "<b"), 2: ("UINT16", "<H"), 3: ("INT16", "<h"), 4: ("UINT32", "<I"),
+    5: ("INT32", "<i"), 6: ("FLOAT32", "<f"), 7: ("BOOL", "<?"), 8: ("STRING", ""), 9: ("ARRAY", ""),
+    10: ("UINT64", "<Q"), 11: ("INT64", "<q"), 12: ("FLOAT64", "<d"),
+}
+GGUF_SHARD = r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$"     # gguf-py's SHARD_NAME_FORMAT
+# Refusals of convert --to gguf (spec/gguf.md §7): ID -> statement.
+GGUF_REFUSALS: dict[str, str] = {
+    "GCV-01": "architectures[0] is one spec/gguf.md §4.1 maps",
+    "GCV-02": "32-blocks lie inside one group: group_size % 32 == 0 and in_features % 32 == 0",
+    "GCV-03": "weight_g_idx, where present, is the identity arange(in) // group_size",
+    "GCV-04": "every scale (and Q4_1 minimum) is held exactly by fp16 (unless --allow-lossy)",
+    "GCV-05": "no asymmetric 8-bit modules (no exact ggml block type)",
+    "GCV-06": "--outtype and --int4-asym take the values the spec lists",
+    "GCV-07": "codes q - z lie in the block type's range (zero points inside the int range)",
+    "GCV-08": "gguf-py names every tensor for the architecture",
+    "GCV-09": "config.json has every hyperparameter the architecture needs, consistent with the shapes",
+    "GCV-10": "expert stacks are complete sets 0..E-1 of one type, shape and scheme",
+    "GCV-11": "the tokenizer is one gguf-py's readers take, with a known pre-tokenizer",
+    "GCV-12": "the input is a pack-quantized or dense checkpoint, not one in the Marlin layout",
+}
+
 # Rule catalogue: ID -> (default severity, one-line statement). spec/ctformat.md §6 is the
 # prose; tests check that the two list the same IDs and that each has a fixtures/bad/ case.
 RULES: dict[str, tuple[str, str]] = {
@@ -98,9 +179,9 @@ RULES: dict[str, tuple[str, str]] = {
     "HDR-06": ("error", "the data buffer ends exactly at the end of the file"),
     "CFG-01": ("error", "config.json is a UTF-8 JSON object"),
     "CFG-02": ("error", "quantization_config.quant_method is compressed-tensors"),
-    "CFG-03": ("error", "the format is pack-quantized, or mixed-precision with pack-quantized groups"),
+    "CFG-03": ("error", "every group with weights has a format ctformat reads (not mxfp6, not mixed-precision or a sparsity format as a group's)"),
     "CFG-04": ("error", "config_groups is a non-empty object of schemes with targets"),
-    "CFG-05": ("error", "weights.type is int and num_bits is an integer in 1..8"),
+    "CFG-05": ("error", "type is int with num_bits 1..8, or float with num_bits 4 or 8"),
     "CFG-06": ("error", "strategy and group_size agree"),
     "CFG-07": ("error", "actorder is null, false, weight, static or group (true and dynamic read as group)"),
     "CFG-08": ("warning", "keys not in the schema are kept and reported"),
@@ -118,11 +199,16 @@ RULES: dict[str, tuple[str, str]] = {
     "TEN-11": ("error", "a module a config group targets is stored quantized, not dense"),
     "TEN-12": ("warning", "fused siblings (q/k/v, gate/up, w1/w3) share one scheme"),
     "VLLM-01": ("warning", "--target vllm: no act-order g_idx (vLLM >= 0.30 refuses actorder group)"),
-    "VLLM-02": ("warning", "--target vllm: a CUDA WNA16 kernel exists for each Linear scheme"),
+    "VLLM-02": ("warning", "--target vllm: vLLM finds a scheme and a CUDA kernel for each group's Linear layers on every GPU generation"),
     "VLLM-03": ("warning", "--target vllm: expert 0's projections share one scheme and a fused-MoE backend fits"),
-    "VLLM-04": ("warning", "--target vllm: weights are static and input_activations null (the WNA16 scheme)"),
+    "VLLM-04": ("warning", "--target vllm: the input activations are quantized as declared on every GPU generation (no weight-only fallback)"),
     "VLLM-05": ("warning", "--target vllm: the checkpoint is not pre-repacked Marlin (no vLLM >= 0.10.2 loads that)"),
+    "VLLM-06": ("warning", "--target vllm: a Mixtral's ignore and targets name its experts as vLLM looks them up (w1/w3/w2)"),
+    "VLLM-07": ("warning", "--target vllm: no legacy sparsity_config (vLLM 0.33 removed sparsity support)"),
+    "VLLM-08": ("warning", "--target vllm: online transforms sit at the input or output of Linear layers (run at tensor-parallel size 1)"),
+    "VLLM-09": ("warning", "--target vllm: kv_cache_scheme is symmetric float8, per tensor or per attention head"),
     "TRF-01": ("warning", "--target transformers: Mixtral experts carry the names transformers' Mixtral reads (w1/w2/w3)"),
+    "TRF-02": ("warning", "--target transformers: no online transforms, which transformers does not apply"),
     "MRL-01": ("error", "a Marlin quantization_config has the known layout, a valid compressed_tensors config, and legacy keys only on the legacy subset"),
     "MRL-02": ("error", "a Marlin module has B and s, zp only if asymmetric, g_idx and perm together, nothing else but bias"),
     "MRL-03": ("error", "B is I32 [K/16, N*bits/2] with bits 4 or 8 and N a multiple of 64"),
@@ -136,4 +222,41 @@ RULES: dict[str, tuple[str, str]] = {
     "DATA-03": ("error", "g_idx entries lie in [0, groups)"),
     "DATA-04": ("error", "padding bits of weight_packed and weight_zero_point are zero"),
     "DATA-05": ("error", "weight_shape holds the shape the other tensors imply"),
+    # spec/formats.md §9: the formats besides pack-quantized, kv-cache scales, transforms
+    "FMT-01": ("error", "every group with weights has a format that fits its args"),
+    "FMT-02": ("error", "the args fields agree: block_structure iff block, dynamic local only with tensor_group, token only dynamic, strategies allowed for the role"),
+    "FMT-03": ("warning", "mixed-precision names two or more group formats; one format is named at the top"),
+    "FMT-04": ("warning", "a group's format is the one compressed-tensors infers for its args"),
+    "FMT-10": ("error", "a module has every tensor its format and args require"),
+    "FMT-11": ("error", "a module has no tensor beyond its format's set and bias"),
+    "FMT-12": ("error", "the root tensor has the dtype of its format"),
+    "FMT-13": ("error", "the root tensor is 2-D (3-D stacked) with the shape its format implies"),
+    "FMT-14": ("error", "weight_scale has the dtype of its format (float, F8_E4M3 or U8 E8M0)"),
+    "FMT-15": ("error", "weight_scale has the shape of its strategy"),
+    "FMT-16": ("error", "weight_zero_point has zp_dtype and the scale's shape"),
+    "FMT-17": ("error", "global scales are F32 [1] ([E, 1] stacked)"),
+    "FMT-18": ("error", "static input/output qparams have the activation strategy's dtype and shape"),
+    "FMT-19": ("error", "group_size divides in_features for group and tensor_group"),
+    "FMT-20": ("warning", "--target vllm: FP8 blocks fit vLLM's block kernels (in % block width, fused output parts % block height)"),
+    "FMT-21": ("error", "a legacy sparse module has compressed, bitmask, shape (and row_offsets) of the right dtypes and shapes"),
+    "FMT-22": ("error", "marlin-24 cannot be dequantized: no decompressor exists"),
+    "FMT-30": ("error", "weight scales are finite and > 0 (no FP8 NaN, no E8M0 255)"),
+    "FMT-31": ("error", "F8_E4M3 weight values are not NaN"),
+    "FMT-32": ("error", "global scales and static input scales are finite and > 0"),
+    "FMT-33": ("error", "int values and zero points lie in the range of num_bits"),
+    "FMT-34": ("error", "a sparse bitmask has as many set bits as values, row_offsets are its running counts"),
+    "KV-01": ("error", "kv_cache_scheme is well-formed static tensor or attn_head args"),
+    "KV-02": ("error", "every attention module has k_scale and v_scale iff kv_cache_scheme is set"),
+    "KV-03": ("error", "k/v scales are float [1] (tensor) or [kv_heads, 1, 1] (attn_head); zero points iff asymmetric"),
+    "KV-04": ("error", "k/v scales are finite and > 0"),
+    "XFM-01": ("error", "transform_config schemes have a known type and apply entries with targets and a known location"),
+    "XFM-02": ("error", "every online transform has its rotation tensor for each size its targets need; offline ones have none"),
+    "XFM-03": ("error", "a rotation tensor is square 2-D, of the size its targets need, in the declared precision"),
+    "XFM-04": ("error", "Hadamard rotations have entries +-1 and R R^T = n I; random matrices are invertible"),
+    "GGUF-01": ("error", "a .gguf file starts with the magic GGUF and version 2 or 3"),
+    "GGUF-02": ("error", "the header (key/values, tensor infos) parses inside the file: known value types, UTF-8 strings"),
+    "GGUF-03": ("error", "keys are unique; general.architecture is a string; general.alignment, if set, a power of two"),
+    "GGUF-04": ("error", "tensor names are unique; each tensor has 1..4 dims, a known ggml type, ne[0] a multiple of its block"),
+    "GGUF-05": ("error", "tensor data lies aligned inside the file, each tensor at its own offset, without overlaps"),
+    "GGUF-06": ("error", "a split set is complete: every shard present, split.no 0..n-1, one split.count and the total split.tensors.count"),
 }

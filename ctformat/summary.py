@@ -7,15 +7,23 @@ from math import prod
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
+from .gguf_header import GGUFModel
 from .marlin_config import marlin_dims
-from .scheme import Strategy
-from .spec import MARLIN_LAYOUT
+from .scheme import QuantScheme, Strategy
+from .spec import ACTIVATION_PARAMS, KV_PARAMS, MARLIN_LAYOUT
+from .validate_formats import attention_prefixes, dense_dims
 
-__all__ = ["summarize", "fold_names", "tensor_rows"]
+__all__ = ["summarize", "fold_names", "tensor_rows", "gguf_summary"]
 
 _ROLES = {"weight_packed": "weights", "weight": "weights", "weight_scale": "scales",
           "weight_zero_point": "zero_points", "weight_g_idx": "g_idx", "weight_shape": "other",
-          "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx"}
+          "B": "weights", "s": "scales", "zp": "zero_points", "g_idx": "g_idx", "perm": "g_idx",
+          # the formats of spec/formats.md, kv-cache scales, rotations
+          "weight_global_scale": "global_scales", "compressed": "weights", "bitmask": "bitmasks",
+          "row_offsets": "bitmasks", "shape": "other", "scale_packed": "scales", "meta": "bitmasks",
+          **{k: "activation_scales" for k in ACTIVATION_PARAMS}, **{k: "kv_cache" for k in KV_PARAMS}}
+# tensors of a quantized module that are not the weight's storage (spec/formats.md §7)
+_NOT_WEIGHT_BYTES = {"weight_shape", "shape", "bias", *ACTIVATION_PARAMS}
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
@@ -54,6 +62,9 @@ def _params(m: Module) -> int:
             return 0                              # an incomplete tensor set (MRL-02): validate says so
         k, n, _, _ = marlin_dims(b.shape, s.shape)
         return prod(b.shape[:-2]) * k * n
+    if m.format is not None and not m.packed:
+        dims = dense_dims(m)
+        return prod(dims) if dims else 0          # an incomplete set (FMT-10): validate says so
     if "weight_packed" not in m.tensors:
         return 0                                  # an incomplete tensor set (TEN-01): validate says so
     return prod(m.tensors["weight_packed"].shape[:-1]) * _in_features(m)
@@ -71,29 +82,50 @@ def _in_features(m: Module) -> int:
     return packed.shape[-1] * 32 // bits
 
 
-def summarize(ckpt: Checkpoint) -> dict[str, Any]:
-    """The `inspect --json` document (schema ctformat.inspect/1), from headers and config."""
+def _role(m: Module, suffix: str) -> str:
+    return "transforms" if m.rotation is not None else _ROLES.get(suffix, "other")
+
+
+def _args(a: QuantScheme | None) -> dict[str, Any] | None:
+    """One set of args as inspect shows them: the scheme's JSON plus its words."""
+    return None if a is None else {**a.to_json(), "words": a.words()}
+
+
+def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
+    """The `inspect --json` document (schema ctformat.inspect/1; ctformat.inspect-gguf/1 for a
+    GGUF file), from headers and config."""
+    if isinstance(ckpt, GGUFModel):
+        return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
     by_role, by_dtype = defaultdict(int), defaultdict(int)
-    for t in ckpt.tensors.values():
-        suffix = t.name.rpartition(".")[2]
-        by_role[_ROLES.get(suffix, "other")] += t.nbytes
-        by_dtype[t.dtype] += t.nbytes
+    for m in mods.values():
+        for suffix, t in m.tensors.items():
+            by_role[_role(m, suffix)] += t.nbytes
+            by_dtype[t.dtype] += t.nbytes
     quantized = [m for m in mods.values() if m.quantized]
     q_params = sum(_params(m) for m in quantized)
-    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k != "weight_shape")
-    other_params = sum(t.numel for t in ckpt.tensors.values()
-                       if t.name.rpartition(".")[2] not in _ROLES or t.name.endswith(".weight"))
+    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
+    # every tensor that is not a quantization tensor, a scale or a rotation (a quantized module's
+    # `weight` holds its quantized values, counted above)
+    other_params = sum(t.numel for m in mods.values() if m.rotation is None for k, t in m.tensors.items()
+                       if k not in _ROLES or (k == "weight" and not m.quantized))
     groups = []
     for g in (q.groups if q else ()):
-        members = [m.prefix for m in quantized if m.group is g]
+        members = [m for m in quantized if m.group is g]
         w = g.weights
+        gp = sum(_params(m) for m in members)
+        gb = sum(t.nbytes for m in members for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
         groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
                        "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
                        "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
                        "actorder": w.actorder if w else None, "modules": len(members),
-                       "modules_folded": fold_names(members)})
+                       "modules_folded": fold_names(m.prefix for m in members),
+                       "type": w.type if w else None, "block_structure": list(w.block_structure) if w and
+                       w.block_structure else None, "dynamic": w.dynamic if w else None,
+                       "weights": _args(w), "input_activations": _args(g.input_activations),
+                       "output_activations": _args(g.output_activations),
+                       "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
     ignored = [m.prefix for m in mods.values() if m.ignored]
     dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear]
     total = sum(t.nbytes for t in ckpt.tensors.values())
@@ -126,11 +158,90 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tensors": len(ckpt.tensors),
         "modules_quantized": len(quantized),
     }
+    if q is not None and ckpt.marlin is None:
+        data.update(_beyond_pack(ckpt, quantized))
     return data
 
 
-def tensor_rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
+def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
+    """The keys of spec/formats.md's features: module formats, kv-cache, transforms, sparsity."""
+    q, mods = ckpt.quant, ckpt.modules()
+    formats = defaultdict(int)
+    for m in quantized:
+        formats[m.format or "unknown"] += 1
+    rotations = [m for m in mods.values() if m.rotation is not None]
+    transforms = []
+    for t in q.transforms:
+        targeted = [m.prefix for m in mods.values() if t in ckpt.transforms_of(m)
+                    or (not t.online and t in q.transforms_of(m.prefix, linear=m.is_linear))]
+        transforms.append({"scheme": t.scheme, "type": t.type, "location": t.location, "inverse": t.inverse,
+                           "online": t.online, "head_dim": t.head_dim, "precision": t.precision,
+                           "modules": len(targeted),
+                           "rotation_tensors": [f"{m.prefix}.weight" for m in rotations if m.rotation == t]})
+    s = q.sparsity
+    return {
+        "module_formats": dict(sorted(formats.items())),
+        "kv_cache_scheme": _args(q.kv_cache),
+        "kv_cache_modules": fold_names(m.prefix for m in mods.values() if m.kv_cache),
+        "attention_modules": len(attention_prefixes(ckpt)),
+        "transforms": transforms,
+        "sparsity": None if s is None else {"format": s.format, "targets": list(s.targets), "ignore": list(s.ignore),
+                                            "modules": sum(1 for m in quantized if m.format == s.format)},
+    }
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+_SCALAR_ARRAYS = 16          # arrays up to this length are shown whole; longer ones by length
+
+
+def gguf_summary(model: GGUFModel) -> dict[str, Any]:
+    """The `inspect --json` document of a GGUF file or split set (schema ctformat.inspect-gguf/1)."""
+    f = model.fields
+    tensors = model.tensors.values()
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
+    for t in tensors:
+        row = by_type[t.ggml_type]
+        row["tensors"] += 1
+        row["parameters"] += t.numel
+        row["bytes"] += t.nbytes
+    params = sum(t.numel for t in tensors)
+    total = sum(t.nbytes for t in tensors)
+    q = [t for t in tensors if t.ggml_type not in _FLOAT_TYPES and not t.ggml_type.startswith("I")]
+    q_params, q_bytes = sum(t.numel for t in q), sum(t.nbytes for t in q)
+    meta = {k: (v if not isinstance(v, list) or len(v) <= _SCALAR_ARRAYS else f"[{len(v)} items]")
+            for k, v in sorted(f.items()) if not k.startswith("tokenizer.ggml.")}
+    arch = f.get("general.architecture")
+    return {
+        "schema": "ctformat.inspect-gguf/1",
+        "path": model.label,
+        "format": "gguf",
+        "version": model.headers[0].version if model.headers else None,
+        "architecture": arch,
+        "name": f.get("general.name"),
+        "file_type": f.get("general.file_type"),
+        "block_count": f.get(f"{arch}.block_count"),
+        "context_length": f.get(f"{arch}.context_length"),
+        "tokenizer": None if "tokenizer.ggml.model" not in f else {
+            "model": f["tokenizer.ggml.model"], "pre": f.get("tokenizer.ggml.pre"),
+            "tokens": len(f.get("tokenizer.ggml.tokens") or ())},
+        "parameters": {"total": params, "quantized": q_params, "float": params - q_params},
+        "bytes": {"total": total, "by_type": {k: v["bytes"] for k, v in sorted(by_type.items())}},
+        "ggml_types": {k: dict(v, bits_per_weight=round(8 * v["bytes"] / v["parameters"], 3) if v["parameters"] else None)
+                       for k, v in sorted(by_type.items())},
+        "bits_per_weight": round(8 * total / params, 3) if params else None,
+        "bits_per_quantized_weight": round(8 * q_bytes / q_params, 3) if q_params else None,
+        "files": [{"file": h.file, "bytes": h.size, "tensors": len(h.tensors)} for h in model.headers],
+        "tensors": len(model.tensors),
+        "metadata": meta,
+    }
+
+
+def tensor_rows(ckpt: Checkpoint | GGUFModel, pattern: str | None) -> list[dict[str, Any]]:
     rx = re.compile(pattern) if pattern else None
+    if isinstance(ckpt, GGUFModel):
+        return [{"name": t.name, "dtype": t.ggml_type, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
+                for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name))
+                if rx is None or rx.search(t.name)]
     return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
             for t in sorted(ckpt.tensors.values(), key=lambda t: _natural(t.name)) if rx is None or rx.search(t.name)]
 

@@ -60,6 +60,13 @@ def _marlin_preflight(ckpt: Checkpoint) -> list[Module]:
     quantized = [m for m in ckpt.modules().values() if m.quantized]
     if not quantized:
         raise _refuse("MCV-07", ckpt.label, "no pack-quantized modules to convert")
+    other = sorted({m.format or "unknown" for m in quantized if not m.packed})
+    if other:
+        raise _refuse("MCV-07", ckpt.label, f"{', '.join(other)} modules: the Marlin layout holds pack-quantized int "
+                      "weights (convert --to dense reads every format)")
+    if any(t.online for t in (ckpt.quant.transforms if ckpt.quant else ())):
+        raise _refuse("MCV-07", ckpt.label, "online transforms (transform_config): Marlin modules would lose them "
+                      "(convert --to dense folds them)")
     for role in SOURCE_ROLES:
         dtypes = {m.tensors[role].dtype for m in quantized if role in m.tensors}
         if len(dtypes) > 1:

@@ -11,20 +11,26 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from .checkpoint import Checkpoint, Module
 from .errors import CheckpointNotFoundError, SpecError
+from .formats.naive import activation_specs
+from .gguf_header import GGUFModel
 from .profiles import transformers_issues, vllm_issues
 from .report import Issue, Report, module_issue
 from .scheme import Strategy, int_range, packed_width
 from .source import open_model
-from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED
+from .spec import CROSS_WORD, FLOAT_DTYPES, FUSED_SIBLINGS, PADDED, RULES
+from .validate_formats import (checkpoint_data_issues, checkpoint_issues, config_issues, format_data_issues,
+                               format_issues)
 from .validate_marlin import marlin_data_issues, marlin_issues
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["validate", "validate_checkpoint", "check_module", "check_module_data", "shape_issue",
+__all__ = ["validate", "validate_checkpoint", "validate_gguf", "check_module", "check_module_data", "shape_issue",
            "raise_for_errors"]
 
 PROFILES = {"vllm": vllm_issues, "transformers": transformers_issues}
+# Config problems raised while parsing: with any of them the modules cannot be judged
+_CONFIG_RULES = ("CFG-", "FMT-01", "FMT-02", "KV-01", "XFM-01", "MRL-01")
 
 
 def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision: str | None = None,
@@ -40,7 +46,17 @@ def validate_checkpoint(path: str | os.PathLike, *, deep: bool = False, revision
         return Report(str(path), (Issue.from_error(err),), deep=deep)
     except CheckpointNotFoundError as err:
         return Report(str(path), (Issue("FILE-01", "error", err.file, err.where, err.message),), deep=deep)
+    if isinstance(ckpt, GGUFModel):
+        return validate_gguf(ckpt, path=str(path))
     return validate(ckpt, deep=deep, target=target, progress=progress, path=str(path))
+
+
+def validate_gguf(model: GGUFModel, *, path: str | None = None) -> Report:
+    """The GGUF rules (spec/gguf.md §8) against a file or split set opened with strict=False:
+    headers only, so --deep and --target add nothing here."""
+    issues = tuple(Issue.from_error(p) for p in model.problems)
+    return Report(path or model.label, issues, len(model.tensors), False,
+                  tuple(r for r in RULES if r.startswith("GGUF-")), gguf=True)
 
 
 def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
@@ -50,22 +66,24 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
     issues = [Issue.from_error(p) for p in ckpt.problems]
     modules = ckpt.modules()
     quantized = [m for m in modules.values() if m.quantized]
-    if any(i.rule.startswith("CFG") or i.rule == "MRL-01" for i in issues):
+    if any(i.rule.startswith(_CONFIG_RULES) for i in issues):
         return Report(path, tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
-    issues += _config_warnings(ckpt)
+    issues += _config_warnings(ckpt) + config_issues(ckpt)
     for m in modules.values():
         issues += check_module(ckpt, m)
+    issues += checkpoint_issues(ckpt)
     issues += _sibling_issues(ckpt)
     if target is not None:
         issues += PROFILES[target](ckpt)
     if deep:
         bad = {i.where for i in issues if i.severity == "error" and i.where}
-        todo = [m for m in quantized if m.scheme is not None
+        todo = [m for m in quantized if (m.format is not None or m.is_marlin) and m.format != "marlin-24"
                 and not any(w == m.prefix or w.startswith(m.prefix + ".") for w in bad)]
         for k, m in enumerate(todo):
             issues += check_module_data(ckpt, m)
             if progress:
                 progress(k + 1, len(todo))
+        issues += checkpoint_data_issues(ckpt)
     return Report(path, tuple(issues), len(quantized), deep)
 
 
@@ -78,6 +96,9 @@ def raise_for_errors(ckpt: Checkpoint) -> None:
         for found in check_module(ckpt, m):
             if found.severity == "error":
                 raise found.as_error()
+    for found in checkpoint_issues(ckpt):
+        if found.severity == "error":
+            raise found.as_error()
 
 
 def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
@@ -86,25 +107,31 @@ def _config_warnings(ckpt: Checkpoint) -> list[Issue]:
         return []
     base = "quantization_config"
     out = [(base, q.unknown)] + [(f"{base}.config_groups.{g.name}", g.unknown) for g in q.groups]
-    out += [(f"{base}.config_groups.{g.name}.weights", g.weights.unknown) for g in q.groups if g.weights]
+    out += [(f"{base}.config_groups.{g.name}.{key}", args.unknown) for g in q.groups
+            for key, args in (("weights", g.weights), ("input_activations", g.input_activations),
+                              ("output_activations", g.output_activations)) if args]
+    out += [(f"{base}.kv_cache_scheme", q.kv_cache.unknown)] if q.kv_cache else []
     return [Issue("CFG-08", "warning", "config.json", where, f"unknown keys kept as they are: {', '.join(keys)}")
             for where, keys in out if keys]
 
 
 def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
-    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08)."""
+    """Static rules for one module: names, dtypes and shapes only (TEN-01..11, MRL-02..08;
+    FMT-10..21 for the formats of spec/formats.md)."""
     scheme = m.scheme
     if ckpt.marlin is not None and m.is_marlin:
         return list(marlin_issues(ckpt, m))
     if m.quantized and m.ignored:
         return [module_issue("TEN-09", m, m.quant_tensor, "module is matched by ignore but stored quantized")]
-    if m.quantized and scheme is None:
+    if m.quantized and m.format is None:
         return [module_issue("TEN-10", m, m.quant_tensor, "quantized tensors, but no config group targets this module")]
     if not m.quantized:
         if scheme is not None and not m.ignored and m.is_linear and "weight" in m.tensors:
             return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module, "
                            "but it is stored dense (add it to ignore, or quantize it)")]
         return []
+    if not m.packed:
+        return format_issues(ckpt, m)
     return list(_tensor_issues(ckpt, m))
 
 
@@ -115,7 +142,8 @@ def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
     need |= {"weight_g_idx"} if s.has_g_idx else set()
     for name in sorted(need - set(t)):
         yield module_issue("TEN-01", m, None, f"{name} is missing ({_scheme_words(s)} needs it)")
-    extra = set(t) - need - {"bias", "input_global_scale"}
+    # activation qparams the group's args imply (spec/formats.md §1.3) may sit beside the weight's
+    extra = set(t) - need - {"bias", "input_global_scale"} - set(activation_specs(m.group, (1, 1)))
     for name in sorted(extra):
         why = {"weight_zero_point": "a symmetric scheme stores no zero point (vLLM fails with KeyError)",
                "weight_g_idx": f"actorder is {s.actorder!r}, so no g_idx is stored",
@@ -204,7 +232,7 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
 
 
 def _precision(m: Module) -> str:
-    return f"int{m.scheme.num_bits}" if m.quantized and m.scheme else "dense"
+    return f"{m.scheme.type}{m.scheme.num_bits}" if m.quantized and m.scheme else "dense"
 
 
 def shape_issue(ckpt: Checkpoint, m: Module, shape: tuple[int, ...]) -> Issue | None:
@@ -226,6 +254,8 @@ def check_module_data(ckpt: Checkpoint, m: Module) -> list[Issue]:
     """DATA rules: read one module's tensors and check their values."""
     if m.is_marlin:
         return marlin_data_issues(ckpt, m)
+    if not m.packed:
+        return format_data_issues(ckpt, m)
     import torch
     s = m.scheme
     t = ckpt.load_module(m)

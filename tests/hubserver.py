@@ -14,6 +14,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64     # the default 5 drops the connections of parallel range requests
+                                # (the client then waits 1 s for a SYN retransmit)
+    daemon_threads = True
+
+
 class FakeHub:
     def __init__(self, repos: dict[str, Path]) -> None:
         self.repos = repos
@@ -32,7 +38,7 @@ class FakeHub:
             def do_GET(self):
                 hub._handle(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -59,7 +59,7 @@ def test_g_idx_out_of_range_is_data_03_everywhere(tmp_path):
 
 @pytest.mark.parametrize("key,value,rule", [("actorder", ["group"], "CFG-07"), ("observer", ["x"], "CFG-06"),
                                              ("scale_dtype", ["bf16"], "CFG-06"),
-                                             ("scale_dtype", "float8_e4m3fn", "CFG-06"), ("dynamic", "yes", "CFG-06")])
+                                             ("scale_dtype", "float8_e4m3fn", "FMT-01"), ("dynamic", "yes", "CFG-06")])
 def test_odd_typed_weights_args_are_config_errors(tmp_path, key, value, rule):
     src = copy(tmp_path)
     edit_config(src, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__(key, value))
@@ -244,7 +244,7 @@ def test_writer_failure_with_a_full_queue_does_not_hang(tmp_path, monkeypatch):
         import time
         time.sleep(0.5)
         raise OSError("disk full")
-    monkeypatch.setattr(writer.CheckpointWriter, "write", fail)
+    monkeypatch.setattr(writer.PieceWriter, "write", fail)     # the writer convert uses
     box = []
     th = threading.Thread(target=lambda: box.append(pytest.raises(OSError, convert_to_dense, FIXTURES / "tiny-mixtral",
                                                                   tmp_path / "o", device="cpu")), daemon=True)

@@ -79,11 +79,15 @@ def test_help_documents_exit_codes():
     assert "Exit codes" in r.stdout and "2  usage error" in r.stdout
 
 
-def test_inspect_and_validate_do_not_import_torch():
+@pytest.mark.parametrize("path", [FIXTURES / "tiny-mixtral", FIXTURES / "formats" / "quip-w4a16",
+                                  FIXTURES / "formats" / "mixed-fp8-nvfp4", FIXTURES / "formats" / "fp8-dynamic-kv-fp8",
+                                  FIXTURES / "formats" / "legacy-sparse24-bitmask"], ids=lambda p: p.name)
+def test_inspect_and_validate_do_not_import_torch(path):
     code = ("import sys; from ctformat_cli.main import main\n"
-            "try:\n main(['validate', sys.argv[1], '--json'])\nexcept SystemExit: pass\n"
+            "for target in ([], ['--target', 'vllm'], ['--target', 'transformers']):\n"
+            " try:\n  main(['validate', sys.argv[1], '--json', *target])\n except SystemExit: pass\n"
             "main(['inspect', sys.argv[1], '--json'])\n"
             "heavy = [m for m in ('torch', 'transformers', 'triton') if m in sys.modules]\n"
             "assert not heavy, f'{heavy} imported'\n")
-    r = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "tiny-mixtral")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

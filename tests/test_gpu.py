@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, FORMATS
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.pack import pack_to_int32, unpack_from_int32
@@ -102,3 +102,25 @@ def test_convert_to_marlin_on_cuda_writes_the_cpu_bytes(tmp_path):
         convert_to_ct(tmp_path / f"gpu{stack}", tmp_path / f"back{stack}", device="cuda")
         a, b = open_checkpoint(src), open_checkpoint(tmp_path / f"back{stack}")
         assert all(torch.equal(a.load(n), b.load(n)) for n in a.tensors)
+
+
+FORMAT_CKPTS = sorted(p for p in FORMATS.iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("path", FORMAT_CKPTS, ids=lambda p: p.name)
+def test_every_format_dequantizes_on_cuda_as_on_the_cpu(path, monkeypatch):
+    """convert --to dense's dispatch on CUDA (FP8/FP4 through formats/kernels_fp.py) gives the
+    CPU's bits, which tests/test_formats_convert.py proves equal to compressed-tensors."""
+    from ctformat.convert import dequantize_checkpoint
+    from ctformat.formats import kernels_fp
+    calls = []
+    for name in ("dequantize_fp8", "dequantize_fp4"):
+        real = getattr(kernels_fp, name)
+        monkeypatch.setattr(kernels_fp, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    cpu = dequantize_checkpoint(path, device="cpu")
+    gpu = dequantize_checkpoint(path, device="cuda")
+    assert cpu.keys() == gpu.keys()
+    for k, t in cpu.items():
+        assert torch.equal(gpu[k].cpu().view(torch.int16), t.view(torch.int16)), k
+    fp = any(s in path.name for s in ("fp8", "fp4", "mxfp8", "nvfp4", "mixed"))
+    assert bool(calls) == fp, (path.name, len(calls))

@@ -91,6 +91,29 @@ def test_hub_reads_headers_only_and_pins_one_commit(hub, tmp_path):
     assert resolves and all(f"/resolve/{commit}/" in p for p in resolves)
 
 
+def test_many_shards_cost_their_header_bytes_and_no_more(tmp_path):
+    """A repo of many shards (frontier checkpoints have 62): every header is fetched by range,
+    in parallel, and the bytes received are the headers' own (8-byte length + JSON), nothing else."""
+    root = tmp_path / "many"
+    root.mkdir()
+    weight_map, header_bytes = {}, 0
+    for k in range(24):
+        name = f"model-{k + 1:05d}-of-00024.safetensors"
+        header = {f"model.layers.{k}.mlp.down_proj.weight": {"dtype": "BF16", "shape": [64, 4096],
+                                                              "data_offsets": [0, 64 * 4096 * 2]}}
+        raw = json.dumps(header).encode()
+        with open(root / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + 64 * 4096 * 2)
+        weight_map.update({t: name for t in header})
+        header_bytes += 8 + len(raw)
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with FakeHub({"org/many": root}) as hub:
+        ckpt = open_hub_checkpoint("org/many", endpoint=hub.url, cache_dir=tmp_path / "cache")
+        sent = sum(n for f, n in hub.sent.items() if f.endswith(".safetensors"))
+    assert len(ckpt.tensors) == 24 and sent == ckpt.files.bytes_read == header_bytes
+
+
 def test_hub_validate_finds_rule_without_weights(hub, tmp_path, monkeypatch):
     use_endpoint(monkeypatch, hub.url)
     report = validate_checkpoint("org/bad-gate")

@@ -18,8 +18,13 @@ PACKAGES = {"ctformat": ROOT / "ctformat", "ctformat_cli": ROOT / "cli"}
 
 
 def _modules() -> dict[str, Path]:
-    return {f"{pkg}.{p.stem}" if p.stem != "__init__" else pkg: p
-            for pkg, root in PACKAGES.items() for p in sorted(root.rglob("*.py"))}
+    """Dotted name -> file, sub-packages included (ctformat.formats.naive)."""
+    out = {}
+    for pkg, root in PACKAGES.items():
+        for p in sorted(root.rglob("*.py")):
+            parts = [pkg, *p.relative_to(root).with_suffix("").parts]
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
 
 
 def _target(node: ast.ImportFrom | ast.Import, module: str) -> list[str]:
@@ -28,13 +33,20 @@ def _target(node: ast.ImportFrom | ast.Import, module: str) -> list[str]:
         return [a.name for a in node.names]
     base = node.module or ""
     if node.level:
-        pkg = module.rsplit(".", node.level)[0] if module not in PACKAGES else module
+        # a package's __init__ is the package itself: level 1 is that package
+        level = node.level - (_MODS[module].name == "__init__.py")
+        pkg = module.rsplit(".", level)[0] if level else module
         base = f"{pkg}.{base}" if base else pkg
-    return [f"{base}.{a.name}" for a in node.names] + [base]
+    # `from . import x` names module x, not the package it sits in
+    return [f"{base}.{a.name}" for a in node.names] + ([base] if node.module else [])
+
+
+_MODS: dict[str, Path] = {}
 
 
 def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[str]]]:
     """(top-level project imports, function-level project imports, top-level heavy imports) per module."""
+    _MODS.update(mods)
     top, inner, heavy = {m: set() for m in mods}, {m: set() for m in mods}, {m: set() for m in mods}
     for mod, path in mods.items():
         tree = ast.parse(path.read_text())

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
+from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import FIXTURES, tree_snapshot
 from ctformat.checkpoint import open_checkpoint
@@ -25,7 +24,7 @@ CT_SETS = [("int4-g32", "model.layers.0.self_attn.q_proj"),
            ("tiny-mixtral", "model.layers.0.block_sparse_moe.experts.0.w1")]
 
 
-def _without(tmp_path, src, names) -> "Path":
+def _without(tmp_path, src, names) -> Path:
     """A copy of checkpoint `src` whose tensors `names` are gone (index and headers agree)."""
     ckpt = open_checkpoint(src)
     tensors = {n: ckpt.load(n) for n in ckpt.tensors if n not in names}

@@ -8,33 +8,48 @@ import re
 import pytest
 
 from conftest import BAD, FIXTURES, REAL, REAL_FOLDERS, ROOT, tree_snapshot
-from ctformat.spec import MARLIN_REFUSALS, RULES
+from ctformat.spec import DENSE_REFUSALS, GGUF_REFUSALS, MARLIN_REFUSALS, RULES
 from ctformat.validate import validate_checkpoint
 from ctformat_cli.main import main
 
-TARGETS = {"VLLM": "vllm", "TRF": "transformers"}
+TARGETS = {"VLLM": "vllm", "TRF": "transformers", "FMT-20": "vllm"}
 GOOD = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
-DEEP = ("DATA", "MRL-07")
+DEEP = ("DATA", "MRL-07", "FMT-3", "KV-04", "XFM-04")        # rules that look at tensor values
+
+
+def target_of(rule: str) -> str | None:
+    return TARGETS.get(rule, TARGETS.get(rule.split("-")[0]))
 
 
 def test_every_rule_has_a_bad_fixture_and_nothing_else():
     assert sorted(p.name for p in BAD.iterdir()) == sorted(RULES)
 
 
+SPECS = sorted((ROOT / "spec").glob("*.md"))
+RULE_TABLE = r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL|GGUF|FMT|KV|XFM)-\d\d)`?\s*\|"
+
+
 def test_spec_lists_exactly_the_rules_of_the_code():
-    text = (ROOT / "spec" / "ctformat.md").read_text()
-    table_ids = set(re.findall(r"^\|\s*`?((?:FILE|HDR|CFG|TEN|DATA|VLLM|TRF|MRL)-\d\d)`?\s*\|", text, re.M))
-    assert table_ids == set(RULES)
+    """Every spec file's rule tables together list RULES, each ID in one file only."""
+    found = [i for p in SPECS for i in set(re.findall(RULE_TABLE, p.read_text(), re.M))]
+    assert sorted(found) == sorted(RULES)
 
 
-def test_spec_lists_exactly_the_marlin_refusals_of_the_code():
-    text = (ROOT / "spec" / "ctformat.md").read_text()
-    assert set(re.findall(r"^\|\s*`(MCV-\d\d)`\s*\|", text, re.M)) == set(MARLIN_REFUSALS)
+@pytest.mark.parametrize("prefix,catalogue,spec", [("MCV", MARLIN_REFUSALS, "ctformat.md"),
+                                                   ("GCV", GGUF_REFUSALS, "gguf.md")])
+def test_spec_lists_exactly_the_refusals_of_the_code(prefix, catalogue, spec):
+    text = (ROOT / "spec" / spec).read_text()
+    assert set(re.findall(rf"^\|\s*`({prefix}-\d\d)`\s*\|", text, re.M)) == set(catalogue)
+
+
+def test_spec_lists_exactly_the_dense_refusals_of_the_code():
+    text = (ROOT / "spec" / "formats.md").read_text()
+    assert set(re.findall(r"^\|\s*`(DCV-\d\d)`\s*\|", text, re.M)) == set(DENSE_REFUSALS)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bad_fixture_yields_exactly_its_rule(rule):
-    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=TARGETS.get(rule.split("-")[0]))
+    report = validate_checkpoint(BAD / rule, deep=rule.startswith(DEEP), target=target_of(rule))
     assert {i.rule for i in report.issues} == {rule}, [str(i) for i in report.issues]
     assert report.ok == (RULES[rule][0] == "warning")
     for issue in report.issues:
@@ -44,7 +59,7 @@ def test_bad_fixture_yields_exactly_its_rule(rule):
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cli_validate_json_exit_code_and_no_changes(rule, capsys):
     before = tree_snapshot(BAD / rule)
-    target = TARGETS.get(rule.split("-")[0])
+    target = target_of(rule)
     args = ["validate", str(BAD / rule), "--json"] + (["--deep"] if rule.startswith(DEEP) else []) + (
         ["--target", target] if target else [])
     with pytest.raises(SystemExit) as exc:

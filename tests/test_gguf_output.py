@@ -1,0 +1,211 @@
+"""GGUFOutput (spec/gguf.md §6) read back by gguf-py's GGUFReader, and the plan's refusals (§7)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ctformat.errors import GGUFRefusal, OutputExistsError, SpecError, WriterError
+from ctformat.gguf_writer import GGUFOutput
+from gguf_models import write_model
+from gguf_peers import float64_weight, need, write_gguf
+
+gguf = need("gguf")
+need("sentencepiece")
+
+PLAN = [("a.weight", "Q4_0", (4, 64)), ("b.weight", "F32", (3,)), ("c.weight", "BF16", (2, 5))]
+
+
+def tensors():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (4, 36), generator=gen, dtype=torch.uint8), torch.randn(3, generator=gen),
+            torch.randn(2, 5, generator=gen).to(torch.bfloat16)]
+
+
+def meta(w):
+    w.add_block_count(7)
+
+
+def test_round_trip(tmp_path):
+    out = tmp_path / "x.gguf"
+    with GGUFOutput(out, "llama", PLAN, meta) as w:
+        for (name, _, _), t in zip(PLAN, tensors()):
+            w.write(name, t)
+        assert w.close() == [out]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]       # no temporary folder left
+    r = gguf.GGUFReader(out)
+    assert r.fields["llama.block_count"].contents() == 7
+    assert r.fields["general.architecture"].contents() == "llama"
+    got = {t.name: t for t in r.tensors}
+    for (name, kind, shape), t in zip(PLAN, tensors()):
+        assert got[name].tensor_type.name == kind and list(got[name].shape) == list(shape)[::-1]
+        assert bytes(got[name].data.tobytes()) == t.contiguous().view(torch.uint8).numpy().tobytes()
+        assert got[name].data_offset % 32 == 0
+
+
+def test_out_of_plan_and_failure_leave_nothing(tmp_path):
+    out = tmp_path / "x.gguf"
+    t = tensors()
+    with pytest.raises(WriterError, match=r"expected a.weight Q4_0 \[4, 36\] torch.uint8, got b.weight"):
+        with GGUFOutput(out, "llama", PLAN) as w:
+            w.write("b.weight", t[1])
+    with pytest.raises(WriterError, match=r"expected a.weight .* got a.weight \[4, 18\]"):
+        with GGUFOutput(out, "llama", PLAN) as w:
+            w.write("a.weight", t[0][:, :18])
+    with pytest.raises(WriterError, match=r"close\(\) after 1 of 3 planned tensors"):
+        with GGUFOutput(out, "llama", PLAN) as w:
+            w.write("a.weight", t[0])
+            w.close()
+    with pytest.raises(RuntimeError, match="boom"):
+        with GGUFOutput(out, "llama", PLAN) as w:
+            w.write("a.weight", t[0])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_unless_force(tmp_path):
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        GGUFOutput(out, "llama", PLAN)
+    assert out.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+    with GGUFOutput(out, "llama", PLAN, force=True) as w:
+        for (name, _, _), x in zip(PLAN, tensors()):
+            w.write(name, x)
+        w.close()
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_split_max_size(tmp_path):
+    ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
+    write_gguf(ct, tmp_path / "one.gguf")
+    write_gguf(ct, tmp_path / "split.gguf", split_max_size=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("split*.gguf"))
+    n = len(shards)
+    assert n > 2 and shards == [f"split-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+    one = {t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / "one.gguf").tensors}
+    seen = {}
+    for k, name in enumerate(shards):
+        r = gguf.GGUFReader(tmp_path / name)
+        assert r.fields["split.no"].contents() == k and r.fields["split.count"].contents() == n
+        assert r.fields["split.tensors.count"].contents() == len(one)
+        assert ("llama.block_count" in r.fields) == (k == 0)
+        assert sum(t.n_bytes for t in r.tensors) <= 20_000 or len(r.tensors) == 1
+        seen |= {t.name: t.data.tobytes() for t in r.tensors}
+    assert seen == one
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_plan_refusals(tmp_path):
+    ct = write_model("llama", tmp_path / "llama", quantized=True)
+    bad = tmp_path / "bad"
+    shutil.copytree(ct, bad)
+    _edit_config(bad, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(GGUFRefusal, match=r"^config.json: architecture 'GPT2LMHeadModel' .*\[GCV-01\]$"):
+        write_gguf(bad, tmp_path / "o.gguf")
+    with pytest.raises(GGUFRefusal, match=r"outtype 'q8_0' .*\[GCV-06\]"):
+        write_gguf(ct, tmp_path / "o.gguf", outtype="q8_0")
+    qwen = write_model("qwen2", tmp_path / "qwen2", quantized=True)
+    tok = json.loads((qwen / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\w+"
+    (qwen / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(GGUFRefusal, match=r"tokenizer.json: BPE tokenizer .*--tokenizer-pre.*\[GCV-11\]"):
+        write_gguf(qwen, tmp_path / "o.gguf")
+    write_gguf(qwen, tmp_path / "o.gguf", tokenizer_pre="qwen2")
+    assert gguf.GGUFReader(tmp_path / "o.gguf").fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "llama", "o.gguf", "qwen2"]
+
+
+def test_missing_expert_refused(tmp_path):
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.writer import save_checkpoint
+    ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
+    ckpt = open_checkpoint(ct)
+    kept = {n: ckpt.load(n) for n in ckpt.tensors if ".experts.3." not in n}
+    save_checkpoint(tmp_path / "gap", kept, ckpt.config)
+    shutil.copy(ct / "tokenizer.model", tmp_path / "gap" / "tokenizer.model")
+    with pytest.raises(GGUFRefusal, match=r"^model.layers.0.block_sparse_moe.experts.\*.gate_proj: experts \[0, 1, 2\] "
+                                          r"are not 0..3 \(config.json says 4\) \[GCV-10\]$"):
+        write_gguf(tmp_path / "gap", tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_dequantize_unmappable_writes_exact_f32(tmp_path):
+    """group_size 16 has no ggml block type (GCV-02); with dequantize_unmappable the module is
+    F32, equal to float64 s*q (exact in float32)."""
+    from ctformat.checkpoint import open_checkpoint
+    sj = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 16}
+    ct = write_model("llama", tmp_path / "llama", quantized=True, scheme_json=sj)
+    with pytest.raises(GGUFRefusal, match=r"group_size 16.*\[GCV-02\]"):
+        write_gguf(ct, tmp_path / "o.gguf")
+    result = write_gguf(ct, tmp_path / "o.gguf", dequantize_unmappable=True)
+    assert "Q4_0" not in result.details["ggml_types"] and len(result.details["dequantized_modules"]) == 14
+    r = {t.name: t for t in gguf.GGUFReader(tmp_path / "o.gguf").tensors}
+    ckpt = open_checkpoint(ct)
+    m = ckpt.modules()["model.layers.0.self_attn.v_proj"]
+    want = float64_weight(ckpt.load_module(m), m.scheme, "dense")
+    got = r["blk.0.attn_v.weight"]
+    assert got.tensor_type.name == "F32"
+    assert np.array_equal(np.asarray(got.data, dtype=np.float64).reshape(want.shape), want.numpy())
+
+
+def test_read_back_and_file_rules(tmp_path):
+    """open_gguf: values equal float64 s*q; split sets through any shard; GGUF-12 on bad files."""
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.gguf_read import open_gguf
+    ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
+    write_gguf(ct, tmp_path / "split.gguf", split_max_size=20_000)
+    shards = sorted(tmp_path.glob("split-*.gguf"))
+    g = open_gguf(shards[-1])
+    assert g.arch == "llama" and len(g.files) == len(shards) and len(g.tensors) == 23
+    ckpt = open_checkpoint(ct)
+    m = ckpt.modules()["model.layers.1.self_attn.o_proj"]
+    assert torch.equal(g.values("blk.1.attn_output.weight"), float64_weight(ckpt.load_module(m), m.scheme, "dense"))
+    v, d, _ = g.codes("blk.1.attn_output.weight")
+    assert v.shape == (64, 64) and d.dtype == torch.float16
+    shards[1].unlink()
+    with pytest.raises(SpecError, match=rf"^{shards[1].name}: shard {shards[1].name} of the split set is missing \[GGUF-06\]$"):
+        open_gguf(shards[0])
+    write_gguf(ct, tmp_path / "one.gguf")
+    raw = (tmp_path / "one.gguf").read_bytes()
+    (tmp_path / "bad.gguf").write_bytes(b"GGUX" + raw[4:])
+    with pytest.raises(SpecError, match=r"^bad.gguf: magic is b'GGUX', not b'GGUF': not a GGUF file \[GGUF-01\]$"):
+        open_gguf(tmp_path / "bad.gguf")
+    (tmp_path / "short.gguf").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SpecError, match=r"^short.gguf: blk.*: data \[.*\) lies past the end of the file .*\[GGUF-05\]$"):
+        open_gguf(tmp_path / "short.gguf")
+    (tmp_path / "shorter.gguf").write_bytes(raw[:200])
+    with pytest.raises(SpecError, match=r"^shorter.gguf: header is truncated: .*\[GGUF-02\]$"):
+        open_gguf(tmp_path / "shorter.gguf")
+
+
+def test_allow_lossy_reports_count_and_error(tmp_path):
+    """A bf16 scale fp16 cannot hold: GCV-04 (nothing written), or with allow_lossy the count
+    and the largest relative error, and d = fp16(s) in the file."""
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.writer import save_checkpoint
+    ct = write_model("llama", tmp_path / "llama", quantized=True)
+    ckpt = open_checkpoint(ct)
+    t = {n: ckpt.load(n) for n in ckpt.tensors}
+    s = t["model.layers.1.mlp.down_proj.weight_scale"]
+    s[5, 2] = 2.0 ** -20 * 1.5078125
+    save_checkpoint(tmp_path / "tiny", t, ckpt.config)
+    shutil.copy(ct / "tokenizer.model", tmp_path / "tiny" / "tokenizer.model")
+    with pytest.raises(GGUFRefusal, match=r"^model.layers.1.mlp.down_proj: 1 of 256 scales change in fp16, the first "
+                                          r"at \[5, 2\] .*\[GCV-04\]$"):
+        write_gguf(tmp_path / "tiny", tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+    result = write_gguf(tmp_path / "tiny", tmp_path / "o.gguf", allow_lossy=True)
+    count, rel = result.details["lossy_scales"], result.details["lossy_max_rel_error"]
+    exact = 2.0 ** -20 * 1.5078125
+    assert count == 1 and rel == pytest.approx(abs(float(torch.tensor(exact).half()) - exact) / exact)
+    d = {x.name: x for x in gguf.GGUFReader(tmp_path / "o.gguf").tensors}["blk.1.ffn_down.weight"].data
+    assert d.reshape(64, 4, 18)[5, 2, :2].view(np.float16)[0] == np.float16(exact)      # group 2 = block 2 (gs 32)
