@@ -22,14 +22,18 @@ steps=("$@")
 for step in "${steps[@]}"; do
   echo "=== $step $(date -u +%T)"
   case $step in
-    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
-             tests/test_gpu_inference.py tests/test_marlin.py tests/test_formats_kernels.py \
-             "tests/test_gptq_integration.py::test_convert_on_cuda_is_the_cpu_output" 2>&1 \
-             | tee "$out/tests.log" | tail -n 25 ;;
+    tests) # the kernel tests compile a few hundred kernel variants: in parallel where pytest-xdist is there
+           xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+           { timeout 240 python3 -m pytest -q -p no:cacheprovider $xdist tests/test_kernels.py \
+               tests/test_formats_kernels.py
+             timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_inference.py \
+               tests/test_marlin.py "tests/test_gptq_integration.py::test_convert_on_cuda_is_the_cpu_output"; } 2>&1 | tee "$out/tests.log" | grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" ;;
     formats) timeout 150 python3 benchmarks/bench_formats.py --device cuda --json "$out/formats.json" 2>&1 \
                | tee "$out/formats.log" ;;
-    dequant) timeout 200 python3 benchmarks/bench_dequant_gpu.py --sweep --json "$out/dequant.json" > "$out/dequant.log" 2>&1
-             grep -v "^  flat\|^  tiled" "$out/dequant.log" ;;
+    dequant) # self-limited: sweep ~100 s, no case started after 240 s (about 4.5 minutes in all)
+             timeout 400 python3 benchmarks/bench_dequant_gpu.py --sweep --sweep-s 100 --budget-s 240 \
+               --json "$out/dequant.json" > "$out/dequant.log" 2>&1
+             grep -v "^  sweep" "$out/dequant.log" ;;
     marlin) timeout 150 python3 benchmarks/bench_marlin.py --json "$out/marlin.json" 2>&1 | tee "$out/marlin.log" ;;
     inference) timeout 150 python3 benchmarks/bench_inference.py --json "$out/inference.json" 2>&1 | tee "$out/inference.log" ;;
     gptq) timeout 300 python3 benchmarks/bench_gptq.py --device cuda --json "$out/gptq.json" 2>&1 | tee "$out/gptq.log" ;;

@@ -49,6 +49,20 @@ def _round(v, KIND: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _store(at, w, mask, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 values (already rounded to OUT_KIND) stored as OUT_KIND; bf16 goes to the
+    interpreter as int16 bits. The output is never read back: stream it past L2."""
+    if OUT_KIND == 0 and NATIVE:
+        tl.store(at, w.to(tl.bfloat16), mask=mask, cache_modifier=".cs")
+    elif OUT_KIND == 0:
+        tl.store(at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(at, w.to(tl.float16), mask=mask, cache_modifier=".cs" if NATIVE else "")
+    else:
+        tl.store(at, w, mask=mask, cache_modifier=".cs" if NATIVE else "")
+
+
+@triton.jit
 def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
                     R, K, W, GS, ROWS, ZROWS, stride_p, stride_s, stride_z, stride_o,
                     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
@@ -62,8 +76,9 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
     wcols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     rmask = rows < R
     r3 = rows.to(tl.int64)[:, None, None]
-    words = tl.load(packed_ptr + r3 * stride_p + wcols[None, :, None],
-                    mask=rmask[:, None, None] & (wcols < W)[None, :, None], other=0)
+    # contiguity 1: loads stay in the store's register layout (see the flat kernel)
+    words = tl.load(packed_ptr + r3 * stride_p + tl.max_contiguous(wcols, 1)[None, :, None],
+                    mask=rmask[:, None, None] & (wcols < W)[None, :, None], other=0, eviction_policy="evict_first")
     lane = tl.arange(0, PER)[None, None, :]
     q = ((words >> (lane * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
     cols = wcols[None, :, None] * PER + lane                       # [1, W, PER]
@@ -72,7 +87,7 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         g = (tl.program_id(1) * BLOCK_W * PER) // GS
         smask = rmask[:, None, None]
     elif HAS_GIDX:          # any column may use any group
-        g = tl.load(gidx_ptr + cols, mask=cols < K, other=0)
+        g = tl.load(gidx_ptr + cols, mask=cols < K, other=0).to(tl.int32)
         smask = mask
     elif WORD_SCALE:        # a word's values share one group: one scale per row and word
         g = (wcols[None, :, None] * PER) // GS
@@ -94,54 +109,207 @@ def _dequant_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr,
         else:
             q = q - tl.load(zp_ptr + r3 * stride_z + g, mask=smask, other=0).to(tl.int32)
     w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
-    o_at = out_ptr + r3 * stride_o + cols
-    if OUT_KIND == 0 and NATIVE:
-        tl.store(o_at, w.to(tl.bfloat16), mask=mask)
-    elif OUT_KIND == 0:
-        tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-    elif OUT_KIND == 1:
-        tl.store(o_at, w.to(tl.float16), mask=mask)
-    else:
-        tl.store(o_at, w, mask=mask)
+    _store(out_ptr + r3 * stride_o + cols, w, mask, OUT_KIND, NATIVE)
 
 
 @triton.jit
-def _dequant_flat_kernel(packed_ptr, scale_ptr, out_ptr, NW, BITS: tl.constexpr, WSHIFT: tl.constexpr,
-                         SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
-                         BLOCK_W: tl.constexpr, EVEN: tl.constexpr = False):
-    # Symmetric, no g_idx, contiguous, in_features a multiple of group_size: word i of the flat
-    # packed tensor holds outputs i*PER .. i*PER+PER-1, all scaled by scale i >> WSHIFT (a group
-    # spans 2**WSHIFT words). A program covers BLOCK_W words as [words, PER] values.
-    PER: tl.constexpr = 32 // BITS
-    wid = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    # Contiguity 1 keeps the word and scale loads in the store's register layout (one word per
-    # thread and row): a vectorized load would go through shared memory to be re-laid out.
-    wl = tl.max_contiguous(wid, 1)
-    wmask = None if EVEN else wid < NW
-    words = tl.load(packed_ptr + wl, mask=wmask, other=None if EVEN else 0, eviction_policy="evict_first")
-    if SCALE_KIND == 0 and not NATIVE:     # bf16 arrives as int16 bits: widen to fp32 exactly
-        s = (tl.load(scale_ptr + (wl >> WSHIFT), mask=wmask, other=None if EVEN else 0).to(tl.uint16, bitcast=True)
-             .to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:       # a scale serves 2**WSHIFT neighbouring words: keep it in L2
-        s = tl.load(scale_ptr + (wl >> WSHIFT), mask=wmask, other=None if EVEN else 1,
-                    eviction_policy="evict_last").to(tl.float32)
-    lane = tl.arange(0, PER)
-    u = (words.to(tl.uint32, bitcast=True)[:, None] >> (lane[None, :] * BITS)) & ((1 << BITS) - 1)
-    q = u.to(tl.int32) - (1 << (BITS - 1))
-    w = _round(_round(q.to(tl.float32) * s[:, None], SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
-    o_at = out_ptr + wid[:, None] * PER + lane[None, :]
-    mask = None if EVEN else wmask[:, None]
-    if OUT_KIND == 0 and NATIVE:            # output is never read back: stream it past L2
-        tl.store(o_at, w.to(tl.bfloat16), mask=mask, cache_modifier=".cs")
-    elif OUT_KIND == 0:
-        tl.store(o_at, (w.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-    elif OUT_KIND == 1:
-        tl.store(o_at, w.to(tl.float16), mask=mask, cache_modifier=".cs" if NATIVE else "")
+def _load_scale(at, mask, other, KIND: tl.constexpr, NATIVE: tl.constexpr, EVICT: tl.constexpr):
+    """A bf16/fp16/fp32 scale as fp32 (bf16 arrives as int16 bits in the interpreter)."""
+    if KIND == 0 and not NATIVE:     # widen the bits: exact
+        s = (tl.load(at, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(
+            tl.float32, bitcast=True)
     else:
-        tl.store(o_at, w, mask=mask, cache_modifier=".cs" if NATIVE else "")
+        s = tl.load(at, mask=mask, other=other, eviction_policy=EVICT).to(tl.float32)
+    return s
 
 
-FLAT = {"block_w": 1024, "warps": 16}     # H100 and H200 sweeps (benchmarks/bench_dequant_gpu.py --sweep)
+@triton.jit
+def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, NC, GROUPS, CPG, CW, ROWS, ZROWS,
+                         BITS: tl.constexpr, VEC: tl.constexpr, SUB: tl.constexpr, WSHIFT: tl.constexpr,
+                         HAS_ZP: tl.constexpr, ZP_PACKED: tl.constexpr, ZP_ALIGNED: tl.constexpr,
+                         HAS_GIDX: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+                         NATIVE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    # The packed tensor as a flat run of chunks of VEC words (one int32, or two as one int64):
+    # chunk i holds outputs i*PERC .. i*PERC+PERC-1 of the flat output, all in one row (and,
+    # without g_idx, one group). A program covers BLOCK chunks as [chunks, SUB, LANES] values:
+    # a chunk's values are SUB runs of 16 bytes (one per thread), and every thread loads the
+    # chunk, scale and zero point of its run itself (threads of one chunk read the same
+    # address: one transaction), so no value crosses threads.
+    PER: tl.constexpr = 32 // BITS
+    PERC: tl.constexpr = PER * VEC
+    LANES: tl.constexpr = PERC // SUB
+    if WIDE:        # more than 2**31 values: 64-bit offsets
+        cid = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        cid = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # Contiguity 1 keeps every load in the store's register layout (one run per thread): a
+    # vectorized load would go through shared memory to be re-laid out.
+    cl = tl.max_contiguous(cid, 1)[:, None] + tl.zeros([1, SUB], dtype=cid.dtype)     # [BLOCK, SUB]
+    cmask = None if EVEN else cl < NC
+    other = None if EVEN else 0
+    chunk = tl.load(packed_ptr + cl, mask=cmask, other=other, eviction_policy="evict_first")
+    at = tl.arange(0, SUB)[None, :, None] * LANES + tl.arange(0, LANES)[None, None, :]   # [1, SUB, LANES]
+    if VEC == 1:
+        u = (chunk.to(tl.uint32, bitcast=True)[:, :, None] >> (at * BITS)) & ((1 << BITS) - 1)
+    else:           # little-endian: word 2i in the low half
+        u = ((chunk.to(tl.uint64, bitcast=True)[:, :, None] >> (at * BITS).to(tl.uint64))
+             & ((1 << BITS) - 1)).to(tl.uint32)
+    q = u.to(tl.int32) - (1 << (BITS - 1))
+    vmask = None if EVEN else cmask[:, :, None]
+    if HAS_GIDX:    # any column may use any group: one scale (and zero point) per value
+        r = cl // CW
+        g = tl.load(gidx_ptr + (cl - r * CW)[:, :, None] * PERC + at, mask=vmask, other=other).to(tl.int32)
+        r = r[:, :, None]
+        si = r * GROUPS + g
+        zmask = vmask
+        s = _load_scale(scale_ptr + si, vmask, other, SCALE_KIND, NATIVE, "")
+    else:           # one group per chunk: a scale serves CPG neighbouring chunks, keep it in L2
+        si = cl >> WSHIFT if WSHIFT >= 0 else cl // CPG
+        zmask = cmask
+        s = _load_scale(scale_ptr + si, cmask, other, SCALE_KIND, NATIVE, "evict_last")[:, :, None]
+        if HAS_ZP and ZP_PACKED:
+            r = si // GROUPS
+            g = si - r * GROUPS
+    if HAS_ZP:
+        ZEVICT: tl.constexpr = "" if HAS_GIDX else "evict_last"
+        if ZP_PACKED:       # int32 words along each expert's rows (dim -2), as stored since CT 0.9.4
+            if ZP_ALIGNED:  # experts hold whole zero-point words: row r's word is row r // PER
+                zrow = r // PER
+                nib = r % PER
+            else:
+                e = r // ROWS
+                zrow = e * ZROWS + (r - e * ROWS) // PER
+                nib = (r - e * ROWS) % PER
+            zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=zmask, other=other, eviction_policy=ZEVICT)
+            z = ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        else:               # int8, shaped like the scale
+            z = tl.load(zp_ptr + si, mask=zmask, other=other, eviction_policy=ZEVICT).to(tl.int32)
+        q = q - (z if HAS_GIDX else z[:, :, None])
+    w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+    _store(out_ptr + cid[:, None, None] * PERC + at, w, vmask, OUT_KIND, NATIVE)
+
+
+@triton.jit
+def _dequant_gidx_rows_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, R, CW, GROUPS, ROWS, ZROWS,
+                              BITS: tl.constexpr, SUB: tl.constexpr, HAS_ZP: tl.constexpr,
+                              ZP_PACKED: tl.constexpr, ZP_ALIGNED: tl.constexpr, SCALE_KIND: tl.constexpr,
+                              OUT_KIND: tl.constexpr, NATIVE: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_C: tl.constexpr, EVEN: tl.constexpr):
+    # g_idx schemes, one program per BLOCK_R rows x BLOCK_C words of each: the words' g_idx
+    # entries are loaded once and serve every row, which the program then walks one by one
+    # with the flat kernel's [words, SUB, LANES] layout (so nothing is re-laid out, whatever
+    # order the compiler gives the rows).
+    PER: tl.constexpr = 32 // BITS
+    LANES: tl.constexpr = PER // SUB
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cl = tl.max_contiguous(c, 1)[:, None] + tl.zeros([1, SUB], dtype=c.dtype)          # [BLOCK_C, SUB]
+    at = tl.arange(0, SUB)[None, :, None] * LANES + tl.arange(0, LANES)[None, None, :]  # [1, SUB, LANES]
+    other = None if EVEN else 0
+    cmask = None if EVEN else cl < CW
+    g = tl.load(gidx_ptr + cl[:, :, None] * PER + at, mask=None if EVEN else cmask[:, :, None],
+                other=other).to(tl.int32)
+    for i in tl.static_range(BLOCK_R):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + i
+        mask = None if EVEN else cmask & (cl * 0 + r < R)      # the row's validity, as a tensor
+        vmask = None if EVEN else mask[:, :, None]
+        word = tl.load(packed_ptr + r * CW + cl, mask=mask, other=other, eviction_policy="evict_first")
+        u = (word.to(tl.uint32, bitcast=True)[:, :, None] >> (at * BITS)) & ((1 << BITS) - 1)
+        q = u.to(tl.int32) - (1 << (BITS - 1))
+        s = _load_scale(scale_ptr + r * GROUPS + g, vmask, other, SCALE_KIND, NATIVE, "")
+        if HAS_ZP:
+            if ZP_PACKED:   # int32 words along each expert's rows (dim -2)
+                if ZP_ALIGNED:
+                    zrow = r // PER
+                    nib = r % PER
+                else:
+                    e = r // ROWS
+                    zrow = e * ZROWS + (r - e * ROWS) // PER
+                    nib = (r - e * ROWS) % PER
+                zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=vmask, other=other)
+                z = ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+            else:           # int8, shaped like the scale
+                z = tl.load(zp_ptr + r * GROUPS + g, mask=vmask, other=other).to(tl.int32)
+            q = q - z
+        w = _round(_round(q.to(tl.float32) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+        _store(out_ptr + (r * CW + cl[:, :, None]) * PER + at, w, vmask, OUT_KIND, NATIVE)
+
+
+# Flat kernel settings: (packed words per program, warps) by (case, bits), case "sym", "zp" or
+# "g_idx"; cases not listed take FLAT_DEFAULT (H100 and H200 sweeps of symmetric int4,
+# benchmarks/bench_dequant_gpu.py --sweep, which also tunes the other cases).
+FLAT_DEFAULT = (1024, 16)
+FLAT: dict[tuple[str, int], tuple[int, int]] = {}
+VEC = {1: 1, 2: 1, 4: 1, 8: 2}     # words per thread (two 8-bit words: one 16-byte bf16 store)
+# How g_idx schemes run: "flat" (the flat kernel: each word loads its columns' g_idx entries)
+# or "rows" (a program loads the g_idx of its words once and walks BLOCK_R rows with it);
+# "16" narrows g_idx to int16 first (half the index traffic, one more small launch).
+GIDX = "flat"
+GIDX_VARIANTS = ("flat", "flat16", "rows", "rows16")
+GIDX_ROWS = (8, 256, 8)            # rows, words, warps per program of the "rows" variant
+_FLAT_LIMIT = 2**31                # values beyond which the flat kernel takes 64-bit offsets
+
+
+def _pow2_log(v: int) -> int:
+    """log2(v) for a power of two, else -1."""
+    return v.bit_length() - 1 if v > 0 and v & (v - 1) == 0 else -1
+
+
+def _flat_view(p2: torch.Tensor, vec: int) -> torch.Tensor | None:
+    """The packed words as chunks of `vec` words (int64 for two), or None where they cannot be."""
+    flat = p2.reshape(-1)
+    if vec == 1:
+        return flat
+    if flat.numel() % 2 or flat.storage_offset() % 2:
+        return None
+    return flat.view(torch.int64)
+
+
+def _dequant_flat(p2, s2, z2, g, o2, *, num_bits: int, in_features: int, group_size: int, rows: int) -> bool:
+    """Run the flat kernel when the case fits it (contiguous rows of whole words, each chunk in
+    one group); False leaves the case to the tiled kernel."""
+    per = 32 // num_bits
+    n = p2.shape[0]
+    if in_features != p2.shape[-1] * per or s2.numel() == 1:
+        return False
+    if g is None and (in_features % group_size or group_size % per or s2.shape[-1] != in_features // group_size):
+        return False
+    vec = VEC[num_bits]
+    if in_features % (per * vec) or (g is None and group_size % (per * vec)):
+        vec = 1
+    chunks = _flat_view(p2, vec)
+    if chunks is None:
+        vec, chunks = 1, p2.reshape(-1)
+    perc = per * vec
+    nc = n * in_features // perc
+    words, warps = FLAT.get(("g_idx" if g is not None else "zp" if z2 is not None else "sym", num_bits), FLAT_DEFAULT)
+    block = max(1, words // vec)
+    cpg = max(1, group_size // perc)
+    sub = max(1, perc * o2.element_size() // 16)        # 16-byte runs per chunk
+    zp_packed = z2 is not None and z2.dtype == torch.int32
+    _dequant_flat_kernel[(triton.cdiv(nc, block),)](
+        chunks, _bits_view(s2), z2 if z2 is not None else chunks, g if g is not None else chunks, _bits_view(o2),
+        nc, s2.shape[-1], cpg, in_features // perc, rows, -(-rows // per),
+        BITS=num_bits, VEC=vec, SUB=sub, WSHIFT=-1 if g is not None else _pow2_log(cpg), HAS_ZP=z2 is not None,
+        ZP_PACKED=zp_packed, ZP_ALIGNED=rows % per == 0, HAS_GIDX=g is not None, SCALE_KIND=_KIND[s2.dtype],
+        OUT_KIND=_KIND[o2.dtype], NATIVE=not _INTERPRET, WIDE=n * in_features >= _FLAT_LIMIT, BLOCK=block,
+        EVEN=nc % block == 0, num_warps=warps)
+    return True
+
+
+def _dequant_gidx_rows(p2, s2, z2, g, o2, *, num_bits: int, in_features: int, rows: int) -> bool:
+    """Run the "rows" g_idx kernel when rows hold whole words; False leaves it to the tiled kernel."""
+    per = 32 // num_bits
+    n, cw = p2.shape
+    if in_features != cw * per or s2.numel() == 1:
+        return False
+    block_r, block_c, warps = GIDX_ROWS
+    _dequant_gidx_rows_kernel[(triton.cdiv(n, block_r), triton.cdiv(cw, block_c))](
+        p2, _bits_view(s2), z2 if z2 is not None else p2, g, _bits_view(o2), n, cw, s2.shape[-1], rows,
+        -(-rows // per), BITS=num_bits, SUB=max(1, per * o2.element_size() // 16), HAS_ZP=z2 is not None,
+        ZP_PACKED=z2 is not None and z2.dtype == torch.int32, ZP_ALIGNED=rows % per == 0,
+        SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[o2.dtype], NATIVE=not _INTERPRET, BLOCK_R=block_r,
+        BLOCK_C=block_c, EVEN=n % block_r == 0 and cw % block_c == 0, num_warps=warps)
+    return True
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -173,18 +341,17 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: tor
         z2 = zero_point.reshape(-1, zero_point.shape[-1]).contiguous()      # [experts * words, groups]
     else:
         z2 = None if zero_point is None else zero_point.reshape(s2.shape).contiguous()
-    g = g_idx.to(device=packed.device, dtype=torch.int32).contiguous() if g_idx is not None else None
+    g = None
+    if g_idx is not None:
+        narrow = GIDX.endswith("16") and scale.shape[-1] <= 2**15
+        g = g_idx.to(device=packed.device, dtype=torch.int16 if narrow else torch.int32).contiguous()
     o2 = out.view(n, in_features)
     per = 32 // num_bits
-    total = n * in_features
-    if (g is None and z2 is None and s2.shape[-1] > 1 and in_features % group_size == 0
-            and in_features == p2.shape[-1] * per and group_size & (group_size - 1) == 0
-            and group_size % per == 0 and total < 2**31):
-        nw = total // per
-        _dequant_flat_kernel[(triton.cdiv(nw, FLAT["block_w"]),)](
-            p2, _bits_view(s2), _bits_view(o2), nw, BITS=num_bits, WSHIFT=(group_size // per).bit_length() - 1,
-            SCALE_KIND=_KIND[s2.dtype], OUT_KIND=_KIND[dtype], NATIVE=not _INTERPRET, BLOCK_W=FLAT["block_w"],
-            EVEN=nw % FLAT["block_w"] == 0, num_warps=FLAT["warps"])
+    if (g is None or GIDX.startswith("flat")) and _dequant_flat(p2, s2, z2, g, o2, num_bits=num_bits,
+                                                               in_features=in_features, group_size=group_size,
+                                                               rows=rows):
+        return out
+    if g is not None and _dequant_gidx_rows(p2, s2, z2, g, o2, num_bits=num_bits, in_features=in_features, rows=rows):
         return out
     block_r, block_w, warps = _BLOCKS[num_bits]
     block_k = block_w * per
