@@ -10,6 +10,7 @@ import os
 import pytest
 
 from conftest import BAD, FIXTURES, ROOT
+from ctformat_cli import render
 from ctformat_cli.main import main
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -22,6 +23,9 @@ def _cli(capsys, monkeypatch, *args: str) -> dict:
     """Run the CLI in-process from the repository root; exit code, stdout and stderr."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("COLUMNS", "120")
+    # the consoles measured their width when first imported, maybe in another test's environment
+    for console in (render.out, render.err):
+        monkeypatch.setattr(console, "width", 120)
     code = 0
     try:
         main(list(args))
