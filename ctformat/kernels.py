@@ -124,6 +124,22 @@ def _load_scale(at, mask, other, KIND: tl.constexpr, NATIVE: tl.constexpr, EVICT
 
 
 @triton.jit
+def _packed_zero(zp_ptr, r, g, GROUPS, ROWS, ZROWS, mask, other, BITS: tl.constexpr, PER: tl.constexpr,
+                 ZP_ALIGNED: tl.constexpr, EVICT: tl.constexpr):
+    # Row r's zero point for group g, from int32 words packed along each expert's rows: the
+    # word is row r // PER where experts hold whole words, else counted from the expert's start.
+    if ZP_ALIGNED:
+        zrow = r // PER
+        nib = r % PER
+    else:
+        e = r // ROWS
+        zrow = e * ZROWS + (r - e * ROWS) // PER
+        nib = (r - e * ROWS) % PER
+    zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=mask, other=other, eviction_policy=EVICT)
+    return ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+
+
+@triton.jit
 def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, NC, GROUPS, CPG, CW, ROWS, ZROWS,
                          BITS: tl.constexpr, VEC: tl.constexpr, SUB: tl.constexpr, WSHIFT: tl.constexpr,
                          HAS_ZP: tl.constexpr, ZP_PACKED: tl.constexpr, ZP_ALIGNED: tl.constexpr,
@@ -173,15 +189,7 @@ def _dequant_flat_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, NC, G
     if HAS_ZP:
         ZEVICT: tl.constexpr = "" if HAS_GIDX else "evict_last"
         if ZP_PACKED:       # int32 words along each expert's rows (dim -2), as stored since CT 0.9.4
-            if ZP_ALIGNED:  # experts hold whole zero-point words: row r's word is row r // PER
-                zrow = r // PER
-                nib = r % PER
-            else:
-                e = r // ROWS
-                zrow = e * ZROWS + (r - e * ROWS) // PER
-                nib = (r - e * ROWS) % PER
-            zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=zmask, other=other, eviction_policy=ZEVICT)
-            z = ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+            z = _packed_zero(zp_ptr, r, g, GROUPS, ROWS, ZROWS, zmask, other, BITS, PER, ZP_ALIGNED, ZEVICT)
         else:               # int8, shaped like the scale
             z = tl.load(zp_ptr + si, mask=zmask, other=other, eviction_policy=ZEVICT).to(tl.int32)
         q = q - (z if HAS_GIDX else z[:, :, None])
@@ -218,15 +226,7 @@ def _dequant_gidx_rows_kernel(packed_ptr, scale_ptr, zp_ptr, gidx_ptr, out_ptr, 
         s = _load_scale(scale_ptr + r * GROUPS + g, vmask, other, SCALE_KIND, NATIVE, "")
         if HAS_ZP:
             if ZP_PACKED:   # int32 words along each expert's rows (dim -2)
-                if ZP_ALIGNED:
-                    zrow = r // PER
-                    nib = r % PER
-                else:
-                    e = r // ROWS
-                    zrow = e * ZROWS + (r - e * ROWS) // PER
-                    nib = (r - e * ROWS) % PER
-                zw = tl.load(zp_ptr + zrow * GROUPS + g, mask=vmask, other=other)
-                z = ((zw >> (nib * BITS).to(tl.int32)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+                z = _packed_zero(zp_ptr, r, g, GROUPS, ROWS, ZROWS, vmask, other, BITS, PER, ZP_ALIGNED, "")
             else:           # int8, shaped like the scale
                 z = tl.load(zp_ptr + r * GROUPS + g, mask=vmask, other=other).to(tl.int32)
             q = q - z

@@ -114,6 +114,12 @@ def cli_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def cli(*args: str) -> tuple[int, str, str]:
+    """cli_in_process as (exit code, stdout, stderr)."""
+    r = cli_in_process(*args)
+    return r.returncode, r.stdout, r.stderr
+
+
 @pytest.fixture(scope="session")
 def ct014() -> Path:
     """compressed-tensors 0.14.0.1, the last release with the legacy sparse compressors, to put

@@ -6,8 +6,6 @@ their payloads are not part of the format."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,10 +8,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import BAD
+from conftest import BAD, cli
 from ctformat.gguf_header import open_gguf_model
 from ctformat.spec import GGML_TYPES
-from ctformat_cli.main import main
 from gguf_models import write_model
 from gguf_peers import need
 
@@ -19,14 +18,6 @@ gguf = need("gguf")
 need("sentencepiece")
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 def test_ggml_type_table_is_gguf_py_s():
@@ -41,20 +32,20 @@ def test_convert_inspect_validate(tmp_path, capsys):
     ct = write_model("mixtral", tmp_path / "mixtral", quantized=True)
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
-    code, text, err = cli(capsys, "convert", str(ct), str(out), "--to", "gguf", "--split-max-size", "20kB")
+    code, text, err = cli("convert", str(ct), str(out), "--to", "gguf", "--split-max-size", "20kB")
     assert code == 0, err
     assert text.startswith(f"wrote {out}: 14 modules repacked, 9 tensors copied") and "file(s)" in text
     shards = sorted(out.parent.iterdir())
     assert len(shards) > 2 and all(p.name.startswith("m-0000") for p in shards)
-    code, text, _ = cli(capsys, "inspect", str(shards[-1]), "--json")
+    code, text, _ = cli("inspect", str(shards[-1]), "--json")
     doc = json.loads(text)
     assert code == 0 and doc["schema"] == "ctformat.inspect-gguf/1" and doc["architecture"] == "llama"
     assert doc["ggml_types"]["Q4_0"]["tensors"] == 14 and doc["bits_per_quantized_weight"] == 4.5
     assert len(doc["files"]) == len(shards) and doc["tensors"] == 23 and doc["metadata"]["llama.expert_count"] == 4
-    code, text, _ = cli(capsys, "validate", str(out.parent), "--json")
+    code, text, _ = cli("validate", str(out.parent), "--json")
     doc = json.loads(text)
     assert code == 0 and doc["ok"] and doc["format"] == "gguf" and doc["tensors_checked"] == 23
-    code, text, _ = cli(capsys, "inspect", str(shards[0]))
+    code, text, _ = cli("inspect", str(shards[0]))
     assert code == 0 and "GGUF version 3" in text and "Q4_0" in text
 
 
@@ -84,19 +75,19 @@ def test_refusal_leaves_nothing_and_allow_lossy_reports(tmp_path, capsys):
     shutil.copy(ct / "tokenizer.model", tmp_path / "bad" / "tokenizer.model")
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = cli(capsys, "convert", str(tmp_path / "bad"), str(out / "m.gguf"), "--to", "gguf")
+    code, _, err = cli("convert", str(tmp_path / "bad"), str(out / "m.gguf"), "--to", "gguf")
     assert code == 1 and list(out.iterdir()) == []
     assert err.startswith("Error: model.layers.1.self_attn.o_proj: 1 of 128 scales change in fp16, the first at [2, 1]")
     assert err.rstrip().endswith("(pass --allow-lossy to write fp16(s) and report the error) [GCV-04]")
-    code, text, err = cli(capsys, "convert", str(tmp_path / "bad"), str(out / "m.gguf"), "--to", "gguf", "--allow-lossy")
+    code, text, err = cli("convert", str(tmp_path / "bad"), str(out / "m.gguf"), "--to", "gguf", "--allow-lossy")
     assert code == 0 and "--allow-lossy: 1 scale(s) rounded to fp16, largest relative error 0.00518" in text
 
 
 def test_options_belong_to_their_target(tmp_path, capsys):
     ct = write_model("llama", tmp_path / "llama", quantized=True)
-    code, _, err = cli(capsys, "convert", str(ct), str(tmp_path / "m.gguf"), "--to", "gguf", "--max-shard-size", "1GB")
+    code, _, err = cli("convert", str(ct), str(tmp_path / "m.gguf"), "--to", "gguf", "--max-shard-size", "1GB")
     assert code == 2 and "--to gguf takes --split-max-size" in err
-    code, _, err = cli(capsys, "convert", str(ct), str(tmp_path / "d"), "--to", "dense", "--outtype", "f16")
+    code, _, err = cli("convert", str(ct), str(tmp_path / "d"), "--to", "dense", "--outtype", "f16")
     assert code == 2 and "--outtype goes with --to gguf" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
 
@@ -131,7 +122,7 @@ def test_plan_drops_only_what_llama_cpp_drops(tmp_path):
 
 def test_every_bad_gguf_fixture_is_refused_by_inspect(capsys):
     for rule in ("GGUF-01", "GGUF-02", "GGUF-03", "GGUF-04", "GGUF-05", "GGUF-06"):
-        code, _, err = cli(capsys, "inspect", str(BAD / rule))
+        code, _, err = cli("inspect", str(BAD / rule))
         assert code == 1 and err.rstrip().endswith(f"[{rule}]"), err
         with pytest.raises(Exception) as exc:
             open_gguf_model(BAD / rule)

@@ -5,7 +5,6 @@ compressed-tensors' own AutoAWQConverter on ctformat's AWQ output, edge cases an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURES, REAL_FOLDERS, ROOT
+from conftest import FIXTURES, REAL_FOLDERS
 from ctformat.awq import from_awq, to_awq
 from ctformat.checkpoint import open_checkpoint
 from ctformat.convert import convert

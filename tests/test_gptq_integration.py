@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, REAL, tree_snapshot
+from conftest import FIXTURES, REAL, cli, tree_snapshot
 from ctformat.checkpoint import CT, GPTQ_FAMILIES, MARLIN, open_checkpoint
 from ctformat.convert import convert
 from ctformat.errors import UnsupportedError
@@ -21,21 +21,12 @@ from ctformat.summary import summarize
 from ctformat.to_dense import dequantize_checkpoint
 from ctformat.validate import validate_checkpoint
 from ctformat.writer import save_checkpoint
-from ctformat_cli.main import main
 
 E014 = REAL / "llmcompressor-0.14"
 E041 = REAL / "llmcompressor-0.4.1"
 IDS = torch.tensor([[1, 5, 9, 42, 3, 200, 17, 8]])
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +184,14 @@ def test_keep_names_and_mixed_eras(tmp_path):
 def test_cli_convert_gptq_awq_and_back(capsys, tmp_path):
     src = FIXTURES / "int4-g32-asym"
     before = tree_snapshot(src)
-    code, out, _ = cli(capsys, "convert", str(src), str(tmp_path / "g"), "--to", "gptq", "--gptq-format", "v2",
+    code, out, _ = cli("convert", str(src), str(tmp_path / "g"), "--to", "gptq", "--gptq-format", "v2",
                        "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["format"] == "gptq_v2"
     assert json.loads((tmp_path / "g" / "quantize_config.json").read_text())["format"] == "gptq_v2"
-    code, out, _ = cli(capsys, "convert", str(src), str(tmp_path / "a"), "--to", "awq", "--device", "cpu")
+    code, out, _ = cli("convert", str(src), str(tmp_path / "a"), "--to", "awq", "--device", "cpu")
     assert code == 0 and "modules repacked" in out and "awq format gemm" in out
     for name in ("g", "a"):
-        code, out, _ = cli(capsys, "convert", str(tmp_path / name), str(tmp_path / f"{name}-ct"), "--to",
+        code, out, _ = cli("convert", str(tmp_path / name), str(tmp_path / f"{name}-ct"), "--to",
                            "compressed-tensors", "--device", "cpu", "--json")
         assert code == 0 and json.loads(out)["modules_restored"] == 4
         assert not (tmp_path / f"{name}-ct" / "quantize_config.json").exists()
@@ -210,14 +201,14 @@ def test_cli_convert_gptq_awq_and_back(capsys, tmp_path):
 
 
 def test_cli_refusals_are_one_line_with_the_rule(capsys, tmp_path):
-    code, _, err = cli(capsys, "convert", str(FIXTURES / "int8-g32"), str(tmp_path / "o"), "--to", "awq",
+    code, _, err = cli("convert", str(FIXTURES / "int8-g32"), str(tmp_path / "o"), "--to", "awq",
                        "--device", "cpu")
     assert code == 1 and err.strip().endswith("[QCV-01]") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
-    code, _, err = cli(capsys, "convert", str(FIXTURES / "int4-g32"), str(tmp_path / "o"), "--to", "awq",
+    code, _, err = cli("convert", str(FIXTURES / "int4-g32"), str(tmp_path / "o"), "--to", "awq",
                        "--gptq-format", "v1")
     assert code == 2 and "--gptq-format goes with --to gptq" in err
-    code, _, err = cli(capsys, "convert", str(FIXTURES / "tiny-mixtral"), str(tmp_path / "o"), "--to", "gptq",
+    code, _, err = cli("convert", str(FIXTURES / "tiny-mixtral"), str(tmp_path / "o"), "--to", "gptq",
                        "--allow-lossy-scales")
     assert code == 2
 
@@ -228,9 +219,9 @@ def test_cli_allow_lossy_reports_what_was_rounded(capsys, tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight_scale"
     t[name][0, 0] = 1.5e-6                     # a bf16 value below fp16's normal range: rounds
     save_checkpoint(tmp_path / "src", t, c.config)
-    code, _, err = cli(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq")
+    code, _, err = cli("convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq")
     assert code == 1 and "[QCV-03]" in err and "--allow-lossy" in err
-    code, out, _ = cli(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq",
+    code, out, _ = cli("convert", str(tmp_path / "src"), str(tmp_path / "o"), "--to", "gptq",
                        "--allow-lossy", "--device", "cpu")
     assert code == 0 and "1 scales rounded to float16" in out
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]

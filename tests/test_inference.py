@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, REAL, REAL_FOLDERS, ROOT
+from conftest import FIXTURES, REAL, REAL_FOLDERS, ROOT, cli
 from ctformat.dequant import dequantize_module
 from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
@@ -126,7 +126,7 @@ def test_cli_compare_json_is_the_report_of_the_api(tmp_path, capsys):
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(9))
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     q = E014 / "w4a16-gptq-g128"          # GPTQ of DENSE
-    code, out, err = cli(capsys, "compare", str(q), str(DENSE), "--input-ids", str(tmp_path / "ids.json"),
+    code, out, err = cli("compare", str(q), str(DENSE), "--input-ids", str(tmp_path / "ids.json"),
                          "--dtype", "float32", "--device", "cpu", "--worst", "2", "--json")
     doc = json.loads(out)
     want = compare(q, DENSE, ids, device="cpu", dtype=torch.float32, worst=2)
@@ -247,7 +247,7 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(UnsupportedError, match="does not know the architecture 'frobnicator'"):
         load_model(tmp_path / "m", device="cpu")
     (tmp_path / "ids.json").write_text("[1, 2, 3]")
-    code, out, err = cli(capsys, "run", str(tmp_path / "m"), "--input-ids", str(tmp_path / "ids.json"))
+    code, out, err = cli("run", str(tmp_path / "m"), "--input-ids", str(tmp_path / "ids.json"))
     assert code == 1 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "does not know the architecture 'frobnicator'" in err
     assert len(err) < 300, err
@@ -263,15 +263,6 @@ def test_weights_transformers_would_not_read_are_an_error(tmp_path):
         load_model(tmp_path / "extra", device="cpu", stream=True).logits(IDS % 96)
 
 
-def cli(capsys, *args):
-    from ctformat_cli.main import main
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_run_and_compare(capsys, tmp_path):
@@ -290,16 +281,16 @@ def test_cli_run_and_compare(capsys, tmp_path):
 
 def test_cli_bad_input_exit_codes(capsys, tmp_path):
     (tmp_path / "ids.json").write_text("[1, 256]")
-    code, out, err = cli(capsys, "run", str(DENSE), "--text", "hi", "--device", "cpu")
+    code, out, err = cli("run", str(DENSE), "--text", "hi", "--device", "cpu")
     assert code == 2 and "no tokenizer" in err and "--input-ids" in err and out == ""
-    code, _, err = cli(capsys, "run", str(DENSE), "--input-ids", str(tmp_path / "ids.json"), "--device", "cpu")
+    code, _, err = cli("run", str(DENSE), "--input-ids", str(tmp_path / "ids.json"), "--device", "cpu")
     assert code == 2 and "token ids must lie in [0, 256)" in err and "found 256" in err
-    code, _, err = cli(capsys, "compare", str(DENSE), str(FIXTURES / "tiny-mixtral"), "--input-ids",
+    code, _, err = cli("compare", str(DENSE), str(FIXTURES / "tiny-mixtral"), "--input-ids",
                        str(tmp_path / "ids.json"))
     assert code == 2 and "different architectures" in err and "hidden_size: 384 vs 64" in err
-    code, _, err = cli(capsys, "run", str(DENSE))
+    code, _, err = cli("run", str(DENSE))
     assert code == 2 and "exactly one of --text and --input-ids" in err
-    code, _, err = cli(capsys, "run", str(tmp_path / "nothing"), "--input-ids", str(tmp_path / "ids.json"))
+    code, _, err = cli("run", str(tmp_path / "nothing"), "--input-ids", str(tmp_path / "ids.json"))
     assert code == 1 and "needs a local checkpoint" in err and "Traceback" not in err
 
 
@@ -322,17 +313,17 @@ def test_input_ids_inline_file_and_stdin_give_the_same_tokens(capsys, tmp_path, 
     docs = []
     for ids in ("1 17 42", "[1, 17, 42]", "1,17,42", str(tmp_path / "ids.txt"), "-"):
         monkeypatch.setattr("sys.stdin", __import__("io").StringIO("1 17 42"))
-        code, out, err = cli(capsys, "run", src, "--input-ids", ids, "--json", "--device", "cpu")
+        code, out, err = cli("run", src, "--input-ids", ids, "--json", "--device", "cpu")
         assert code == 0, err
         docs.append(json.loads(out))
     assert all(d["input_ids"] == [[1, 17, 42]] for d in docs)
     assert len({json.dumps(d["next_token"]) for d in docs}) == 1
-    code, out, err = cli(capsys, "run", src, "--input-ids", "ids.json", "--device", "cpu")
+    code, out, err = cli("run", src, "--input-ids", "ids.json", "--device", "cpu")
     assert code == 2 and "no such file either" in err and out == ""
 
 
 def test_run_times_the_forward_pass_without_streaming(capsys):
-    code, out, _ = cli(capsys, "run", str(E041 / "w4a16-gptq-g128"), "--input-ids", "1 2 3", "--json",
+    code, out, _ = cli("run", str(E041 / "w4a16-gptq-g128"), "--input-ids", "1 2 3", "--json",
                        "--device", "cpu", "--no-stream")
     timing = json.loads(out)["timing"]
     assert code == 0 and 0 < timing["compute_s"] <= timing["seconds"]
