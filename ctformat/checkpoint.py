@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .architectures import RouterVerdict, router_verdict
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError
 from .files import FileSource, LocalFiles
 from .header import TensorInfo, parse_index
@@ -162,6 +163,17 @@ class Checkpoint:
         else:
             fmt = q.group_format(group) if group is not None and group.weights is not None else None
         return Module(prefix, tensors, group, q.is_ignored(name), fmt, family=family)
+
+    def class_router(self, module: Module) -> RouterVerdict | None:
+        """For a dense module that a config group targets by the class `Linear` alone (no name,
+        no pattern), its verdict as an MoE router (spec/targets.md §5); None for any other."""
+        q, w = self.quant, module.tensors.get("weight")
+        if q is None or module.group is None or module.quantized or w is None or not w.shape:
+            return None
+        name = self.marlin.part_name(module.prefix) if self.marlin is not None else module.prefix
+        if q.group_for(name, linear=False) is not None:
+            return None
+        return router_verdict(self.config, module.prefix, w.shape[0])
 
     def transforms_of(self, module: Module) -> tuple[Transform, ...]:
         """The online transforms applied to a module (spec/formats.md §11)."""

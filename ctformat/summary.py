@@ -135,7 +135,9 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
                        "output_activations": _args(g.output_activations),
                        "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
     ignored = [m.prefix for m in mods.values() if m.ignored]
-    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear]
+    # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
+    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
+                    and getattr(ckpt.class_router(m), "linear", None) != "never"]
     total = sum(t.nbytes for t in ckpt.tensors.values())
     shard_sizes = defaultdict(int)
     for t in ckpt.tensors.values():

@@ -131,12 +131,28 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
         return [module_issue("TEN-10", m, m.quant_tensor, "quantized tensors, but no config group targets this module")]
     if not m.quantized:
         if scheme is not None and not m.ignored and m.is_linear and "weight" in m.tensors:
-            return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module, "
-                           "but it is stored dense (add it to ignore, or quantize it)")]
+            return _dense_targeted(ckpt, m)
         return []
     if not m.packed:
         return format_issues(ckpt, m)
     return list(_tensor_issues(ckpt, m))
+
+
+def _dense_targeted(ckpt: Checkpoint, m: Module) -> list[Issue]:
+    """TEN-11, or for a router the class `Linear` alone targets, what its producer's model built
+    (spec/targets.md §5): nothing when `Linear` never matched it, TEN-13 when only some eras did."""
+    router = ckpt.class_router(m)
+    if router is None or router.linear == "linear":
+        why = "" if router is None else f" ({router.why}: Linear matched it in every era)"
+        return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module{why}, "
+                             "but it is stored dense (add it to ignore, or quantize it)")]
+    if router.linear == "never":
+        return []
+    version = ckpt.quant.version
+    made = f"; quantization_config.version says compressed-tensors {version} wrote it" if version else ""
+    return [module_issue("TEN-13", m, "weight", f"config group {m.group.name} targets this dense MoE router only by "
+                         f"the class Linear, which matched it in some eras and not others ({router.why}){made}: "
+                         "add it to ignore to state the intent")]
 
 
 def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
