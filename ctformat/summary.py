@@ -29,13 +29,17 @@ _NOT_WEIGHT_BYTES = {"weight_shape", "shape", "bias", *ACTIVATION_PARAMS}
 _GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales": "scales"}
 
 
+# ASCII digits only: str.isdigit() and \d also take '²' (int() refuses it) and '٣' (int() reads 3)
+_NUMBER = re.compile(r"([0-9]+)")
+
+
 def fold_names(names: Iterable[str]) -> list[str]:
     """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
     groups: dict[tuple[str, ...], list[list[int]]] = {}
     for name in names:
         parts = name.split(".")
-        key = tuple("#" if p.isdigit() else p for p in parts)
-        nums = [int(p) for p in parts if p.isdigit()]
+        key = tuple("#" if _NUMBER.fullmatch(p) else p for p in parts)
+        nums = [int(p) for p in parts if _NUMBER.fullmatch(p)]
         groups.setdefault(key, []).append(nums)
     out = []
     for key, rows in groups.items():
@@ -54,7 +58,7 @@ def _span(values: list[int]) -> str:
 
 
 def _natural(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    return [int(t) if k % 2 else t for k, t in enumerate(_NUMBER.split(s))]
 
 
 def _params(m: Module) -> int:
