@@ -53,8 +53,8 @@ class Module:
         GPTQ/AWQ checkpoint qweight, qzeros, scales, g_idx (and stray compressed-tensors names),
         elsewhere the compressed-tensors sets or B."""
         if self.family in GPTQ_FAMILIES:
-            return any(k in GPTQ_PARAMS or k in QUANT_PARAMS for k in self.tensors)
-        return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
+            return not _GPTQ_KEYS.isdisjoint(self.tensors)
+        return not _CT_KEYS.isdisjoint(self.tensors)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -99,10 +99,18 @@ class Module:
             return True
         if self.rotation is not None:
             return False                  # a transform's matrix, not a layer of the model
-        w = self.tensors.get("weight")
-        last = self.prefix.rsplit(".", 1)[-1]
-        return (w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES
-                and not last.endswith("norm"))
+        return _looks_linear(self.prefix, self.tensors)
+
+
+_CT_KEYS = frozenset(QUANT_PARAMS) | {"B"}                 # Module.quantized, by family
+_GPTQ_KEYS = frozenset(GPTQ_PARAMS) | frozenset(QUANT_PARAMS)
+
+
+def _looks_linear(prefix: str, tensors: Mapping[str, TensorInfo]) -> bool:
+    """Module.is_linear of a module that is neither quantized nor a rotation (spec §4.3)."""
+    w = tensors.get("weight")
+    last = prefix.rpartition(".")[2]
+    return w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES and not last.endswith("norm")
 
 
 class Checkpoint:
@@ -139,10 +147,15 @@ class Checkpoint:
         """Every module, by prefix, with the config group that targets it."""
         if self._modules is None:
             by_prefix: dict[str, dict[str, TensorInfo]] = {}
+            suffixes: dict[str, str] = {}         # one str object per distinct suffix, not per tensor
             for name, info in self.tensors.items():
                 prefix, _, suffix = name.rpartition(".")
-                by_prefix.setdefault(prefix, {})[suffix] = info
-            self._modules = {p: self._module(p, t) for p, t in by_prefix.items()}
+                found = by_prefix.get(prefix)
+                if found is None:
+                    by_prefix[prefix] = {suffixes.setdefault(suffix, suffix): info}
+                else:
+                    found[suffixes.setdefault(suffix, suffix)] = info
+            self._modules = dict(zip(by_prefix, map(self._module, by_prefix, by_prefix.values())))
         return self._modules
 
     def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
@@ -155,7 +168,8 @@ class Checkpoint:
         rotation = None if self.marlin is not None else q.rotation_of(prefix)
         if rotation is not None:              # never targeted by quantization (CT's internal module)
             return Module(prefix, tensors, rotation=rotation, family=family)
-        linear = Module(prefix, tensors).is_linear
+        # Module(prefix, tensors).is_linear (no family: the compressed-tensors sets), without building it
+        linear = not _CT_KEYS.isdisjoint(tensors) or _looks_linear(prefix, tensors)
         name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
         group = q.group_for(name, linear=linear)
         if q.sparse_targets(name, linear=linear) and "compressed" in tensors:
@@ -243,7 +257,7 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
     shards, index = ([single], None) if single else _find_shards(files)
     tensors = _headers(files, shards, index, fail)
     unread = {p.file for p in problems if p.rule.startswith(("HDR", "FILE-05"))}
-    for name, shard in (index or {}).items():
+    for name, shard in (index or {}).items() if index is not None and not index.keys() <= tensors.keys() else ():
         if name not in tensors and shard not in unread:
             fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
                              file=INDEX_NAME, where=name))
@@ -338,6 +352,10 @@ def _headers(files: FileSource, shards: list[str], index: dict[str, str] | None,
             found, _ = files.header(shard)
         except HeaderError as err:
             fail(err)
+            continue
+        if (list(map(index.get, found)).count(shard) == len(found) if index is not None
+                else tensors.keys().isdisjoint(found)):
+            tensors.update(found)         # the common case, checked in C (the loop below words a problem)
             continue
         for name, info in found.items():
             if name in tensors:
