@@ -69,7 +69,7 @@ class Module:
     @property
     def kv_cache(self) -> bool:
         """Holds kv-cache scales (an attention module, spec/formats.md §10)."""
-        return any(k in KV_PARAMS for k in self.tensors)
+        return not _KV_KEYS.isdisjoint(self.tensors)
 
     @property
     def quant_tensor(self) -> str:
@@ -102,6 +102,7 @@ class Module:
         return _looks_linear(self.prefix, self.tensors)
 
 
+_KV_KEYS = frozenset(KV_PARAMS)
 _CT_KEYS = frozenset(QUANT_PARAMS) | {"B"}                 # Module.quantized, by family
 _GPTQ_KEYS = frozenset(GPTQ_PARAMS) | frozenset(QUANT_PARAMS)
 
