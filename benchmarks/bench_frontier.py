@@ -76,7 +76,7 @@ def in_process(root: Path) -> dict:
     t1 = time.perf_counter()
     ckpt.modules()
     t2 = time.perf_counter()
-    doc = summarize(ckpt).data
+    doc = summarize(ckpt)
     t3 = time.perf_counter()
     report = validate_checkpoint(root)
     t4 = time.perf_counter()

@@ -6,12 +6,15 @@ Opening a checkpoint reads no tensor data; torch is imported only when a tensor 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .architectures import RouterVerdict, router_verdict
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, SpecError
 from .files import FileSource, LocalFiles
 from .header import TensorInfo, parse_index
@@ -52,8 +55,8 @@ class Module:
         GPTQ/AWQ checkpoint qweight, qzeros, scales, g_idx (and stray compressed-tensors names),
         elsewhere the compressed-tensors sets or B."""
         if self.family in GPTQ_FAMILIES:
-            return any(k in GPTQ_PARAMS or k in QUANT_PARAMS for k in self.tensors)
-        return any(k in QUANT_PARAMS for k in self.tensors) or "B" in self.tensors
+            return not _GPTQ_KEYS.isdisjoint(self.tensors)
+        return not _CT_KEYS.isdisjoint(self.tensors)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -68,7 +71,7 @@ class Module:
     @property
     def kv_cache(self) -> bool:
         """Holds kv-cache scales (an attention module, spec/formats.md §10)."""
-        return any(k in KV_PARAMS for k in self.tensors)
+        return not _KV_KEYS.isdisjoint(self.tensors)
 
     @property
     def quant_tensor(self) -> str:
@@ -98,10 +101,19 @@ class Module:
             return True
         if self.rotation is not None:
             return False                  # a transform's matrix, not a layer of the model
-        w = self.tensors.get("weight")
-        last = self.prefix.rsplit(".", 1)[-1]
-        return (w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES
-                and not last.endswith("norm"))
+        return _looks_linear(self.prefix, self.tensors)
+
+
+_KV_KEYS = frozenset(KV_PARAMS)
+_CT_KEYS = frozenset(QUANT_PARAMS) | {"B"}                 # Module.quantized, by family
+_GPTQ_KEYS = frozenset(GPTQ_PARAMS) | frozenset(QUANT_PARAMS)
+
+
+def _looks_linear(prefix: str, tensors: Mapping[str, TensorInfo]) -> bool:
+    """Module.is_linear of a module that is neither quantized nor a rotation (spec §4.3)."""
+    w = tensors.get("weight")
+    last = prefix.rpartition(".")[2]
+    return w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES and not last.endswith("norm")
 
 
 class Checkpoint:
@@ -137,12 +149,21 @@ class Checkpoint:
     def modules(self) -> dict[str, Module]:
         """Every module, by prefix, with the config group that targets it."""
         if self._modules is None:
-            by_prefix: dict[str, dict[str, TensorInfo]] = {}
-            for name, info in self.tensors.items():
-                prefix, _, suffix = name.rpartition(".")
-                by_prefix.setdefault(prefix, {})[suffix] = info
-            self._modules = {p: self._module(p, t) for p, t in by_prefix.items()}
+            with _no_gc():
+                self._modules = self._build_modules()
         return self._modules
+
+    def _build_modules(self) -> dict[str, Module]:
+        by_prefix: dict[str, dict[str, TensorInfo]] = {}
+        suffixes: dict[str, str] = {}         # one str object per distinct suffix, not per tensor
+        for name, info in self.tensors.items():
+            prefix, _, suffix = name.rpartition(".")
+            found = by_prefix.get(prefix)
+            if found is None:
+                by_prefix[prefix] = {suffixes.setdefault(suffix, suffix): info}
+            else:
+                found[suffixes.setdefault(suffix, suffix)] = info
+        return dict(zip(by_prefix, map(self._module, by_prefix, by_prefix.values())))
 
     def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
         family = self.family
@@ -154,7 +175,8 @@ class Checkpoint:
         rotation = None if self.marlin is not None else q.rotation_of(prefix)
         if rotation is not None:              # never targeted by quantization (CT's internal module)
             return Module(prefix, tensors, rotation=rotation, family=family)
-        linear = Module(prefix, tensors).is_linear
+        # Module(prefix, tensors).is_linear (no family: the compressed-tensors sets), without building it
+        linear = not _CT_KEYS.isdisjoint(tensors) or _looks_linear(prefix, tensors)
         name = self.marlin.part_name(prefix) if self.marlin is not None else prefix
         group = q.group_for(name, linear=linear)
         if q.sparse_targets(name, linear=linear) and "compressed" in tensors:
@@ -162,6 +184,17 @@ class Checkpoint:
         else:
             fmt = q.group_format(group) if group is not None and group.weights is not None else None
         return Module(prefix, tensors, group, q.is_ignored(name), fmt, family=family)
+
+    def class_router(self, module: Module) -> RouterVerdict | None:
+        """For a dense module that a config group targets by the class `Linear` alone (no name,
+        no pattern), its verdict as an MoE router (spec/targets.md §5); None for any other."""
+        q, w = self.quant, module.tensors.get("weight")
+        if q is None or module.group is None or module.quantized or w is None or not w.shape:
+            return None
+        name = self.marlin.part_name(module.prefix) if self.marlin is not None else module.prefix
+        if q.group_for(name, linear=False) is not None:
+            return None
+        return router_verdict(self.config, module.prefix, w.shape[0])
 
     def transforms_of(self, module: Module) -> tuple[Transform, ...]:
         """The online transforms applied to a module (spec/formats.md §11)."""
@@ -228,15 +261,30 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
 
     config = _config(files, fail)
     quant, marlin, gptq = _quantization(config, _quantize_config(files, fail), fail)
-    shards, index = ([single], None) if single else _find_shards(files)
-    tensors = _headers(files, shards, index, fail)
+    with _no_gc():
+        shards, index = ([single], None) if single else _find_shards(files)
+        tensors = _headers(files, shards, index, fail)
     unread = {p.file for p in problems if p.rule.startswith(("HDR", "FILE-05"))}
-    for name, shard in (index or {}).items():
+    for name, shard in (index or {}).items() if index is not None and not index.keys() <= tensors.keys() else ():
         if name not in tensors and shard not in unread:
             fail(HeaderError(f"the index places this tensor in {shard}, whose header lacks it", rule="FILE-06",
                              file=INDEX_NAME, where=name))
     return Checkpoint(files, shards=shards, config=config, quant=quant, tensors=tensors, problems=problems,
                       marlin=marlin, gptq=gptq)
+
+
+@contextmanager
+def _no_gc():
+    """The cycle collector paused while ~200k records that hold no cycles are built: otherwise
+    each of its passes walks every object made so far, and a 1 T checkpoint's headers cost
+    twice as long."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _config(files: FileSource, fail) -> dict[str, Any] | None:
@@ -326,6 +374,10 @@ def _headers(files: FileSource, shards: list[str], index: dict[str, str] | None,
             found, _ = files.header(shard)
         except HeaderError as err:
             fail(err)
+            continue
+        if (list(map(index.get, found)).count(shard) == len(found) if index is not None
+                else tensors.keys().isdisjoint(found)):
+            tensors.update(found)         # the common case, checked in C (the loop below words a problem)
             continue
         for name, info in found.items():
             if name in tensors:

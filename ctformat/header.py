@@ -124,7 +124,6 @@ _STR, _INT = r'[^"\\\x00-\x1f]*', r"(?:0|[1-9][0-9]*)"
 _METADATA = re.compile(r'\{"__metadata__":(\{(?:"%s":"%s"(?:,"%s":"%s")*)?\})' % ((_STR,) * 4))
 _ENTRY = re.compile(r'([{,])"(%s)":\{"dtype":"([A-Z0-9_]+)","shape":\[(%s(?:,%s)*)?\],"data_offsets":\[(%s),(%s)\]\}'
                     r"|(.)" % (_STR, _INT, _INT, _INT, _INT), re.DOTALL)      # (.): any text outside it
-_COLUMNS = [itemgetter(k) for k in range(7)]
 _CODES = {code: code for code in DTYPE_SIZES}          # one str object per dtype code
 _new_info = partial(tuple.__new__, TensorInfo)    # TensorInfo from a 6-tuple, without a Python call
 
@@ -138,23 +137,23 @@ def _compact_header(raw: bytes, file_size: int, file: str) -> tuple[dict[str, Te
         return None
     head = _METADATA.match(text)
     rows = _ENTRY.findall(text, head.end() if head else 0)
-    sep, name, dtype, shape, begin, end, other = _COLUMNS
-    rest = "".join(map(other, rows))            # what the grammar left: must be the closing } alone
+    if not rows:
+        return None
+    seps, names, dtypes, shapes, begins, ends, others = zip(*rows)     # the columns, in one pass
+    rest = "".join(others)                # what the grammar left: must be the closing } alone
     n = len(rows) - len(rest)
     if not n or rest.rstrip(" \t\n\r") != "}":
         return None
-    rows = rows[:n]                       # the entries, each with its separator: { or , then , , ...
-    if "".join(map(sep, rows)) != ("," if head else "{") + "," * (n - 1):
+    if n < len(rows):                     # the entries, each with its separator: { or , then , , ...
+        seps, names, dtypes, shapes, begins, ends = (c[:n] for c in (seps, names, dtypes, shapes, begins, ends))
+    if "".join(seps) != ("," if head else "{") + "," * (n - 1):
         return None                       # (text the grammar skipped in between has no separator)
-    names = list(map(name, rows))
-    begins, ends = list(map(begin, rows)), list(map(end, rows))
     if begins[0] != "0" or begins[1:] != ends[:-1] or len(set(names)) != n or "__metadata__" in names:
         return None                       # not in data order, a duplicate name, or a tensor called __metadata__
     try:
-        codes = list(map(_CODES.__getitem__, map(dtype, rows)))
+        codes = list(map(_CODES.__getitem__, dtypes))
     except KeyError:
         return None
-    shapes = list(map(shape, rows))
     tuples = {s: tuple(map(int, s.split(","))) if s else () for s in set(shapes)}
     shapes = list(map(tuples.__getitem__, shapes))
     nbytes = list(map(mul, map(prod, shapes), map(DTYPE_SIZES.__getitem__, codes)))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 
+from .architectures import router_verdict
 from .checkpoint import Checkpoint, Module
 from .names import expert_parts, loader_name
-from .report import Issue, issue
+from .report import Issue, issue, module_issue
 from .scheme import QuantGroup, QuantScheme, Strategy
 from .spec import DENSE_FORMAT, EXPERT_RENAMES, FUSED_SIBLINGS, MARLIN_GROUP_SIZES, MOE_PARTS, PACK_QUANTIZED
 
@@ -51,7 +52,7 @@ def vllm_issues(ckpt: Checkpoint) -> list[Issue]:
         if g.weights is not None:
             out += _scheme_issues(q.group_format(g), g, f"quantization_config.config_groups.{g.name}")
     out += _moe_issues(ckpt) + _expert_name_issues(ckpt) + _block_issues(ckpt) + _transform_issues(ckpt)
-    out += _kv_issues(q)
+    out += _kv_issues(q) + _router_issues(ckpt)
     return _dedupe(out)
 
 
@@ -280,6 +281,24 @@ def _expert_name_issues(ckpt: Checkpoint) -> list[Issue]:
                               f"experts {'quantized' if vllm_quantized else 'dense'} and the weights do not load; "
                               "list both names (or a pattern matching both)"))
     return out
+
+
+def _router_issues(ckpt: Checkpoint) -> list[Issue]:
+    """VLLM-11 (an error): vLLM builds every MoE router unquantized (GateLinear, or
+    ReplicatedLinear without a quant_config), so a router stored quantized cannot load
+    (spec/targets.md §4). One finding, at the first such router."""
+    found = []
+    for prefix, m in ckpt.modules().items():
+        rows = next((m.tensors[k].shape[0] for k in ("weight_packed", "weight") if k in m.tensors
+                     and m.tensors[k].shape), None)
+        if m.quantized and router_verdict(ckpt.config, prefix, rows) is not None:
+            found.append(m)
+    if not found:
+        return []
+    more = f" (and {len(found) - 1} more routers)" if len(found) > 1 else ""
+    return [module_issue("VLLM-11", found[0], found[0].quant_tensor, f"an MoE router stored quantized{more}: vLLM "
+                         "builds every router unquantized (GateLinear / ReplicatedLinear without a quant_config) and "
+                         "has no parameter to load it into; keep routers dense and list them in ignore")]
 
 
 def _block_issues(ckpt: Checkpoint) -> list[Issue]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from math import prod
+from operator import itemgetter
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint, Module
@@ -29,19 +30,25 @@ _NOT_WEIGHT_BYTES = {"weight_shape", "shape", "bias", *ACTIVATION_PARAMS}
 _GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales": "scales"}
 
 
+# ASCII digits only: str.isdigit() and \d also take '²' (int() refuses it) and '٣' (int() reads 3)
+_NUMBER = re.compile(r"([0-9]+)")
+_NUMBER_PART = re.compile(r"(?<![^.])([0-9]+)(?![^.])")     # a whole dot-separated part of ASCII digits
+
+
 def fold_names(names: Iterable[str]) -> list[str]:
     """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
-    groups: dict[tuple[str, ...], list[list[int]]] = {}
-    for name in names:
-        parts = name.split(".")
-        key = tuple("#" if p.isdigit() else p for p in parts)
-        nums = [int(p) for p in parts if p.isdigit()]
-        groups.setdefault(key, []).append(nums)
+    groups: dict[tuple[str, ...], list[list[str]]] = {}
+    for pieces in map(_NUMBER_PART.split, names):      # text, number, text, ..., text
+        key = tuple(pieces[::2])
+        found = groups.get(key)
+        if found is None:
+            groups[key] = [pieces[1::2]]
+        else:
+            found.append(pieces[1::2])
     out = []
     for key, rows in groups.items():
-        cols = [sorted({r[i] for r in rows}) for i in range(len(rows[0]))]
-        it = iter(cols)
-        out.append(".".join(_span(next(it)) if p == "#" else p for p in key))
+        spans = [_span(sorted({int(r[i]) for r in rows})) for i in range(len(key) - 1)]
+        out.append("".join(part for pair in zip(key, spans) for part in pair) + key[-1])
     return sorted(out, key=_natural)
 
 
@@ -54,7 +61,7 @@ def _span(values: list[int]) -> str:
 
 
 def _natural(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    return [int(t) if k % 2 else t for k, t in enumerate(_NUMBER.split(s))]
 
 
 def _params(m: Module) -> int:
@@ -89,6 +96,39 @@ def _in_features(m: Module) -> int:
     return packed.shape[-1] * 32 // bits
 
 
+_DTYPE_SHAPE = itemgetter(1, 2)           # of a TensorInfo
+
+
+def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
+    """What the document counts of each module, once per layout: modules with one group, format,
+    GPTQ scheme, rotation and the same tensor names, dtypes and shapes count alike (a 1 T
+    checkpoint's ~70k modules have a few dozen layouts). (first module, how many, (bytes by
+    role, bytes by dtype, quantized, weights it stands for, bytes of its weight storage,
+    parameters outside quantization tensors))."""
+    first: dict[tuple, Module] = {}
+    count: dict[tuple, int] = defaultdict(int)
+    for m in modules:
+        key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, tuple(m.tensors),
+               tuple(map(_DTYPE_SHAPE, m.tensors.values())))
+        first.setdefault(key, m)
+        count[key] += 1
+    return [(m, count[key], _layout(m)) for key, m in first.items()]
+
+
+def _layout(m: Module) -> tuple:
+    t, is_q = m.tensors, m.quantized
+    roles = [(_role(m, k), x.nbytes) for k, x in t.items()]
+    dtypes = [(x.dtype, x.nbytes) for x in t.values()]
+    # every tensor that is not a quantization tensor, a scale or a rotation (a quantized module's
+    # `weight` holds its quantized values, counted as its weights)
+    kept = _GPTQ_ROLES if m.is_gptq else _ROLES
+    others = 0 if m.rotation is not None else sum(x.numel for k, x in t.items()
+                                                  if k not in kept or (k == "weight" and not is_q))
+    params = _params(m) if is_q else 0
+    weight_bytes = sum(x.nbytes for k, x in t.items() if k not in _NOT_WEIGHT_BYTES) if is_q else 0
+    return roles, dtypes, is_q, params, weight_bytes, others
+
+
 def _role(m: Module, suffix: str) -> str:
     roles = _GPTQ_ROLES if m.is_gptq else _ROLES
     return "transforms" if m.rotation is not None else roles.get(suffix, "other")
@@ -106,24 +146,28 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
     mods = ckpt.modules()
+    layouts = _layouts(mods.values())
     by_role, by_dtype = defaultdict(int), defaultdict(int)
-    for m in mods.values():
-        for suffix, t in m.tensors.items():
-            by_role[_role(m, suffix)] += t.nbytes
-            by_dtype[t.dtype] += t.nbytes
+    q_params = q_bytes = other_params = 0
+    per_group: dict[int, list[int]] = defaultdict(lambda: [0, 0])      # id(group) -> [params, weight bytes]
+    for m, n, (roles, dtypes, is_q, params, weight_bytes, others) in layouts:
+        for role, nbytes in roles:
+            by_role[role] += n * nbytes
+        for dtype, nbytes in dtypes:
+            by_dtype[dtype] += n * nbytes
+        other_params += n * others
+        if is_q:
+            q_params += n * params
+            q_bytes += n * weight_bytes
+            tally = per_group[id(m.group)]
+            tally[0] += n * params
+            tally[1] += n * weight_bytes
     quantized = [m for m in mods.values() if m.quantized]
-    q_params = sum(_params(m) for m in quantized)
-    q_bytes = sum(t.nbytes for m in quantized for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
-    # every tensor that is not a quantization tensor, a scale or a rotation (a quantized module's
-    # `weight` holds its quantized values, counted above)
-    other_params = sum(t.numel for m in mods.values() if m.rotation is None for k, t in m.tensors.items()
-                       if k not in (_GPTQ_ROLES if m.is_gptq else _ROLES) or (k == "weight" and not m.quantized))
     groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
     for g in (q.groups if q else ()):
         members = [m for m in quantized if m.group is g]
         w = g.weights
-        gp = sum(_params(m) for m in members)
-        gb = sum(t.nbytes for m in members for k, t in m.tensors.items() if k not in _NOT_WEIGHT_BYTES)
+        gp, gb = per_group.get(id(g), (0, 0))
         groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
                        "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
                        "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
@@ -135,7 +179,9 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
                        "output_activations": _args(g.output_activations),
                        "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
     ignored = [m.prefix for m in mods.values() if m.ignored]
-    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear]
+    # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
+    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
+                    and getattr(ckpt.class_router(m), "linear", None) != "never"]
     total = sum(t.nbytes for t in ckpt.tensors.values())
     shard_sizes = defaultdict(int)
     for t in ckpt.tensors.values():

@@ -7,7 +7,8 @@ validate_marlin's, the GPTQ/AWQ rules validate_gptq's; the loader profiles (--ta
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from operator import itemgetter
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .checkpoint import Checkpoint, Module
 from .errors import CheckpointNotFoundError, SpecError
@@ -70,8 +71,8 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
     if any(i.rule.startswith(_CONFIG_RULES) for i in issues):
         return Report(path, tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
     issues += _config_warnings(ckpt) + config_issues(ckpt)
-    for m in modules.values():
-        issues += check_module(ckpt, m)
+    for found in _static_issues(ckpt, modules.values()):
+        issues += found
     issues += checkpoint_issues(ckpt)
     issues += _sibling_issues(ckpt)
     if target is not None:
@@ -94,8 +95,8 @@ def raise_for_errors(ckpt: Checkpoint) -> None:
     exists: the checkpoint's file problems, then every module's static errors."""
     if ckpt.problems:
         raise ckpt.problems[0]
-    for m in ckpt.modules().values():
-        for found in check_module(ckpt, m):
+    for issues in _static_issues(ckpt, ckpt.modules().values()):
+        for found in issues:
             if found.severity == "error":
                 raise found.as_error()
     for found in checkpoint_issues(ckpt):
@@ -131,12 +132,51 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
         return [module_issue("TEN-10", m, m.quant_tensor, "quantized tensors, but no config group targets this module")]
     if not m.quantized:
         if scheme is not None and not m.ignored and m.is_linear and "weight" in m.tensors:
-            return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module, "
-                           "but it is stored dense (add it to ignore, or quantize it)")]
+            return _dense_targeted(ckpt, m)
         return []
     if not m.packed:
         return format_issues(ckpt, m)
     return list(_tensor_issues(ckpt, m))
+
+
+def _static_issues(ckpt: Checkpoint, modules: Iterable[Module]) -> Iterator[list[Issue]]:
+    """check_module of each module. The TEN rules judge a pack-quantized module by its group and
+    its tensors' names, dtypes and shapes alone, so one layout found clean is clean again: the
+    ~70k experts of a 1 T checkpoint share a handful of layouts."""
+    clean: set = set()
+    for m in modules:
+        if m.packed and m.quantized and not m.ignored and not m.is_gptq and not (ckpt.marlin is not None
+                                                                                 and m.is_marlin):
+            key = (id(m.group), tuple(m.tensors), tuple(map(_DTYPE_SHAPE, m.tensors.values())))
+            if key in clean:
+                yield []
+                continue
+            found = check_module(ckpt, m)
+            if not found:
+                clean.add(key)
+            yield found
+        else:
+            yield check_module(ckpt, m)
+
+
+_DTYPE_SHAPE = itemgetter(1, 2)           # of a TensorInfo
+
+
+def _dense_targeted(ckpt: Checkpoint, m: Module) -> list[Issue]:
+    """TEN-11, or for a router the class `Linear` alone targets, what its producer's model built
+    (spec/targets.md §5): nothing when `Linear` never matched it, TEN-13 when only some eras did."""
+    router = ckpt.class_router(m)
+    if router is None or router.linear == "linear":
+        why = "" if router is None else f" ({router.why}: Linear matched it in every era)"
+        return [module_issue("TEN-11", m, "weight", f"config group {m.group.name} targets this module{why}, "
+                             "but it is stored dense (add it to ignore, or quantize it)")]
+    if router.linear == "never":
+        return []
+    version = ckpt.quant.version
+    made = f"; quantization_config.version says compressed-tensors {version} wrote it" if version else ""
+    return [module_issue("TEN-13", m, "weight", f"config group {m.group.name} targets this dense MoE router only by "
+                         f"the class Linear, which matched it in some eras and not others ({router.why}){made}: "
+                         "add it to ignore to state the intent")]
 
 
 def _tensor_issues(ckpt: Checkpoint, m: Module) -> Iterator[Issue]:
@@ -222,17 +262,18 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
     out = []
     for prefix, m in mods.items():
         parent, _, leaf = prefix.rpartition(".")
-        for family in FUSED_SIBLINGS:
-            if leaf != family[0]:
-                continue
+        for family in _FIRST_SIBLING.get(leaf, ()):
             sibs = [x for x in (mods.get(f"{parent}.{name}") for name in family) if x is not None]
             if any(x.quantized and x.scheme is None for x in sibs):
                 continue                      # already TEN-10
-            kinds = {(x.quantized, x.scheme if x.quantized else None) for x in sibs}
-            if len(kinds) > 1:
+            kinds = [(x.quantized, x.scheme if x.quantized else None) for x in sibs]
+            if any(k != kinds[0] for k in kinds):      # (equal objects first: no scheme is hashed)
                 desc = ", ".join(f"{x.prefix.rpartition('.')[2]}={_precision(x)}" for x in sibs)
                 out.append(module_issue("TEN-12", m, None, f"fused siblings differ ({desc}); vLLM requires one scheme"))
     return out
+
+
+_FIRST_SIBLING = {f[0]: tuple(g for g in FUSED_SIBLINGS if g[0] == f[0]) for f in FUSED_SIBLINGS}
 
 
 def _precision(m: Module) -> str:

@@ -1,5 +1,6 @@
 """Class targets per MoE family (spec/targets.md): the router table checked against the classes
-transformers really builds, and the decision rule applied to one tiny checkpoint per family."""
+transformers really builds, and validate's rule (TEN-11, TEN-13, VLLM-11) on one tiny checkpoint
+per family."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from ctformat.checkpoint import open_checkpoint
 from ctformat.writer import save_checkpoint
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
+from ctformat.summary import summarize
 from ctformat.validate import validate_checkpoint
 
 MOE = FIXTURES / "moe"
@@ -83,38 +85,40 @@ def test_router_table_is_what_transformers_4_builds():
     assert check_era(probe(sys.executable, {}, env), TF4) >= 8
 
 
-def apply_rule(path) -> tuple[list, list]:
-    """validate's issues after the class-target rule: a TEN-11 on a router that "Linear" never
-    matched goes, one it may have matched becomes a warning, one it always matched stays."""
-    ckpt = open_checkpoint(path)
-    errors, warnings = [], []
-    for issue in validate_checkpoint(path).issues:
-        target = warnings if issue.severity == "warning" else errors
-        if issue.rule == "TEN-11":
-            m = ckpt.modules()[issue.where.removesuffix(".weight")]
-            verdict = router_verdict(ckpt.config, m.prefix, m.tensors["weight"].shape[0])
-            if verdict is not None and verdict.linear != "linear":
-                target = warnings if verdict.linear == "depends" else None
-        if target is not None:
-            target.append(issue)
-    return errors, warnings
+EXPECTED_WARNINGS = {"qwen3-moe": 2, "mixtral-5x": 2}           # TEN-13, one per MoE layer (spec/targets.md §6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_validates_with_zero_errors_under_the_rule(family):
-    errors, warnings = apply_rule(MOE / family)
-    assert errors == []
-    expected_warnings = {"qwen3-moe": 2, "mixtral-5x": 2}.get(family, 0)      # one per MoE layer
-    assert len(warnings) == expected_warnings, [str(w) for w in warnings]
+def test_each_family_validates_with_zero_errors(family):
+    """validate resolves the class target per router: no family errors, and only the routers
+    that `Linear` matched in some eras warn (TEN-13), with or without --target vllm."""
+    for target in (None, "vllm"):
+        report = validate_checkpoint(MOE / family, target=target)
+        assert report.errors == (), [str(i) for i in report.errors]
+        warned = [i for i in report.warnings if i.rule == "TEN-13"]
+        assert len(warned) == EXPECTED_WARNINGS.get(family, 0), [str(w) for w in report.warnings]
+        assert all(i.rule == "TEN-13" for i in report.warnings), [str(w) for w in report.warnings]
 
 
-def test_the_rule_changes_nothing_but_routers():
-    """Today's TEN-11 errors on these fixtures are exactly their unlisted routers."""
-    for family in FAMILIES:
-        ckpt = open_checkpoint(MOE / family)
-        for issue in validate_checkpoint(MOE / family).errors:
-            assert issue.rule == "TEN-11", (family, str(issue))
-            assert router_verdict(ckpt.config, issue.where.removesuffix(".weight"), None) is not None
+def test_ten_13_says_why_per_era_and_names_the_producer():
+    (first, _) = validate_checkpoint(MOE / "qwen3-moe").warnings
+    assert first.where == "model.layers.0.mlp.gate.weight"
+    assert "transformers 4.x: Linear" in first.message and "transformers 5.x: Qwen3MoeTopKRouter" in first.message
+    assert "compressed-tensors 0.20.0" in first.message and "ignore" in first.message
+
+
+def test_listing_the_router_in_ignore_silences_ten_13(tmp_path):
+    path = edited(tmp_path, "qwen3-moe", lambda c: c["quantization_config"]["ignore"].append("re:.*mlp.gate$"))
+    assert validate_checkpoint(path).issues == ()
+
+
+def test_a_router_linear_never_matched_is_not_a_dense_linear_module():
+    """inspect lists the Kimi-K2 gates (MoEGate, never Linear) nowhere; the Qwen3 ones (Linear
+    in 4.x) stay listed as dense Linear modules."""
+    def dense(family):
+        return summarize(open_checkpoint(MOE / family))["dense_linear_modules"]
+    assert not any(name.endswith(".mlp.gate") for name in dense("kimi-k2"))
+    assert "model.layers.{0..1}.mlp.gate" in dense("qwen3-moe")
 
 
 def edited(tmp_path, family, fn):
@@ -129,13 +133,22 @@ def edited(tmp_path, family, fn):
 def test_a_dense_router_that_linear_always_matched_stays_an_error(tmp_path):
     """Llama4Router subclasses nn.Linear in every era: targeted, dense and not ignored is TEN-11."""
     path = edited(tmp_path, "llama4", lambda c: c["quantization_config"].__setitem__("ignore", ["lm_head"]))
-    errors, _ = apply_rule(path)
+    errors = validate_checkpoint(path).errors
     assert errors and {e.rule for e in errors} == {"TEN-11"} and all(".router." in e.where for e in errors)
+    assert all("Linear matched it in every era" in e.message for e in errors)
+
+
+def test_a_router_targeted_by_name_stays_an_error(tmp_path):
+    """The verdict is about the class target: a pattern that names the gate targets it in any era."""
+    def target_gate(c):
+        c["quantization_config"]["config_groups"]["group_0"]["targets"].append("re:.*mlp.gate$")
+    errors = validate_checkpoint(edited(tmp_path, "kimi-k2", target_gate)).errors
+    assert errors and all(e.rule == "TEN-11" and e.where.endswith(".mlp.gate.weight") for e in errors)
 
 
 def test_dense_attention_a_group_targets_stays_an_error(tmp_path):
     path = edited(tmp_path, "kimi-k2", lambda c: c["quantization_config"]["ignore"].remove("re:.*self_attn.*"))
-    errors, _ = apply_rule(path)
+    errors = validate_checkpoint(path).errors
     assert errors and all(".self_attn." in e.where and e.rule == "TEN-11" for e in errors)
 
 
@@ -149,18 +162,19 @@ def test_unknown_family_router_is_found_by_name_and_expert_count():
                           "language_model.model.layers.1.mlp.gate", 384).linear == "never"
 
 
-def test_a_quantized_router_is_found(tmp_path):
+def test_a_quantized_router_is_an_error_under_target_vllm(tmp_path):
     """vLLM builds every router unquantized (GateLinear / ReplicatedLinear without a
-    quant_config): a router stored as weight_packed cannot load there (VLLM-06)."""
+    quant_config): a router stored as weight_packed cannot load there (VLLM-11). The TEN rules
+    alone accept it: `Linear` targets it and its tensors are well formed."""
     ckpt = open_checkpoint(MOE / "qwen3-moe")
     tensors = {n: ckpt.load(n) for n in ckpt.tensors}
     gate = tensors.pop("model.layers.1.mlp.gate.weight")
     scheme = QuantScheme.from_json(ckpt.config["quantization_config"]["config_groups"]["group_0"]["weights"], where="w")
     tensors.update({f"model.layers.1.mlp.gate.{k}": v for k, v in compress(gate, scheme).items()})
     out = save_checkpoint(tmp_path / "q", tensors, ckpt.config)
-    quantized = [m.prefix for m in open_checkpoint(out).modules().values()
-                 if m.quantized and router_verdict(ckpt.config, m.prefix, m.tensors["weight_packed"].shape[0])]
-    assert quantized == ["model.layers.1.mlp.gate"]
+    assert validate_checkpoint(out).errors == ()
+    errors = validate_checkpoint(out, target="vllm").errors
+    assert [(e.rule, e.where) for e in errors] == [("VLLM-11", "model.layers.1.mlp.gate.weight_packed")]
 
 
 def test_moe_fixtures_regenerate_byte_for_byte(tmp_path):

@@ -91,3 +91,20 @@ def test_inspect_and_validate_do_not_import_torch(path):
             "assert not heavy, f'{heavy} imported'\n")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_folds_only_ascii_numbers(tmp_path):
+    """A tensor name may hold any Unicode: '²' and '٣' pass str.isdigit() (int('²') fails, int('٣')
+    is 3), so only ASCII digit runs fold; the rest stay as they are written."""
+    import torch
+
+    from conftest import cli_in_process
+    from ctformat.summary import fold_names
+    from ctformat.writer import save_checkpoint
+    names = ["model.layers.0.w", "model.layers.1.w", "model.layers.².w", "model.layers.٣.w", "x²1.w", "x²2.w"]
+    assert fold_names(names) == ["model.layers.{0..1}.w", "model.layers.².w", "model.layers.٣.w", "x²1.w", "x²2.w"]
+    out = save_checkpoint(tmp_path / "m", {f"{n}eight": torch.zeros(2, 2) for n in names}, {"model_type": "llama"})
+    r = cli_in_process("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dense_linear_modules"] == ["model.layers.{0..1}", "model.layers.²", "model.layers.٣",
+                                                            "x²1", "x²2"]
