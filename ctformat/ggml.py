@@ -221,7 +221,8 @@ _CHUNK_BLOCKS = 1 << 14        # blocks per step (256 KiB of int4 codes): every 
 _L4, _H4 = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0)
 _BIT4 = np.uint64(0x0101010101010101)
 _GATHER = np.uint64(0x0102040810204080)      # bit 8j of a lane -> bit 56 + j (no two partial products meet)
-_S4, _S8, _S56 = np.uint64(4), np.uint16(8), np.uint64(56)
+_S4, _S56 = np.uint64(4), np.uint64(56)
+_M16, _M256 = np.uint64(16), np.uint16(256)
 
 
 def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btype: BlockType, *,
@@ -234,7 +235,7 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
     shape = _shape(tensors)
     nb = int(np.prod(shape)) // QK
     dest = np.empty(nb * btype.type_size, np.uint8) if out is None else out.reshape(-1)
-    out = dest.view(btype.dtype)
+    out = _fields(dest, btype)
     per = _blocks_per_scale(scheme, shape)
     zp = signed_zero_points(tensors, scheme, layout)
     d16 = _fp16_bits(tensors["weight_scale"])
@@ -245,13 +246,27 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
         if m16 is not None:
             out["m"][r:r + n] = _spread(m16, per, r, n)
     packed = tensors["weight_packed"].detach().cpu().contiguous()
-    if scheme.symmetric and (scheme.num_bits, btype.name) == (4, "Q4_0"):
-        _q4_0_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"], meta)
+    if scheme.num_bits == 4 and (scheme.symmetric and btype.name == "Q4_0" or btype.name == "Q4_1"):
+        _q4_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"], meta)
     elif scheme.symmetric and (scheme.num_bits, btype.name) == (8, "Q8_0"):
         _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"], meta)
     else:
         _from_values(packed, zp, scheme, btype, shape, layout, out, meta)
     return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
+
+
+def _fields(dest: np.ndarray, btype: BlockType) -> dict[str, np.ndarray]:
+    """Each field of the blocks in `dest` (uint8, a whole number of blocks) as a strided view of
+    it, so every chunk's codes are stored straight into the output. A field whose offset is not a
+    multiple of its size (Q5_0's qh) is a view of bytes (V4): assign `.view("V4")` of uint32."""
+    nb, views, offset = dest.size // btype.type_size, {}, 0
+    for name, code in btype.fields:
+        dt = np.dtype(code)
+        if dt.kind != "V" and (offset % dt.itemsize or btype.type_size % dt.itemsize):
+            dt = np.dtype(f"V{dt.itemsize}")
+        views[name] = np.ndarray((nb,), dt, dest, offset, (btype.type_size,))
+        offset += dt.itemsize
+    return views
 
 
 def _spread(values: np.ndarray, per: int, r: int, n: int) -> np.ndarray:
@@ -308,35 +323,34 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
-    """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; u = q + 8 is already Q4_0's nibble) ->
-    Q4_0 qs (byte j: element j, element j + 16).
+def _q4_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
+    """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; the nibble u = q + 8 is already Q4_0's
+    code, and Q4_1's) -> qs (byte j: element j, element j + 16).
 
     With X = CT bytes 0..7 and Y = bytes 8..15 as 64-bit lanes, the even qs bytes are
-    A = (X & 0x0F..) | (Y & 0x0F..) << 4 (byte m: elements 2m, 2m + 16) and the odd ones
-    B = (X >> 4) & 0x0F.. | (Y & 0xF0..) (elements 2m + 1, 2m + 17): eight lane ops. A and B
-    are interleaved bytewise by widening each to uint16 (B << 8 | A), and the 16 bytes go
-    into the block array as one 16-byte item per block."""
+    A = X's low nibbles | Y's low nibbles << 4 (byte m: elements 2m, 2m + 16) and the odd ones
+    B = X's high nibbles >> 4 | Y's high nibbles (elements 2m + 1, 2m + 17): X's high nibbles trade
+    places with Y's low ones, a delta swap of six lane ops (t = (X >> 4 ^ Y) & 0x0F..,
+    A = X ^ t << 4, B = Y ^ t; the shift left is a multiply, numpy's faster op). A and B are
+    interleaved bytewise as uint16 lanes B * 256 + A (two ufuncs, each casting its uint8 input in
+    cache-sized buffers) and stored as one 16-byte item per block."""
     words = ct.view(np.uint64).reshape(-1, 2)
     step = min(_CHUNK_BLOCKS, len(words))
 
     def body(r: int, n: int, scratch: dict) -> None:
         ab = _buffer(scratch, "ab", (2, step), np.uint64)
         t = _buffer(scratch, "t", (step,), np.uint64)[:n]
-        wide = _buffer(scratch, "wide", (2, step * 8), np.uint16)[:, :8 * n]
+        wide = _buffer(scratch, "wide", (step * 8,), np.uint16)[:8 * n]
         x, y, a, b = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n]
-        np.left_shift(y, _S4, out=t)
-        np.bitwise_and(t, _H4, out=t)
-        np.bitwise_and(x, _L4, out=a)
-        np.bitwise_or(a, t, out=a)
         np.right_shift(x, _S4, out=t)
+        np.bitwise_xor(t, y, out=t)
         np.bitwise_and(t, _L4, out=t)
-        np.bitwise_and(y, _H4, out=b)
-        np.bitwise_or(b, t, out=b)
-        np.copyto(wide, ab[:, :n].view(np.uint8), casting="unsafe")
-        np.left_shift(wide[1], _S8, out=wide[1])
-        np.bitwise_or(wide[0], wide[1], out=wide[0])
-        qs[r:r + n] = wide[0].view("V16")
+        np.multiply(t, _M16, out=a)
+        np.bitwise_xor(a, x, out=a)
+        np.bitwise_xor(y, t, out=b)
+        np.multiply(b.view(np.uint8), _M256, out=wide, dtype=np.uint16)
+        np.add(wide, a.view(np.uint8), out=wide, dtype=np.uint16)
+        qs[r:r + n] = wide.view("V16")
         meta(r, n)
     _chunks(len(words), step, body)
 
@@ -356,10 +370,11 @@ def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], N
 
 
 def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme, btype: BlockType,
-                 shape: tuple[int, ...], layout: str, out: np.ndarray, meta: Callable[[int, int], None]) -> None:
+                 shape: tuple[int, ...], layout: str, out: dict[str, np.ndarray],
+                 meta: Callable[[int, int], None]) -> None:
     """Every other scheme: per chunk of blocks, the stored codes u, plus one constant per block
     (the type's offset minus z_u; Q4_1 stores u itself), into the qs (and qh) fields."""
-    b, nb = scheme.num_bits, len(out)
+    b, nb = scheme.num_bits, len(out["d"])
     per = _blocks_per_scale(scheme, shape)
     z_u = (1 << (b - 1)) if zp is None else zp.to(torch.int16).reshape(-1).numpy() + (1 << (b - 1))
     add = np.asarray((btype.offset - z_u) if btype.name != "Q4_1" else 0, dtype=np.int16)
@@ -374,7 +389,7 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
                 w = ct[r:r + n].astype(np.uint16)
                 u = ((w & 0x0F) | ((w & 0xF0) << 4)).view(np.uint8)
             u += add[r:r + n, None]
-            _store_codes(u, btype, out[r:r + n])
+            _store_codes(u, btype, _rows(out, r, n))
             meta(r, n)
         _chunks(nb, _CHUNK_BLOCKS, body)
         return
@@ -387,28 +402,32 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
         q = unpack_from_int32(p2[r:r + n], b, (n, n_in), layout=layout)
         u = q.numpy().view(np.uint8).reshape(-1, QK) + np.uint8(1 << (b - 1))      # u = q + 2^(b-1), mod 256
         u += add[r * nbr:(r + n) * nbr, None]
-        _store_codes(u, btype, out[r * nbr:(r + n) * nbr])
+        _store_codes(u, btype, _rows(out, r * nbr, n * nbr))
         meta(r * nbr, n * nbr)
 
 
-def _store_codes(u: np.ndarray, btype: BlockType, out: np.ndarray) -> None:
+def _rows(fields: dict[str, np.ndarray], r: int, n: int) -> dict[str, np.ndarray]:
+    return {k: v[r:r + n] for k, v in fields.items()}
+
+
+def _store_codes(u: np.ndarray, btype: BlockType, out: dict[str, np.ndarray]) -> None:
     """Stored codes [n, 32] (uint8: Q8_0's int8 bytes, or nibble codes 0..15 / 0..31) -> the qs
-    (and qh) fields of `out`."""
+    (and qh) fields of `out` (_fields views)."""
     if btype.name == "Q8_0":
-        out["qs"] = u.view("V32").reshape(-1)
+        out["qs"][:] = u.view("V32").reshape(-1)
         return
     lanes = u.view(np.uint64).reshape(-1, 4)                   # elements 0-7, 8-15, 16-23, 24-31
     qs = np.empty((len(u), 2), np.uint64)
     for k in (0, 1):                                           # byte j: element j | element j + 16 << 4
         np.left_shift(lanes[:, k + 2] & _L4, _S4, out=qs[:, k])
         np.bitwise_or(qs[:, k], lanes[:, k] & _L4, out=qs[:, k])
-    out["qs"] = qs.view("V16").reshape(-1)
+    out["qs"][:] = qs.view("V16").reshape(-1)
     if btype.name == "Q5_0":                                   # bit 4 of element j -> bit j of qh
         qh = np.zeros(len(u), np.uint64)
         for k in range(4):
             byte = (((lanes[:, k] >> _S4) & _BIT4) * _GATHER) >> _S56
             qh |= byte << np.uint64(8 * k)
-        out["qh"] = qh.astype(np.uint32)
+        out["qh"][:] = qh.astype(np.uint32).view("V4")
 
 
 def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,12 +435,13 @@ def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor |
     [..., in/32] -> uint8 blocks [..., in/32 * type_size]."""
     lead, n_in = v.shape[:-1], v.shape[-1]
     vals = v.detach().cpu().to(torch.int16).reshape(-1, QK).numpy()
-    out = np.empty(len(vals), btype.dtype)
-    out["d"] = _fp16_bits(d)
+    dest = np.empty(len(vals) * btype.type_size, np.uint8)
+    out = _fields(dest, btype)
+    out["d"][:] = _fp16_bits(d)
     if m is not None:
-        out["m"] = _fp16_bits(m)
+        out["m"][:] = _fp16_bits(m)
     _store_codes((vals + btype.offset).astype(np.uint8), btype, out)
-    return torch.from_numpy(out.view(np.uint8)).reshape(*lead, n_in // QK * btype.type_size)
+    return torch.from_numpy(dest).reshape(*lead, n_in // QK * btype.type_size)
 
 
 # -- block bytes -> values (reading GGUF back) -----------------------------------------------

@@ -168,18 +168,26 @@ def test_fp16_rule_boundaries():
     assert check_fp16(torch.tensor([1 / 3], dtype=torch.float32)).max_rel_error < 2 ** -11
 
 
-@pytest.mark.parametrize("bits,strategy", [(4, "group"), (4, "channel"), (8, "group"), (8, "tensor")])
-def test_byte_path_equals_value_path(bits, strategy):
-    """int4/int8 symmetric blocks are built from the packed bytes directly; the general path
-    through unpacked values gives the same bytes."""
+@pytest.mark.parametrize("bits,sym,strategy,asym", [
+    (4, True, "group", "q5_0"), (4, True, "channel", "q5_0"), (8, True, "group", "q5_0"), (8, True, "tensor", "q5_0"),
+    (4, False, "group", "q5_0"), (4, False, "channel", "q5_0"), (4, False, "group", "q4_1"),
+    (3, True, "group", "q5_0"), (3, False, "group", "q5_0"), (2, True, "channel", "q5_0"), (5, True, "group", "q5_0"),
+    (6, False, "group", "q5_0"), (7, True, "tensor", "q5_0"), (1, False, "group", "q5_0")])
+def test_byte_path_equals_value_path(bits, sym, strategy, asym):
+    """Blocks are built from the packed words directly (lane arithmetic per scheme); the plain
+    path through unpacked values (module_values, then encode) gives the same bytes."""
     from ctformat.ggml import module_values
-    s = scheme(bits, True, strategy, gs=128)
+    s = scheme(bits, sym, strategy, gs=128)
     w = (torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
-    btype = block_type_for(s, 256)
+    btype = block_type_for(s, 256, int4_asym=asym)
     fast = encode_module(t, s, btype)
-    v, d, _ = module_values(t, s)
-    assert torch.equal(fast, encode(v, d, btype))
+    v, d, z_u = module_values(t, s)
+    if btype.name == "Q4_1":                 # stores u = (q - z) + z_u and m = -s z_u
+        u = (v.unflatten(-1, (-1, 32)) + z_u.unsqueeze(-1)).flatten(-2)
+        assert torch.equal(fast, encode(u, d, btype, minimums(d, z_u - 8, 4)))
+    else:
+        assert torch.equal(fast, encode(v, d, btype))
 
 
 @pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False)])
