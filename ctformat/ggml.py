@@ -118,7 +118,7 @@ class ScaleCheck:
 def check_fp16(x: torch.Tensor) -> ScaleCheck:
     """Compare every value with its fp16 cast, in float64 (spec/gguf.md §2, GCV-04)."""
     exact = x.to(torch.float64)
-    cast = x.to(torch.float16).to(torch.float64)
+    cast = torch.from_numpy(_fp16_bits(x).view(np.float16)).reshape(x.shape).to(torch.float64)
     bad = cast != exact
     count = int(bad.sum())
     if not count:
@@ -212,8 +212,25 @@ def _blocks_per_scale(scheme: QuantScheme, shape: tuple[int, ...]) -> int:
 
 
 def _fp16_bits(x: torch.Tensor) -> np.ndarray:
-    """fp16(x) (round to nearest even) as uint16 bits, flat."""
-    return x.detach().cpu().to(torch.float16).contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    """fp16(x) (round to nearest even) as uint16 bits, flat. bfloat16 and float32 go through
+    numpy's float32 -> float16 cast (one rounding, as torch's, and ~10x faster on the CPU);
+    bfloat16 -> float32 is exact (the bits shifted left by 16). float64 stays with torch."""
+    x = x.detach().cpu().contiguous().reshape(-1)
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    if x.dtype == torch.bfloat16:
+        f32 = np.left_shift(x.view(torch.int16).numpy().view(np.uint16), 16, dtype=np.uint32).view(np.float32)
+    elif x.dtype == torch.float32:
+        f32 = x.numpy()
+    else:
+        return x.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+    with np.errstate(over="ignore"):
+        bits = f32.astype(np.float16).view(np.uint16)
+    nan = np.isnan(f32)
+    if nan.any():                      # torch's NaN: sign, quiet bit, the payload's top 10 bits (numpy differs)
+        w = f32[nan].view(np.uint32)
+        bits[nan] = ((w >> 16) & 0x8000) | 0x7E00 | ((w >> 13) & 0x3FF)
+    return bits
 
 
 # -- the block array ---------------------------------------------------------------------------

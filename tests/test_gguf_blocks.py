@@ -205,3 +205,17 @@ def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
     assert torch.equal(threaded, encode_module(t, s, btype))
     want = float64_weight(t, s, "dense")
     assert np.array_equal(peer_dequant(threaded, btype.name).reshape(want.shape), want.numpy())
+
+
+def test_fp16_cast_of_scales_is_torch_s_bit_for_bit():
+    """d = fp16(s) through numpy's cast equals torch's .to(float16) for every bfloat16 value and
+    for float32 bit patterns of every kind (ties, subnormals, overflow, NaN payloads)."""
+    from ctformat.ggml import _fp16_bits
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    f32 = torch.cat([torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int32),
+                     (torch.arange(-4096, 4096, dtype=torch.int32) << 13) + 0x38000000 + 4096,     # fp16 ties
+                     torch.arange(0x33000000, 0x33000000 + 65536, 16, dtype=torch.int32)]).view(torch.float32)
+    for x in (every_bf16, f32, f32.to(torch.float16)):
+        want = x.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(_fp16_bits(x), want), x.dtype
