@@ -274,10 +274,16 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
         if m16 is not None:
             out["m"][r:r + n] = _spread(m16, per, r, n)
     packed = tensors["weight_packed"].detach().cpu().contiguous()
-    if scheme.num_bits == 4 and (scheme.symmetric and btype.name == "Q4_0" or btype.name == "Q4_1"):
-        _q4_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"], meta)
-    elif scheme.symmetric and (scheme.num_bits, btype.name) == (8, "Q8_0"):
-        _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"], meta)
+    b = scheme.num_bits
+    ct = packed.view(torch.uint8).numpy().reshape(-1)
+    if b == 4 and (scheme.symmetric and btype.name == "Q4_0" or btype.name == "Q4_1"):
+        _q4_from_int4(ct.reshape(nb, 16), out["qs"], meta)
+    elif scheme.symmetric and (b, btype.name) == (8, "Q8_0"):
+        _q8_0_from_int8(ct.reshape(nb, 32), out["qs"], meta)
+    elif (b, btype.name) == (4, "Q5_0"):
+        _q5_0_from_int4(ct.reshape(nb, 16), _block_adds(zp, btype, b), per, out, meta)
+    elif b < 4 and btype.name == "Q4_0" and layout == CROSS_WORD:
+        _q4_0_from_low_bits(ct.reshape(nb, 4 * b), b, _block_adds(zp, btype, b), per, out["qs"], meta)
     else:
         _from_values(packed, zp, scheme, btype, shape, layout, out, meta)
     return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
@@ -353,34 +359,153 @@ _POOL_LOCK = threading.Lock()
 
 def _q4_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
     """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; the nibble u = q + 8 is already Q4_0's
-    code, and Q4_1's) -> qs (byte j: element j, element j + 16).
-
-    With X = CT bytes 0..7 and Y = bytes 8..15 as 64-bit lanes, the even qs bytes are
-    A = X's low nibbles | Y's low nibbles << 4 (byte m: elements 2m, 2m + 16) and the odd ones
-    B = X's high nibbles >> 4 | Y's high nibbles (elements 2m + 1, 2m + 17): X's high nibbles trade
-    places with Y's low ones, a delta swap of six lane ops (t = (X >> 4 ^ Y) & 0x0F..,
-    A = X ^ t << 4, B = Y ^ t; the shift left is a multiply, numpy's faster op). A and B are
-    interleaved bytewise as uint16 lanes B * 256 + A (two ufuncs, each casting its uint8 input in
-    cache-sized buffers) and stored as one 16-byte item per block."""
+    code, and Q4_1's) -> qs, chunk by chunk (_q4_qs)."""
     words = ct.view(np.uint64).reshape(-1, 2)
     step = min(_CHUNK_BLOCKS, len(words))
 
     def body(r: int, n: int, scratch: dict) -> None:
-        ab = _buffer(scratch, "ab", (2, step), np.uint64)
-        t = _buffer(scratch, "t", (step,), np.uint64)[:n]
-        wide = _buffer(scratch, "wide", (step * 8,), np.uint16)[:8 * n]
-        x, y, a, b = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n]
-        np.right_shift(x, _S4, out=t)
-        np.bitwise_xor(t, y, out=t)
-        np.bitwise_and(t, _L4, out=t)
-        np.multiply(t, _M16, out=a)
-        np.bitwise_xor(a, x, out=a)
-        np.bitwise_xor(y, t, out=b)
-        np.multiply(b.view(np.uint8), _M256, out=wide, dtype=np.uint16)
-        np.add(wide, a.view(np.uint8), out=wide, dtype=np.uint16)
-        qs[r:r + n] = wide.view("V16")
+        _q4_qs(words[r:r + n, 0], words[r:r + n, 1], qs[r:r + n], scratch, step)
         meta(r, n)
     _chunks(len(words), step, body)
+
+
+def _q4_qs(x: np.ndarray, y: np.ndarray, qs: np.ndarray, scratch: dict, step: int) -> None:
+    """Nibble codes of elements 0-15 (x) and 16-31 (y) of n blocks, as 64-bit lanes (element e at
+    bits 4e) -> the blocks' qs (byte j: element j, element j + 16).
+
+    The even qs bytes are A = x's low nibbles | y's low nibbles << 4 (byte m: elements 2m,
+    2m + 16) and the odd ones B = x's high nibbles >> 4 | y's high nibbles (elements 2m + 1,
+    2m + 17): x's high nibbles trade places with y's low ones, a delta swap of six lane ops
+    (t = (x >> 4 ^ y) & 0x0F.., A = x ^ t << 4, B = y ^ t; the shift left is a multiply, numpy's
+    faster op). A and B are interleaved bytewise as uint16 lanes B * 256 + A (two ufuncs, each
+    casting its uint8 input in cache-sized buffers) and stored as one 16-byte item per block."""
+    n = len(x)
+    ab = _buffer(scratch, "ab", (2, step), np.uint64)
+    t = _buffer(scratch, "t", (step,), np.uint64)[:n]
+    wide = _buffer(scratch, "wide", (step * 8,), np.uint16)[:8 * n]
+    a, b = ab[0, :n], ab[1, :n]
+    np.right_shift(x, _S4, out=t)
+    np.bitwise_xor(t, y, out=t)
+    np.bitwise_and(t, _L4, out=t)
+    np.multiply(t, _M16, out=a)
+    np.bitwise_xor(a, x, out=a)
+    np.bitwise_xor(y, t, out=b)
+    np.multiply(b.view(np.uint8), _M256, out=wide, dtype=np.uint16)
+    np.add(wide, a.view(np.uint8), out=wide, dtype=np.uint16)
+    qs[:] = wide.view("V16")
+
+
+def _block_adds(zp: torch.Tensor | None, btype: BlockType, b: int) -> np.ndarray:
+    """Per scale group, what turns the CT code u = q + 2^(b-1) into the stored code (type offset
+    + q - z): offset - z_u, as uint8 (z_u = z + 2^(b-1); one entry for a module without zero points)."""
+    z_u = np.full(1, 1 << (b - 1), np.int16) if zp is None else zp.to(torch.int16).reshape(-1).numpy() + (1 << (b - 1))
+    return (btype.offset - z_u).astype(np.uint8)
+
+
+def _lanes(adds: np.ndarray, k: int) -> np.ndarray:
+    """Each group's add replicated into every byte (k = 8) or nibble (k = 4) of a 64-bit lane."""
+    return adds.astype(np.uint64) * np.uint64(0x0101010101010101 if k == 8 else 0x1111111111111111)
+
+
+def _add_lanes(lanes: np.ndarray, group: np.ndarray, per: int, r: int, n: int) -> None:
+    """lanes [n, L] (blocks [r, r + n)) += the lane of each block's group (`per` blocks a group)."""
+    flat, width = lanes.reshape(-1), lanes.shape[1]
+    if len(group) == 1:
+        np.add(flat, group[0], out=flat)
+    else:
+        np.add(flat, _spread(group, per * width, r * width, n * width), out=flat)
+
+
+def _q5_0_from_int4(ct: np.ndarray, adds: np.ndarray, per: int, out: dict[str, np.ndarray],
+                    meta: Callable[[int, int], None]) -> None:
+    """CT int4 bytes [nb, 16] with zero points -> Q5_0 (code c = u + 16 - z_u, 1..31).
+
+    Per chunk: the nibbles spread to one code per byte (uint16 lanes (w | w << 4) & 0x0F0F),
+    each block's add on 64-bit lanes (c < 32: no byte overflows), then qs = low nibbles of
+    elements j | j + 16 and qh = bit 4 of every element gathered by a multiply (bit 8i + 4 of
+    a lane -> bit 56 + i), eight elements a lane, narrowed to the four qh bytes."""
+    nb = len(ct)
+    step = min(_CHUNK_BLOCKS // 2, nb)
+    group = _lanes(adds, 8)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        w = _buffer(scratch, "w", (step * 16,), np.uint16)[:16 * n]
+        t16 = _buffer(scratch, "t16", (step * 16,), np.uint16)[:16 * n]
+        np.copyto(w, ct[r:r + n].reshape(-1), casting="unsafe")
+        np.multiply(w, np.uint16(16), out=t16)
+        np.bitwise_or(w, t16, out=w)
+        np.bitwise_and(w, np.uint16(0x0F0F), out=w)                  # byte i: code of element i
+        lanes = w.view(np.uint64).reshape(n, 4)
+        _add_lanes(lanes, group, per, r, n)
+        t = _buffer(scratch, "t", (step, 4), np.uint64)[:n]
+        np.bitwise_and(lanes, _L4, out=t)
+        qs = _buffer(scratch, "qs", (step, 2), np.uint64)[:n]
+        for k in (0, 1):                   # 1-D strided lanes: numpy's [n, 2] loops run two items a call
+            np.multiply(t[:, k + 2], _M16, out=qs[:, k])
+            np.bitwise_or(qs[:, k], t[:, k], out=qs[:, k])
+        out["qs"][r:r + n] = qs.view("V16").reshape(-1)
+        np.right_shift(lanes, _S4, out=t)
+        np.bitwise_and(t, _BIT4, out=t)
+        np.multiply(t, _GATHER, out=t)
+        np.right_shift(t, _S56, out=t)
+        qh = _buffer(scratch, "qh", (step, 4), np.uint8)[:n]
+        np.copyto(qh, t, casting="unsafe")
+        out["qh"][r:r + n] = qh.view("V4").reshape(-1)
+        meta(r, n)
+    _chunks(nb, step, body)
+
+
+def _spread_masks(b: int) -> list[tuple[np.uint64, np.uint64, np.uint64]]:
+    """(keep, move, shift) rounds that spread 16 fields of b bits (at bits b*i) to nibbles (bits
+    4i): halves of 8, 4, 2, 1 fields, the upper half of each moved up at every round."""
+    pos = [b * i for i in range(16)]
+    rounds = []
+    for g in (8, 4, 2, 1):
+        keep = move = 0
+        for i in range(16):
+            mask = ((1 << b) - 1) << pos[i]
+            if (i // g) % 2:
+                move |= mask
+                pos[i] += g * (4 - b)
+            else:
+                keep |= mask
+        rounds.append((np.uint64(keep), np.uint64(move), np.uint64(1 << (g * (4 - b)))))
+    assert pos == [4 * i for i in range(16)]
+    return rounds
+
+
+def _q4_0_from_low_bits(ct: np.ndarray, b: int, adds: np.ndarray, per: int, qs: np.ndarray,
+                        meta: Callable[[int, int], None]) -> None:
+    """CT 1-, 2- or 3-bit codes (the dense layout: a block's 32 values are 4b bytes, value i at
+    bits b*i) -> Q4_0 (code u + 8 - z_u, which never leaves its nibble).
+
+    Elements 0-15 and 16-31 are read as 64-bit lanes (bytes 0.. and 2b.., shifted), spread to
+    nibbles by four mask-and-shift rounds (a shift left is a multiply), given the block's add
+    (a plain lane add: no nibble overflows) and reordered as int4 (_q4_qs)."""
+    nb, nbytes = ct.shape
+    step = min(_CHUNK_BLOCKS, nb)
+    rounds = _spread_masks(b)
+    group = _lanes(adds, 4)
+    width = {1: np.uint16, 2: np.uint32, 3: np.uint64}[b]       # holds 16 fields from a half's first byte
+    lo = np.ndarray((nb,), width, ct, 0, (nbytes,))
+    hi = np.ndarray((nb,), width, ct, (2 * b if b < 3 else 4), (nbytes,))   # b = 3: bytes 4..11, >> 16
+    drop = np.uint64(16 if b == 3 else 0)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        xy = _buffer(scratch, "xy", (step, 2), np.uint64)[:n]
+        keep = _buffer(scratch, "keep", (step, 2), np.uint64)[:n]
+        np.copyto(xy[:, 0], lo[r:r + n], casting="unsafe")
+        np.copyto(xy[:, 1], hi[r:r + n], casting="unsafe")
+        np.right_shift(xy[:, 1], drop, out=xy[:, 1])
+        for keep_mask, move_mask, mul in rounds:
+            np.bitwise_and(xy, keep_mask, out=keep)
+            np.bitwise_and(xy, move_mask, out=xy)
+            np.multiply(xy, mul, out=xy)
+            np.bitwise_or(xy, keep, out=xy)
+        _add_lanes(xy, group, per, r, n)
+        _q4_qs(xy[:, 0], xy[:, 1], qs[r:r + n], scratch, step)
+        meta(r, n)
+    _chunks(nb, step, body)
 
 
 def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:

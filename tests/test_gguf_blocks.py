@@ -190,7 +190,7 @@ def test_byte_path_equals_value_path(bits, sym, strategy, asym):
         assert torch.equal(fast, encode(v, d, btype))
 
 
-@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False), (3, True), (3, False), (2, False), (1, True)])
 def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
     """A module of many chunks goes through the worker threads; the blocks equal the one-thread
     run and gguf-py's reading of them equals s * (q - z)."""
