@@ -208,8 +208,9 @@ def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
 
 
 def test_fp16_cast_of_scales_is_torch_s_bit_for_bit():
-    """d = fp16(s) through numpy's cast equals torch's .to(float16) for every bfloat16 value and
-    for float32 bit patterns of every kind (ties, subnormals, overflow, NaN payloads)."""
+    """d = fp16(s), cast slice by slice, equals torch's .to(float16) of the whole tensor for every
+    bfloat16 value and for float32 bit patterns of every kind (ties, subnormals, overflow, NaN
+    payloads), across slice boundaries."""
     from ctformat.ggml import _fp16_bits
     every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
