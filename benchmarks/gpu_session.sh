@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call of a lent GPU machine (device time is scarce):
-#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel|gptq ...]   (default: all)
+#   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel|gptq|gguf ...]   (default: all but gguf)
 # Logs go to $OUT (or /tmp/ctformat-gpu) as <step>.log and <step>.json. Expects, where the
 # machine lacks them, wheels in .whl/ (compressed-tensors and its needs) and the real
 # llm-compressor checkpoints in .devshared/real-checkpoints (linked as ../shared).
@@ -37,6 +37,8 @@ for step in "${steps[@]}"; do
     marlin) timeout 150 python3 benchmarks/bench_marlin.py --json "$out/marlin.json" 2>&1 | tee "$out/marlin.log" ;;
     inference) timeout 150 python3 benchmarks/bench_inference.py --json "$out/inference.json" 2>&1 | tee "$out/inference.log" ;;
     gptq) timeout 300 python3 benchmarks/bench_gptq.py --device cuda --json "$out/gptq.json" 2>&1 | tee "$out/gptq.log" ;;
+    gguf) # CPU only: the GGUF repack and convert --to gguf against a plain copy (not in the default list)
+          timeout 300 python3 benchmarks/bench_gguf.py --json "$out/gguf.json" 2>&1 | tee "$out/gguf.log" ;;
     convert) timeout 200 python3 benchmarks/bench_convert.py --gb 2 --device cuda --json "$out/convert.json" 2>&1 \
                | tee "$out/convert.log" ;;
     parallel) timeout 500 python3 benchmarks/bench_convert.py --gb 2 --device cuda --workers 1,2,3,4 --devices cuda:0 \

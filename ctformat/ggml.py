@@ -1,10 +1,11 @@
 """ggml block types and the codec between one CT pack-quantized module and ggml blocks (spec/gguf.md §1-§2).
 
 Nothing is requantized: the codes a module stores are moved into ggml's block layout, with
-each block's fp16 `d` taken from the module's scale. The output is one array of blocks (a
-numpy structured dtype per type: d, m, qh, qs), filled in cache-sized chunks: each chunk's
-codes are computed with word arithmetic on 64-bit lanes and stored straight into its slice
-of the block array, so every byte of the output is written once.
+each block's fp16 `d` taken from the module's scale. The output is one uint8 buffer of blocks,
+each field (d, m, qh, qs) a strided numpy view of it, filled in cache-sized chunks: each
+chunk's codes are computed with word arithmetic on 64-bit lanes (no per-block Python) and
+stored straight into its slice of the buffer, so every byte of the output is written once;
+on several cores, chunks go to worker threads.
 
 The checks that need tensor data (GCV-03 g_idx, GCV-04 scales, GCV-07 zero points) are
 separate functions, run over the whole model before any output exists (to_gguf's preflight).
@@ -116,9 +117,15 @@ class ScaleCheck:
 
 
 def check_fp16(x: torch.Tensor) -> ScaleCheck:
-    """Compare every value with its fp16 cast, in float64 (spec/gguf.md §2, GCV-04)."""
+    """Compare every value with its fp16 cast, in float64 (spec/gguf.md §2, GCV-04). A float16,
+    bfloat16 or float32 tensor is first compared in numpy, in float32 (which holds both sides
+    exactly): the common all-exact case takes four passes over the scales and no torch op."""
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        bits = _fp16_bits(x)
+        if np.array_equal(bits.view(np.float16).astype(np.float32), _float32(x)):
+            return ScaleCheck(0, x.numel(), None, None, 0.0)
     exact = x.to(torch.float64)
-    cast = x.to(torch.float16).to(torch.float64)
+    cast = torch.from_numpy(_fp16_bits(x).view(np.float16)).reshape(x.shape).to(torch.float64)
     bad = cast != exact
     count = int(bad.sum())
     if not count:
@@ -211,9 +218,28 @@ def _blocks_per_scale(scheme: QuantScheme, shape: tuple[int, ...]) -> int:
     return scheme.group_size // QK
 
 
+def _float32(x: torch.Tensor) -> np.ndarray:
+    """A float16/bfloat16/float32 tensor as float32, flat, exact (bfloat16: bits shifted left by 16)."""
+    x = x.detach().cpu().contiguous().reshape(-1)
+    if x.dtype == torch.bfloat16:
+        return np.left_shift(x.view(torch.int16).numpy().view(np.uint16), 16, dtype=np.uint32).view(np.float32)
+    return x.numpy().astype(np.float32, copy=False)
+
+
+_CAST_STEP = 1 << 14           # below torch's parallel grain (32768): each slice is cast inline, one thread
+
+
 def _fp16_bits(x: torch.Tensor) -> np.ndarray:
-    """fp16(x) (round to nearest even) as uint16 bits, flat."""
-    return x.detach().cpu().to(torch.float16).contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    """fp16(x) (round to nearest even, torch's cast) as uint16 bits, flat. Cast in slices that
+    torch runs inline: its vectorized cast stays, its thread pool (which stalls on a loaded
+    machine, and competes with the codec's worker threads) is never entered."""
+    x = x.detach().cpu().contiguous().reshape(-1)
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    out = torch.empty(x.shape, dtype=torch.float16)
+    for i in range(0, len(x), _CAST_STEP):
+        out[i:i + _CAST_STEP].copy_(x[i:i + _CAST_STEP])
+    return out.view(torch.int16).numpy().view(np.uint16)
 
 
 # -- the block array ---------------------------------------------------------------------------
@@ -221,7 +247,8 @@ _CHUNK_BLOCKS = 1 << 14        # blocks per step (256 KiB of int4 codes): every 
 _L4, _H4 = np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0xF0F0F0F0F0F0F0F0)
 _BIT4 = np.uint64(0x0101010101010101)
 _GATHER = np.uint64(0x0102040810204080)      # bit 8j of a lane -> bit 56 + j (no two partial products meet)
-_S4, _S8, _S56 = np.uint64(4), np.uint16(8), np.uint64(56)
+_S4, _S56 = np.uint64(4), np.uint64(56)
+_M16, _M256 = np.uint64(16), np.uint16(256)
 
 
 def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btype: BlockType, *,
@@ -234,7 +261,7 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
     shape = _shape(tensors)
     nb = int(np.prod(shape)) // QK
     dest = np.empty(nb * btype.type_size, np.uint8) if out is None else out.reshape(-1)
-    out = dest.view(btype.dtype)
+    out = _fields(dest, btype)
     per = _blocks_per_scale(scheme, shape)
     zp = signed_zero_points(tensors, scheme, layout)
     d16 = _fp16_bits(tensors["weight_scale"])
@@ -245,13 +272,33 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
         if m16 is not None:
             out["m"][r:r + n] = _spread(m16, per, r, n)
     packed = tensors["weight_packed"].detach().cpu().contiguous()
-    if scheme.symmetric and (scheme.num_bits, btype.name) == (4, "Q4_0"):
-        _q4_0_from_int4(packed.view(torch.uint8).numpy().reshape(nb, 16), out["qs"], meta)
-    elif scheme.symmetric and (scheme.num_bits, btype.name) == (8, "Q8_0"):
-        _q8_0_from_int8(packed.view(torch.uint8).numpy().reshape(nb, 32), out["qs"], meta)
+    b = scheme.num_bits
+    ct = packed.view(torch.uint8).numpy().reshape(-1)
+    if b == 4 and (scheme.symmetric and btype.name == "Q4_0" or btype.name == "Q4_1"):
+        _q4_from_int4(ct.reshape(nb, 16), out["qs"], meta)
+    elif scheme.symmetric and (b, btype.name) == (8, "Q8_0"):
+        _q8_0_from_int8(ct.reshape(nb, 32), out["qs"], meta)
+    elif (b, btype.name) == (4, "Q5_0"):
+        _q5_0_from_int4(ct.reshape(nb, 16), _block_adds(zp, btype, b), per, out, meta)
+    elif b < 4 and btype.name == "Q4_0" and layout == CROSS_WORD:
+        _q4_0_from_low_bits(ct.reshape(nb, 4 * b), b, _block_adds(zp, btype, b), per, out["qs"], meta)
     else:
         _from_values(packed, zp, scheme, btype, shape, layout, out, meta)
     return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
+
+
+def _fields(dest: np.ndarray, btype: BlockType) -> dict[str, np.ndarray]:
+    """Each field of the blocks in `dest` (uint8, a whole number of blocks) as a strided view of
+    it, so every chunk's codes are stored straight into the output. A field whose offset is not a
+    multiple of its size (Q5_0's qh) is a view of bytes (V4): assign `.view("V4")` of uint32."""
+    nb, views, offset = dest.size // btype.type_size, {}, 0
+    for name, code in btype.fields:
+        dt = np.dtype(code)
+        if dt.kind != "V" and (offset % dt.itemsize or btype.type_size % dt.itemsize):
+            dt = np.dtype(f"V{dt.itemsize}")
+        views[name] = np.ndarray((nb,), dt, dest, offset, (btype.type_size,))
+        offset += dt.itemsize
+    return views
 
 
 def _spread(values: np.ndarray, per: int, r: int, n: int) -> np.ndarray:
@@ -308,37 +355,155 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _q4_0_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
-    """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; u = q + 8 is already Q4_0's nibble) ->
-    Q4_0 qs (byte j: element j, element j + 16).
-
-    With X = CT bytes 0..7 and Y = bytes 8..15 as 64-bit lanes, the even qs bytes are
-    A = (X & 0x0F..) | (Y & 0x0F..) << 4 (byte m: elements 2m, 2m + 16) and the odd ones
-    B = (X >> 4) & 0x0F.. | (Y & 0xF0..) (elements 2m + 1, 2m + 17): eight lane ops. A and B
-    are interleaved bytewise by widening each to uint16 (B << 8 | A), and the 16 bytes go
-    into the block array as one 16-byte item per block."""
+def _q4_from_int4(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
+    """CT int4 bytes [nb, 16] (byte c: elements 2c, 2c+1; the nibble u = q + 8 is already Q4_0's
+    code, and Q4_1's) -> qs, chunk by chunk (_q4_qs)."""
     words = ct.view(np.uint64).reshape(-1, 2)
     step = min(_CHUNK_BLOCKS, len(words))
 
     def body(r: int, n: int, scratch: dict) -> None:
-        ab = _buffer(scratch, "ab", (2, step), np.uint64)
-        t = _buffer(scratch, "t", (step,), np.uint64)[:n]
-        wide = _buffer(scratch, "wide", (2, step * 8), np.uint16)[:, :8 * n]
-        x, y, a, b = words[r:r + n, 0], words[r:r + n, 1], ab[0, :n], ab[1, :n]
-        np.left_shift(y, _S4, out=t)
-        np.bitwise_and(t, _H4, out=t)
-        np.bitwise_and(x, _L4, out=a)
-        np.bitwise_or(a, t, out=a)
-        np.right_shift(x, _S4, out=t)
-        np.bitwise_and(t, _L4, out=t)
-        np.bitwise_and(y, _H4, out=b)
-        np.bitwise_or(b, t, out=b)
-        np.copyto(wide, ab[:, :n].view(np.uint8), casting="unsafe")
-        np.left_shift(wide[1], _S8, out=wide[1])
-        np.bitwise_or(wide[0], wide[1], out=wide[0])
-        qs[r:r + n] = wide[0].view("V16")
+        _q4_qs(words[r:r + n, 0], words[r:r + n, 1], qs[r:r + n], scratch, step)
         meta(r, n)
     _chunks(len(words), step, body)
+
+
+def _q4_qs(x: np.ndarray, y: np.ndarray, qs: np.ndarray, scratch: dict, step: int) -> None:
+    """Nibble codes of elements 0-15 (x) and 16-31 (y) of n blocks, as 64-bit lanes (element e at
+    bits 4e) -> the blocks' qs (byte j: element j, element j + 16).
+
+    The even qs bytes are A = x's low nibbles | y's low nibbles << 4 (byte m: elements 2m,
+    2m + 16) and the odd ones B = x's high nibbles >> 4 | y's high nibbles (elements 2m + 1,
+    2m + 17): x's high nibbles trade places with y's low ones, a delta swap of six lane ops
+    (t = (x >> 4 ^ y) & 0x0F.., A = x ^ t << 4, B = y ^ t; the shift left is a multiply, numpy's
+    faster op). A and B are interleaved bytewise as uint16 lanes B * 256 + A (two ufuncs, each
+    casting its uint8 input in cache-sized buffers) and stored as one 16-byte item per block."""
+    n = len(x)
+    ab = _buffer(scratch, "ab", (2, step), np.uint64)
+    t = _buffer(scratch, "t", (step,), np.uint64)[:n]
+    wide = _buffer(scratch, "wide", (step * 8,), np.uint16)[:8 * n]
+    a, b = ab[0, :n], ab[1, :n]
+    np.right_shift(x, _S4, out=t)
+    np.bitwise_xor(t, y, out=t)
+    np.bitwise_and(t, _L4, out=t)
+    np.multiply(t, _M16, out=a)
+    np.bitwise_xor(a, x, out=a)
+    np.bitwise_xor(y, t, out=b)
+    np.multiply(b.view(np.uint8), _M256, out=wide, dtype=np.uint16)
+    np.add(wide, a.view(np.uint8), out=wide, dtype=np.uint16)
+    qs[:] = wide.view("V16")
+
+
+def _block_adds(zp: torch.Tensor | None, btype: BlockType, b: int) -> np.ndarray:
+    """Per scale group, what turns the CT code u = q + 2^(b-1) into the stored code (type offset
+    + q - z): offset - z_u, as uint8 (z_u = z + 2^(b-1); one entry for a module without zero points)."""
+    z_u = np.full(1, 1 << (b - 1), np.int16) if zp is None else zp.to(torch.int16).reshape(-1).numpy() + (1 << (b - 1))
+    return (btype.offset - z_u).astype(np.uint8)
+
+
+def _lanes(adds: np.ndarray, k: int) -> np.ndarray:
+    """Each group's add replicated into every byte (k = 8) or nibble (k = 4) of a 64-bit lane."""
+    return adds.astype(np.uint64) * np.uint64(0x0101010101010101 if k == 8 else 0x1111111111111111)
+
+
+def _add_lanes(lanes: np.ndarray, group: np.ndarray, per: int, r: int, n: int) -> None:
+    """lanes [n, L] (blocks [r, r + n)) += the lane of each block's group (`per` blocks a group)."""
+    flat, width = lanes.reshape(-1), lanes.shape[1]
+    if len(group) == 1:
+        np.add(flat, group[0], out=flat)
+    else:
+        np.add(flat, _spread(group, per * width, r * width, n * width), out=flat)
+
+
+def _q5_0_from_int4(ct: np.ndarray, adds: np.ndarray, per: int, out: dict[str, np.ndarray],
+                    meta: Callable[[int, int], None]) -> None:
+    """CT int4 bytes [nb, 16] with zero points -> Q5_0 (code c = u + 16 - z_u, 1..31).
+
+    Per chunk: the nibbles spread to one code per byte (uint16 lanes (w | w << 4) & 0x0F0F),
+    each block's add on 64-bit lanes (c < 32: no byte overflows), then qs = low nibbles of
+    elements j | j + 16 and qh = bit 4 of every element gathered by a multiply (bit 8i + 4 of
+    a lane -> bit 56 + i), eight elements a lane, narrowed to the four qh bytes."""
+    nb = len(ct)
+    step = min(_CHUNK_BLOCKS // 2, nb)
+    group = _lanes(adds, 8)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        w = _buffer(scratch, "w", (step * 16,), np.uint16)[:16 * n]
+        t16 = _buffer(scratch, "t16", (step * 16,), np.uint16)[:16 * n]
+        np.copyto(w, ct[r:r + n].reshape(-1), casting="unsafe")
+        np.multiply(w, np.uint16(16), out=t16)
+        np.bitwise_or(w, t16, out=w)
+        np.bitwise_and(w, np.uint16(0x0F0F), out=w)                  # byte i: code of element i
+        lanes = w.view(np.uint64).reshape(n, 4)
+        _add_lanes(lanes, group, per, r, n)
+        t = _buffer(scratch, "t", (step, 4), np.uint64)[:n]
+        np.bitwise_and(lanes, _L4, out=t)
+        qs = _buffer(scratch, "qs", (step, 2), np.uint64)[:n]
+        for k in (0, 1):                   # 1-D strided lanes: numpy's [n, 2] loops run two items a call
+            np.multiply(t[:, k + 2], _M16, out=qs[:, k])
+            np.bitwise_or(qs[:, k], t[:, k], out=qs[:, k])
+        out["qs"][r:r + n] = qs.view("V16").reshape(-1)
+        np.right_shift(lanes, _S4, out=t)
+        np.bitwise_and(t, _BIT4, out=t)
+        np.multiply(t, _GATHER, out=t)
+        np.right_shift(t, _S56, out=t)
+        qh = _buffer(scratch, "qh", (step, 4), np.uint8)[:n]
+        np.copyto(qh, t, casting="unsafe")
+        out["qh"][r:r + n] = qh.view("V4").reshape(-1)
+        meta(r, n)
+    _chunks(nb, step, body)
+
+
+def _spread_masks(b: int) -> list[tuple[np.uint64, np.uint64, np.uint64]]:
+    """(keep, move, shift) rounds that spread 16 fields of b bits (at bits b*i) to nibbles (bits
+    4i): halves of 8, 4, 2, 1 fields, the upper half of each moved up at every round."""
+    pos = [b * i for i in range(16)]
+    rounds = []
+    for g in (8, 4, 2, 1):
+        keep = move = 0
+        for i in range(16):
+            mask = ((1 << b) - 1) << pos[i]
+            if (i // g) % 2:
+                move |= mask
+                pos[i] += g * (4 - b)
+            else:
+                keep |= mask
+        rounds.append((np.uint64(keep), np.uint64(move), np.uint64(1 << (g * (4 - b)))))
+    assert pos == [4 * i for i in range(16)]
+    return rounds
+
+
+def _q4_0_from_low_bits(ct: np.ndarray, b: int, adds: np.ndarray, per: int, qs: np.ndarray,
+                        meta: Callable[[int, int], None]) -> None:
+    """CT 1-, 2- or 3-bit codes (the dense layout: a block's 32 values are 4b bytes, value i at
+    bits b*i) -> Q4_0 (code u + 8 - z_u, which never leaves its nibble).
+
+    Elements 0-15 and 16-31 are read as 64-bit lanes (bytes 0.. and 2b.., shifted), spread to
+    nibbles by four mask-and-shift rounds (a shift left is a multiply), given the block's add
+    (a plain lane add: no nibble overflows) and reordered as int4 (_q4_qs)."""
+    nb, nbytes = ct.shape
+    step = min(_CHUNK_BLOCKS, nb)
+    rounds = _spread_masks(b)
+    group = _lanes(adds, 4)
+    width = {1: np.uint16, 2: np.uint32, 3: np.uint64}[b]       # holds 16 fields from a half's first byte
+    lo = np.ndarray((nb,), width, ct, 0, (nbytes,))
+    hi = np.ndarray((nb,), width, ct, (2 * b if b < 3 else 4), (nbytes,))   # b = 3: bytes 4..11, >> 16
+    drop = np.uint64(16 if b == 3 else 0)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        xy = _buffer(scratch, "xy", (step, 2), np.uint64)[:n]
+        keep = _buffer(scratch, "keep", (step, 2), np.uint64)[:n]
+        np.copyto(xy[:, 0], lo[r:r + n], casting="unsafe")
+        np.copyto(xy[:, 1], hi[r:r + n], casting="unsafe")
+        np.right_shift(xy[:, 1], drop, out=xy[:, 1])
+        for keep_mask, move_mask, mul in rounds:
+            np.bitwise_and(xy, keep_mask, out=keep)
+            np.bitwise_and(xy, move_mask, out=xy)
+            np.multiply(xy, mul, out=xy)
+            np.bitwise_or(xy, keep, out=xy)
+        _add_lanes(xy, group, per, r, n)
+        _q4_qs(xy[:, 0], xy[:, 1], qs[r:r + n], scratch, step)
+        meta(r, n)
+    _chunks(nb, step, body)
 
 
 def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], None]) -> None:
@@ -356,10 +521,11 @@ def _q8_0_from_int8(ct: np.ndarray, qs: np.ndarray, meta: Callable[[int, int], N
 
 
 def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme, btype: BlockType,
-                 shape: tuple[int, ...], layout: str, out: np.ndarray, meta: Callable[[int, int], None]) -> None:
+                 shape: tuple[int, ...], layout: str, out: dict[str, np.ndarray],
+                 meta: Callable[[int, int], None]) -> None:
     """Every other scheme: per chunk of blocks, the stored codes u, plus one constant per block
     (the type's offset minus z_u; Q4_1 stores u itself), into the qs (and qh) fields."""
-    b, nb = scheme.num_bits, len(out)
+    b, nb = scheme.num_bits, len(out["d"])
     per = _blocks_per_scale(scheme, shape)
     z_u = (1 << (b - 1)) if zp is None else zp.to(torch.int16).reshape(-1).numpy() + (1 << (b - 1))
     add = np.asarray((btype.offset - z_u) if btype.name != "Q4_1" else 0, dtype=np.int16)
@@ -374,7 +540,7 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
                 w = ct[r:r + n].astype(np.uint16)
                 u = ((w & 0x0F) | ((w & 0xF0) << 4)).view(np.uint8)
             u += add[r:r + n, None]
-            _store_codes(u, btype, out[r:r + n])
+            _store_codes(u, btype, _rows(out, r, n))
             meta(r, n)
         _chunks(nb, _CHUNK_BLOCKS, body)
         return
@@ -387,28 +553,32 @@ def _from_values(packed: torch.Tensor, zp: torch.Tensor | None, scheme: QuantSch
         q = unpack_from_int32(p2[r:r + n], b, (n, n_in), layout=layout)
         u = q.numpy().view(np.uint8).reshape(-1, QK) + np.uint8(1 << (b - 1))      # u = q + 2^(b-1), mod 256
         u += add[r * nbr:(r + n) * nbr, None]
-        _store_codes(u, btype, out[r * nbr:(r + n) * nbr])
+        _store_codes(u, btype, _rows(out, r * nbr, n * nbr))
         meta(r * nbr, n * nbr)
 
 
-def _store_codes(u: np.ndarray, btype: BlockType, out: np.ndarray) -> None:
+def _rows(fields: dict[str, np.ndarray], r: int, n: int) -> dict[str, np.ndarray]:
+    return {k: v[r:r + n] for k, v in fields.items()}
+
+
+def _store_codes(u: np.ndarray, btype: BlockType, out: dict[str, np.ndarray]) -> None:
     """Stored codes [n, 32] (uint8: Q8_0's int8 bytes, or nibble codes 0..15 / 0..31) -> the qs
-    (and qh) fields of `out`."""
+    (and qh) fields of `out` (_fields views)."""
     if btype.name == "Q8_0":
-        out["qs"] = u.view("V32").reshape(-1)
+        out["qs"][:] = u.view("V32").reshape(-1)
         return
     lanes = u.view(np.uint64).reshape(-1, 4)                   # elements 0-7, 8-15, 16-23, 24-31
     qs = np.empty((len(u), 2), np.uint64)
     for k in (0, 1):                                           # byte j: element j | element j + 16 << 4
         np.left_shift(lanes[:, k + 2] & _L4, _S4, out=qs[:, k])
         np.bitwise_or(qs[:, k], lanes[:, k] & _L4, out=qs[:, k])
-    out["qs"] = qs.view("V16").reshape(-1)
+    out["qs"][:] = qs.view("V16").reshape(-1)
     if btype.name == "Q5_0":                                   # bit 4 of element j -> bit j of qh
         qh = np.zeros(len(u), np.uint64)
         for k in range(4):
             byte = (((lanes[:, k] >> _S4) & _BIT4) * _GATHER) >> _S56
             qh |= byte << np.uint64(8 * k)
-        out["qh"] = qh.astype(np.uint32)
+        out["qh"][:] = qh.astype(np.uint32).view("V4")
 
 
 def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,12 +586,13 @@ def encode(v: torch.Tensor, d: torch.Tensor, btype: BlockType, m: torch.Tensor |
     [..., in/32] -> uint8 blocks [..., in/32 * type_size]."""
     lead, n_in = v.shape[:-1], v.shape[-1]
     vals = v.detach().cpu().to(torch.int16).reshape(-1, QK).numpy()
-    out = np.empty(len(vals), btype.dtype)
-    out["d"] = _fp16_bits(d)
+    dest = np.empty(len(vals) * btype.type_size, np.uint8)
+    out = _fields(dest, btype)
+    out["d"][:] = _fp16_bits(d)
     if m is not None:
-        out["m"] = _fp16_bits(m)
+        out["m"][:] = _fp16_bits(m)
     _store_codes((vals + btype.offset).astype(np.uint8), btype, out)
-    return torch.from_numpy(out.view(np.uint8)).reshape(*lead, n_in // QK * btype.type_size)
+    return torch.from_numpy(dest).reshape(*lead, n_in // QK * btype.type_size)
 
 
 # -- block bytes -> values (reading GGUF back) -----------------------------------------------

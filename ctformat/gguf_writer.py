@@ -38,7 +38,8 @@ class GGUFOutput:
     `metadata(writer)` adds the key/values to the gguf.GGUFWriter after the tensor infos are
     known (so parameter counts can be derived from them). Tensors are then passed to write()
     in plan order: quantized types as uint8 block bytes [..., rows, in/block * type_size], float
-    types as torch tensors of that dtype. Memory holds the tensor being written.
+    types as torch tensors of that dtype. A tensor of rank >= 2 may also come in pieces along its
+    first axis, in order (a stack of experts, expert by expert): memory then holds one piece.
     """
 
     def __init__(self, out: str | os.PathLike, arch: str, plan: Iterable[tuple[str, str, tuple[int, ...]]],
@@ -72,6 +73,8 @@ class GGUFOutput:
             self.abort()
             raise
         self._next = 0
+        self._rows = 0                        # leading rows of the current tensor written (in pieces)
+        self._open: _Deferred | None = None
 
     def __enter__(self) -> GGUFOutput:
         return self
@@ -89,12 +92,28 @@ class GGUFOutput:
         want = (shape, FLOAT_TYPES[ggml_type]) if ggml_type in FLOAT_TYPES else (
             (*shape[:-1], ggml_nbytes(ggml_type, shape[-1:])), torch.uint8)
         got = (tuple(tensor.shape), tensor.dtype)
-        if name != want_name or got != want:
-            raise WriterError(f"expected {want_name} {ggml_type} {list(want[0])} {want[1]}, "
-                              f"got {name} {list(got[0])} {got[1]}")
+        whole = got == want and not self._rows
+        same_rows = got[1] == want[1] and len(got[0]) == len(want[0]) >= 2 and got[0][1:] == want[0][1:]
+        lead = got[0][0] if same_rows else 0
+        piece = not whole and 0 < lead and self._rows + lead <= want[0][0]
+        if name != want_name or not (whole or piece):
+            raise WriterError(f"expected {want_name} {ggml_type} {list(want[0])} {want[1]}"
+                              f"{f' (rows {self._rows}..)' if self._rows else ''}, got {name} {list(got[0])} {got[1]}")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._w.write_tensor_data(data)
-        self._next += 1
+        if whole:
+            self._w.write_tensor_data(data)
+            self._next += 1
+            return
+        if not self._rows:           # gguf-py places the tensor (shard, alignment); its bytes follow here
+            self._open = _Deferred(ggml_nbytes(ggml_type, shape))
+            self._w.write_tensor_data(self._open)
+            self._open.fout.seek(self._open.start)
+        data.tofile(self._open.fout)
+        self._rows += lead
+        if self._rows == want[0][0]:
+            self._w.write_padding(self._open.fout, self._open.nbytes)
+            self._open, self._rows = None, 0
+            self._next += 1
 
     def close(self, config: Any = None) -> list[Path]:
         """Finish every shard and rename it into place; `config` is accepted for the pipeline's
@@ -120,3 +139,17 @@ class GGUFOutput:
             w.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.state = _State.FAILED
+
+
+class _Deferred:
+    """Stands in for a tensor written in pieces: gguf-py's write_tensor_data pops its tensor info,
+    pads the shard to the alignment and calls tofile, which only records where the data starts
+    (write_tensor_data's own trailing padding lands there and is overwritten by the pieces)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.fout = None
+        self.start = 0
+
+    def tofile(self, fout) -> None:
+        self.fout, self.start = fout, fout.tell()

@@ -69,7 +69,15 @@ class GGUFPlan:
 
     @property
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [o for step in self.steps for o in step.outputs]
+        """The GGUF tensors in order. Consecutive outputs of one name are pieces of one tensor
+        along its first axis (an expert stack, one step per expert)."""
+        out: list[tuple[str, str, tuple[int, ...]]] = []
+        for name, kind, shape in (o for step in self.steps for o in step.outputs):
+            if out and out[-1][0] == name:
+                out[-1] = (name, kind, (out[-1][2][0] + shape[0], *shape[1:]))
+            else:
+                out.append((name, kind, shape))
+        return out
 
 
 def convert_to_gguf(model: str | Path, out: str | Path, *, outtype: str = "bf16", int4_asym: str = "q5_0",
@@ -191,7 +199,7 @@ class _Builder:
         self.repacks: list[Repack] = []
         self.dequantized: list[str] = []
         self.dropped: dict[str, str] = {}
-        self.out: list[Step | None] = []
+        self.out: list[Step | list[Step] | None] = []      # a stack is a list: one step per expert
 
     def build(self) -> list[Step]:
         mods = self.ckpt.modules()
@@ -222,7 +230,7 @@ class _Builder:
         for key, experts in stacks.items():
             self.out[slots[key]] = self._stack(key, experts)
         self.out.extend(self._extra())
-        return [s for s in self.out if s is not None]
+        return [s for group in self.out if group is not None for s in (group if isinstance(group, list) else [group])]
 
     # -- names and types --
     def _dropped(self, name: str) -> str | None:
@@ -346,7 +354,9 @@ class _Builder:
             return [_as_float(k.transpose(1, 2), out), _as_float(v, out)]
         return Step([(k_name, out, (heads, rank, nope)), (v_name, out, (heads, vdim, rank))], sources, work, module)
 
-    def _stack(self, key: tuple[str, str], experts: dict[int, Module]) -> Step:
+    def _stack(self, key: tuple[str, str], experts: dict[int, Module]) -> list[Step]:
+        """One GGUF tensor [E, out, in] written expert by expert: a step per expert, each reading
+        that expert only and writing its [1, out, in] piece (memory: one expert, not the stack)."""
         base, part = key
         n = len(experts)
         want = first(self.config, "num_local_experts", "num_experts", "n_routed_experts") or n
@@ -360,31 +370,17 @@ class _Builder:
             shapes = {tuple(m.tensors["weight"].shape) for m in mods if "weight" in m.tensors}
             if len(shapes) != 1 or any("weight" not in m.tensors for m in mods):
                 raise refuse("GCV-10", f"experts have shapes {sorted(shapes)}", where)
-            names = [m.tensors["weight"].name for m in mods]
-            ggml_type = self._float_type(gname, 3)
-            return Step([(gname, ggml_type, (n, *shapes.pop()))], names,
-                        lambda t: [_as_float(torch.stack([t[x] for x in names]), ggml_type)])
+            ggml_type, shape = self._float_type(gname, 3), shapes.pop()
+            return [_piece(gname, ggml_type, shape, [m.tensors["weight"].name], None,
+                           lambda t, x=m.tensors["weight"].name: _as_float(t[x], ggml_type)) for m in mods]
         if any(not m.quantized for m in mods) or len({m.scheme for m in mods}) != 1:
             raise refuse("GCV-10", "experts differ in scheme (or some are not quantized)", where)
-        before = len(self.repacks)
         parts = [self._quantized(m, gname) for m in mods]
         kinds = {p.outputs[0][1:] for p in parts}
         if len(kinds) != 1:
             raise refuse("GCV-10", f"experts differ in type or shape: {sorted(map(str, kinds))}", where)
         ggml_type, shape = kinds.pop()
-        sources = [s for p in parts for s in p.sources]
-        if ggml_type == "F32":                       # dequantize_unmappable: stacked floats
-            return Step([(gname, "F32", (n, *shape))], sources,
-                        lambda t: [torch.stack([p.work(t)[0] for p in parts])], f"{base}.{part}")
-        repacks = self.repacks[before:]
-        btype = BLOCK_TYPES[ggml_type]
-
-        def work(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            out = torch.empty(n, *shape[:-1], shape[-1] // 32 * btype.type_size, dtype=torch.uint8)
-            for k, r in enumerate(repacks):         # each expert straight into its slice of the stack
-                encode_module(_local(r.module, t), r.module.scheme, btype, layout=r.layout, out=out[k].numpy())
-            return [out]
-        return Step([(gname, ggml_type, (n, *shape))], sources, work, f"{base}.{part}")
+        return [_piece(gname, ggml_type, shape, p.sources, p.module, lambda t, w=p.work: w(t)[0]) for p in parts]
 
     def _extra(self) -> list[Step]:
         """Tensors LC generates from the config: Llama 3 RoPE frequency factors (rope_freqs)."""
@@ -393,6 +389,12 @@ class _Builder:
             return []
         factors = llama3_rope_factors(self.config, rope)
         return [Step([("rope_freqs.weight", "F32", tuple(factors.shape))], [], lambda t: [factors])]
+
+
+def _piece(gname: str, ggml_type: str, shape: tuple[int, ...], sources: list[str], module: str | None,
+           work: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> Step:
+    """One expert's step of a stack: its [out, in] tensor as the piece [1, out, in] of `gname`."""
+    return Step([(gname, ggml_type, (1, *shape))], sources, lambda t: [work(t).unsqueeze(0)], module)
 
 
 def _local(m: Module, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -83,8 +83,8 @@ def _linears(arch: str, c: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def dense_tensors(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    c = CONFIGS[arch]
+def dense_tensors(arch: str, seed: int = 0, config: dict | None = None) -> dict[str, torch.Tensor]:
+    c = config or CONFIGS[arch]
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=0.05):
@@ -120,10 +120,12 @@ def dense_tensors(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return t
 
 
-def write_model(arch: str, folder: Path, *, quantized: bool, scheme_json: dict | None = None, seed: int = 0) -> Path:
-    """A model folder: config.json, tokenizer, model.safetensors (dense, or CT int4 g32 by default)."""
-    c = dict(CONFIGS[arch])
-    tensors = dense_tensors(arch, seed)
+def write_model(arch: str, folder: Path, *, quantized: bool, scheme_json: dict | None = None, seed: int = 0,
+                tokenizer: bool = True, **config) -> Path:
+    """A model folder: config.json, tokenizer, model.safetensors (dense, or CT int4 g32 by default);
+    `config` overrides entries of the arch's config (sizes, expert count)."""
+    c = dict(CONFIGS[arch], **config)
+    tensors = dense_tensors(arch, seed, c)
     linears = set(_linears(arch, c))
     if quantized:
         sj = scheme_json or {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}
@@ -146,7 +148,8 @@ def write_model(arch: str, folder: Path, *, quantized: bool, scheme_json: dict |
     for p in tmp.iterdir():
         p.rename(folder / p.name)
     tmp.rmdir()
-    write_tokenizer(folder, c, "llama-bpe" if arch == "llama3" else "qwen2")
+    if tokenizer:
+        write_tokenizer(folder, c, "llama-bpe" if arch == "llama3" else "qwen2")
     return folder
 
 

@@ -168,21 +168,29 @@ def test_fp16_rule_boundaries():
     assert check_fp16(torch.tensor([1 / 3], dtype=torch.float32)).max_rel_error < 2 ** -11
 
 
-@pytest.mark.parametrize("bits,strategy", [(4, "group"), (4, "channel"), (8, "group"), (8, "tensor")])
-def test_byte_path_equals_value_path(bits, strategy):
-    """int4/int8 symmetric blocks are built from the packed bytes directly; the general path
-    through unpacked values gives the same bytes."""
+@pytest.mark.parametrize("bits,sym,strategy,asym", [
+    (4, True, "group", "q5_0"), (4, True, "channel", "q5_0"), (8, True, "group", "q5_0"), (8, True, "tensor", "q5_0"),
+    (4, False, "group", "q5_0"), (4, False, "channel", "q5_0"), (4, False, "group", "q4_1"),
+    (3, True, "group", "q5_0"), (3, False, "group", "q5_0"), (2, True, "channel", "q5_0"), (5, True, "group", "q5_0"),
+    (6, False, "group", "q5_0"), (7, True, "tensor", "q5_0"), (1, False, "group", "q5_0")])
+def test_byte_path_equals_value_path(bits, sym, strategy, asym):
+    """Blocks are built from the packed words directly (lane arithmetic per scheme); the plain
+    path through unpacked values (module_values, then encode) gives the same bytes."""
     from ctformat.ggml import module_values
-    s = scheme(bits, True, strategy, gs=128)
+    s = scheme(bits, sym, strategy, gs=128)
     w = (torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
-    btype = block_type_for(s, 256)
+    btype = block_type_for(s, 256, int4_asym=asym)
     fast = encode_module(t, s, btype)
-    v, d, _ = module_values(t, s)
-    assert torch.equal(fast, encode(v, d, btype))
+    v, d, z_u = module_values(t, s)
+    if btype.name == "Q4_1":                 # stores u = (q - z) + z_u and m = -s z_u
+        u = (v.unflatten(-1, (-1, 32)) + z_u.unsqueeze(-1)).flatten(-2)
+        assert torch.equal(fast, encode(u, d, btype, minimums(d, z_u - 8, 4)))
+    else:
+        assert torch.equal(fast, encode(v, d, btype))
 
 
-@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False), (3, True), (3, False), (2, False), (1, True)])
 def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
     """A module of many chunks goes through the worker threads; the blocks equal the one-thread
     run and gguf-py's reading of them equals s * (q - z)."""
@@ -197,3 +205,18 @@ def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
     assert torch.equal(threaded, encode_module(t, s, btype))
     want = float64_weight(t, s, "dense")
     assert np.array_equal(peer_dequant(threaded, btype.name).reshape(want.shape), want.numpy())
+
+
+def test_fp16_cast_of_scales_is_torch_s_bit_for_bit():
+    """d = fp16(s), cast slice by slice, equals torch's .to(float16) of the whole tensor for every
+    bfloat16 value and for float32 bit patterns of every kind (ties, subnormals, overflow, NaN
+    payloads), across slice boundaries."""
+    from ctformat.ggml import _fp16_bits
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    f32 = torch.cat([torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int32),
+                     (torch.arange(-4096, 4096, dtype=torch.int32) << 13) + 0x38000000 + 4096,     # fp16 ties
+                     torch.arange(0x33000000, 0x33000000 + 65536, 16, dtype=torch.int32)]).view(torch.float32)
+    for x in (every_bf16, f32, f32.to(torch.float16)):
+        want = x.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(_fp16_bits(x), want), x.dtype
