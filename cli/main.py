@@ -121,6 +121,24 @@ _TARGET_OPTIONS = {
 }
 
 
+_MMAP_THRESHOLD = 1 << 20
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc serves a freed block's size from its heap from then on (the mmap threshold
+    follows the largest freed block, up to 32 MiB), and a heap shared by the reader, compute
+    and writer threads keeps freed tensors resident: converting Kimi-K2-sized experts held
+    ~275 MiB over the floor instead of ~120 (benchmarks/bench_convert_memory.py). A fixed
+    threshold maps every tensor and unmaps it when freed; worker processes inherit it."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return                                                    # the user's own, applied by glibc at start
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(_MMAP_THRESHOLD)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD)       # M_MMAP_THRESHOLD; a no-op off glibc
+
+
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
@@ -197,6 +215,7 @@ def convert(model: str, out: str, target: str, device: str, max_shard_size: str,
     """
     from ctformat.convert import convert as run_convert
     from ctformat.dtypes import float_dtype
+    _fixed_mmap_threshold()
     wanted = _TARGET_OPTIONS[target]
     stray = sorted(k for k, v in options.items() if k not in wanted and v not in (None, False, "bfloat16"))
     if stray:
