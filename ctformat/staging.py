@@ -180,7 +180,8 @@ class Staging:
         self.done = {i for i, g in good.items() if g}
         self.resumed, self.redone = len(self.done), len(recorded) - len(self.done)
         for path in sorted((self.tmp / RECORDS).glob("piece-*.json")):
-            if path.stem.split("-")[-1].isdigit() and int(path.stem.split("-")[1]) not in self.done:
+            index = path.stem.split("-", 1)[1]
+            if index.isascii() and index.isdigit() and int(index) not in self.done:   # '²' is a digit to isdigit()
                 path.unlink()
 
     def publish(self, config: Mapping[str, Any] | None, source: Path | None, force: bool, *,

@@ -127,6 +127,20 @@ def test_recorded_piece_whose_bytes_changed_is_redone(source, tmp_path):
     assert tree_snapshot(out) == ref
 
 
+def test_stray_files_among_the_records_are_left_alone(source, tmp_path):
+    """A file in the records folder that no run wrote ('piece-²' has a digit that int() refuses)
+    neither stops --resume nor counts as a piece."""
+    src, ref = source
+    out = tmp_path / "out"
+    tmp = interrupted(src, out, 60_000_000)
+    done = recorded(tmp)
+    for name in ("piece-².json", "piece-x.json"):
+        (tmp / RECORDS / name).write_text("{}")
+    result = convert(src, out, to="dense", device="cpu", max_shard_size=20_000_000, resume=True)
+    assert result.details["pieces_resumed"] == len(done) and result.details["pieces_failed_check"] == 0
+    assert tree_snapshot(out) == ref
+
+
 def test_changed_source_or_options_are_refused(source, tmp_path):
     src0, _ = source
     src = tmp_path / "src"
