@@ -242,13 +242,16 @@ class Buffers:
     """Byte buffers handed out again once a step is written, so the reader and the compute write
     into memory already mapped (a fresh buffer costs a page fault per 4 KiB, as much as a copy).
     Only a buffer this pool issued comes back (a step's output may be a view of anything); one
-    never given back is held until the pool is dropped. The free list keeps a few steps' worth, the newest first, so memory stays near what is in flight."""
+    never given back is held until the pool is dropped. The free list holds at most `span` times
+    the largest buffer taken, oldest dropped first: about what the pipeline holds in flight, so
+    the peak stays that of fresh buffers (which the allocator keeps mapped as well)."""
 
-    def __init__(self, keep: int = 16) -> None:
-        self.keep = keep
+    def __init__(self, span: int = 8) -> None:
+        self.span = span
         self._free: dict[int, list[torch.Tensor]] = {}
         self._order: list[tuple[int, int]] = []         # (nbytes, data_ptr) of the free buffers, oldest first
         self._issued: dict[int, torch.Tensor] = {}      # data_ptr -> buffer, until given back
+        self._held = self._largest = 0                  # bytes on the free list; largest buffer taken
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -258,10 +261,12 @@ class Buffers:
             if free:
                 buf = free.pop()
                 self._order.remove((nbytes, buf.data_ptr()))
+                self._held -= nbytes
             else:
                 buf = torch.empty(nbytes, dtype=torch.uint8)
             if nbytes:
                 self._issued[buf.data_ptr()] = buf
+                self._largest = max(self._largest, nbytes)
             return buf
 
     def give(self, tensors) -> None:
@@ -274,10 +279,12 @@ class Buffers:
                 del self._issued[t.data_ptr()]
                 self._free.setdefault(buf.nbytes, []).append(buf)
                 self._order.append((buf.nbytes, buf.data_ptr()))
-            while len(self._order) > self.keep:
+                self._held += buf.nbytes
+            while self._held > self.span * self._largest:
                 nbytes, ptr = self._order.pop(0)
                 free = self._free[nbytes]
                 free.pop(next(i for i, b in enumerate(free) if b.data_ptr() == ptr))
+                self._held -= nbytes
 
 
 def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.device, result: ConvertResult,

@@ -326,12 +326,12 @@ def test_recycled_buffers_write_the_bytes_fresh_memory_writes(tmp_path):
 
 def test_buffers_take_back_only_their_own_whole_buffers():
     from ctformat.pipeline import Buffers
-    pool = Buffers(keep=2)
+    pool = Buffers(span=2)
     a = pool.take(64)
     pool.give([a[8:], torch.empty(64, dtype=torch.uint8)])      # a view into it, a stranger: neither kept
     assert pool.take(64).data_ptr() != a.data_ptr()
     pool.give([a.view(torch.float32).view(4, 4)])               # the whole buffer, seen as any dtype/shape
     assert pool.take(64).data_ptr() == a.data_ptr()
-    bufs = [pool.take(32) for _ in range(3)]
-    pool.give(bufs)                                             # keep=2: the oldest one is dropped
-    assert {pool.take(32).data_ptr() for _ in range(3)} & {b.data_ptr() for b in bufs} == {b.data_ptr() for b in bufs[1:]}
+    bufs = [pool.take(64) for _ in range(3)]
+    pool.give(bufs)                                             # at most 2 x 64 bytes free: the oldest goes
+    assert {pool.take(64).data_ptr() for _ in range(3)} & {b.data_ptr() for b in bufs} == {b.data_ptr() for b in bufs[1:]}
