@@ -214,12 +214,16 @@ class Checkpoint:
                            self.quant.version)
 
     # -- data ------------------------------------------------------------------------
-    def load(self, name: str, device: str | None = None) -> torch.Tensor:
-        """One tensor, read from its shard into fresh memory (nothing else is touched)."""
+    def load(self, name: str, device: str | None = None, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, read from its shard into fresh memory, or into `buffer` (flat uint8 of
+        its byte size), nothing else touched."""
         from .dtypes import torch_dtype
         import torch
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        if buffer is not None and info.nbytes:
+            out = buffer.view(torch_dtype(info.dtype)).view(info.shape)
+        else:
+            out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         if info.nbytes:
             got = self.files.readinto(info.file, info.start, out.reshape(-1).view(torch.uint8).numpy())
             if got != info.nbytes:

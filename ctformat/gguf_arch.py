@@ -181,10 +181,16 @@ def llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any]) -> torch.T
     return torch.tensor(out, dtype=torch.float32)
 
 
-def permute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """LC's LlamaModel.permute on the leading (row) axis: rows [heads, 2, n/heads/2] -> swap 1 and 2."""
+def permute_rows(t: torch.Tensor, heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """LC's LlamaModel.permute on the leading (row) axis: rows [heads, 2, n/heads/2] -> swap 1 and 2.
+    With `out` (uint8 blocks, t's shape) the rows are copied there by numpy (one thread, whole rows)."""
     n = t.shape[0]
-    return t.reshape(heads, 2, n // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+    split = (heads, 2, n // heads // 2, *t.shape[1:])
+    if out is None:
+        return t.reshape(split).swapaxes(1, 2).reshape(t.shape)
+    dest = out.numpy().reshape(heads, n // heads // 2, 2, *t.shape[1:])
+    dest[...] = t.numpy().reshape(split).swapaxes(1, 2)
+    return out
 
 
 # -- vocabulary (spec/gguf.md §5) --------------------------------------------------------------

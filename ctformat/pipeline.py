@@ -23,7 +23,7 @@ from .writer import Piece, PieceWriter, ShardLayout, check_apart, split_pieces
 
 __all__ = ["Step", "ConvertResult", "Writer", "Execution", "EXECUTION", "Job", "resolve_device", "open_for_convert",
            "copy_step", "by_suffix", "file_order", "module_sources", "run_conversion", "run_steps", "run_pieces",
-           "compute", "PIECE_SIZE"]
+           "compute", "PIECE_SIZE", "Buffers"]
 
 Progress = Callable[..., None]        # (bytes done, bytes in all[, note])
 PIECE_SIZE = 1 << 30                  # resumable unit: a shard is cut into pieces of about this size
@@ -238,9 +238,60 @@ def run_pieces(job: Job, folder: Path, indexes: list[int], on_done: Callable[[in
     writer.close()
 
 
+class Buffers:
+    """Byte buffers handed out again once a step is written, so the reader and the compute write
+    into memory already mapped (a fresh buffer costs a page fault per 4 KiB, as much as a copy).
+    Only a buffer this pool issued comes back (a step's output may be a view of anything); one
+    never given back is held until the pool is dropped. The free list holds at most `span` times
+    the largest buffer taken, oldest dropped first: about what the pipeline holds in flight, so
+    the peak stays that of fresh buffers (which the allocator keeps mapped as well)."""
+
+    def __init__(self, span: int = 8) -> None:
+        self.span = span
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._order: list[tuple[int, int]] = []         # (nbytes, data_ptr) of the free buffers, oldest first
+        self._issued: dict[int, torch.Tensor] = {}      # data_ptr -> buffer, until given back
+        self._held = self._largest = 0                  # bytes on the free list; largest buffer taken
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 buffer of `nbytes` (its old contents, or nothing, in it)."""
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                buf = free.pop()
+                self._order.remove((nbytes, buf.data_ptr()))
+                self._held -= nbytes
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes:
+                self._issued[buf.data_ptr()] = buf
+                self._largest = max(self._largest, nbytes)
+            return buf
+
+    def give(self, tensors) -> None:
+        """Hand back every tensor that is one of this pool's buffers, whole; others are left alone."""
+        with self._lock:
+            for t in tensors:
+                buf = self._issued.get(t.data_ptr()) if t.device.type == "cpu" else None
+                if buf is None or t.untyped_storage().nbytes() != buf.nbytes:
+                    continue
+                del self._issued[t.data_ptr()]
+                self._free.setdefault(buf.nbytes, []).append(buf)
+                self._order.append((buf.nbytes, buf.data_ptr()))
+                self._held += buf.nbytes
+            while self._held > self.span * self._largest:
+                nbytes, ptr = self._order.pop(0)
+                free = self._free[nbytes]
+                free.pop(next(i for i, b in enumerate(free) if b.data_ptr() == ptr))
+                self._held -= nbytes
+
+
 def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.device, result: ConvertResult,
-              progress: Progress | None = None) -> None:
-    """read (thread) -> compute (this thread) -> write (thread); queues of one bound memory."""
+              progress: Progress | None = None, buffers: Buffers | None = None) -> None:
+    """read (thread) -> compute (this thread) -> write (thread); queues of one bound memory.
+    With `buffers`, sources are read into them and, once a step is written, its sources and
+    outputs go back (the writer must be done with a tensor when write() returns)."""
     total = sum(ckpt.tensors[n].nbytes for step in plan for n in step.sources)
     loaded: queue.Queue = queue.Queue(maxsize=1)      # one step read ahead
     computed: queue.Queue = queue.Queue(maxsize=1)    # one result waiting while another is written
@@ -253,7 +304,8 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             for step in plan:
                 if stop.is_set():
                     return
-                _put(loaded, (step, {n: ckpt.load(n) for n in step.sources}), stop)
+                into = (lambda n: buffers.take(ckpt.tensors[n].nbytes)) if buffers else (lambda n: None)
+                _put(loaded, (step, {n: ckpt.load(n, buffer=into(n)) for n in step.sources}), stop)
         except BaseException as err:  # handed to the main thread, which raises it
             errors.append(err)
         finally:
@@ -263,9 +315,11 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
         done = 0
         try:
             while (item := computed.get()) is not None:
-                step, tensors, nbytes = item
+                step, tensors, nbytes, inputs = item
                 for (name, _, _), t in zip(step.outputs, tensors):
                     writer.write(name, t)
+                if buffers:
+                    buffers.give([*tensors, *inputs])
                 done += nbytes
                 if progress:
                     progress(done, total)
@@ -288,7 +342,7 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
                 result.modules += 1
             elif step.outputs:               # a copy, or a cast of a tensor that is not a quantized module
                 result.tensors_copied += 1
-            _put(computed, (step, out, nbytes), stop)
+            _put(computed, (step, out, nbytes, list(tensors.values()) if buffers else []), stop)
     finally:
         # Order matters: a failure anywhere stops the reader first; the writer then gets its end
         # marker (or is already dead: writer_done), is joined, and only then is the reader's queue

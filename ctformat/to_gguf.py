@@ -26,8 +26,9 @@ from .ggml import (BLOCK_TYPES, ScaleCheck, block_type_for, check_fp16, check_g_
                    encode_module, minimums, refuse, signed_zero_points)
 from .gguf_arch import (OUTTYPES, ArchInfo, arch_for, first, hparams, llama3_rope_factors, need, permute_rows,
                         read_vocab, rope_of)
+from .gguf_header import ggml_nbytes
 from .gguf_writer import FLOAT_TYPES, GGUFOutput
-from .pipeline import ConvertResult, Step, check_plan, file_order, open_for_convert, run_steps
+from .pipeline import Buffers, ConvertResult, Step, check_plan, file_order, open_for_convert, run_steps
 from .quant import decompress
 from .scheme import Strategy
 from .spec import EXPERT_MODULE, QUANT_PARAMS
@@ -66,6 +67,7 @@ class GGUFPlan:
     dropped: dict[str, str]                 # source tensor -> why LC (and so this plan) leaves it out
     dequantized: list[str] = field(default_factory=list)      # quantized modules written as floats
     notes: list[str] = field(default_factory=list)
+    buffers: Buffers = field(default_factory=Buffers)        # the steps' block buffers, for run_steps
 
     @property
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -98,7 +100,7 @@ def convert_to_gguf(model: str | Path, out: str | Path, *, outtype: str = "bf16"
     # the same plan's header and restart run_steps at the first tensor it lacks.
     with GGUFOutput(out, plan.arch, plan.entries, plan.metadata, split_max_size=split_max_size, force=force,
                     source=src) as writer:
-        run_steps(ckpt, plan.steps, writer, torch.device("cpu"), result, progress)
+        run_steps(ckpt, plan.steps, writer, torch.device("cpu"), result, progress, plan.buffers)
         files = writer.close()
     types: dict[str, int] = {}
     for name, kind, _ in plan.entries:
@@ -152,7 +154,8 @@ def gguf_plan(ckpt: Checkpoint, *, outtype: str = "bf16", int4_asym: str = "q5_0
     info = arch_for(config)
     arch = gguf.MODEL_ARCH[info.arch]
     names = gguf.get_tensor_name_map(arch, need(config, "num_hidden_layers"))
-    b = _Builder(ckpt, info, config, names, OUTTYPES[outtype], int4_asym, dequantize_unmappable)
+    buffers = Buffers()
+    b = _Builder(ckpt, info, config, names, OUTTYPES[outtype], int4_asym, dequantize_unmappable, buffers)
     steps = b.build()
     folder = ckpt.root
     kvs = hparams(info, config, _file_type(b, OUTTYPES[outtype]))
@@ -175,7 +178,8 @@ def gguf_plan(ckpt: Checkpoint, *, outtype: str = "bf16", int4_asym: str = "q5_0
         if vocab is not None:
             vocab(writer)
 
-    return GGUFPlan(gguf.MODEL_ARCH_NAMES[arch], steps, metadata, b.repacks, b.dropped, b.dequantized, b.notes)
+    return GGUFPlan(gguf.MODEL_ARCH_NAMES[arch], steps, metadata, b.repacks, b.dropped, b.dequantized, b.notes,
+                    buffers)
 
 
 def _file_type(b: _Builder, outtype: str) -> int:
@@ -192,8 +196,8 @@ class _Builder:
     """Walks the checkpoint once, in file order, and emits one Step per GGUF tensor."""
 
     def __init__(self, ckpt: Checkpoint, info: ArchInfo, config: dict, names, outtype: str, int4_asym: str,
-                 dequantize_unmappable: bool) -> None:
-        self.ckpt, self.info, self.config, self.names = ckpt, info, config, names
+                 dequantize_unmappable: bool, buffers: Buffers) -> None:
+        self.ckpt, self.info, self.config, self.names, self.buffers = ckpt, info, config, names, buffers
         self.outtype, self.int4_asym, self.dequantize_unmappable = outtype, int4_asym, dequantize_unmappable
         self.notes: list[str] = []
         self.repacks: list[Repack] = []
@@ -263,9 +267,9 @@ class _Builder:
             return None
         heads = self.config["num_attention_heads"]
         if re.search(r"\.q_proj\.(weight|bias)$", hf_name):
-            return lambda t: permute_rows(t, heads)
+            return lambda t, out=None: permute_rows(t, heads, out)
         if re.search(r"\.k_proj\.(weight|bias)$", hf_name):
-            return lambda t: permute_rows(t, self.config.get("num_key_value_heads") or heads)
+            return lambda t, out=None: permute_rows(t, self.config.get("num_key_value_heads") or heads, out)
         return None
 
     # -- emitters --
@@ -312,11 +316,15 @@ class _Builder:
         layout = self.ckpt.word_layout(m, shape[-1])
         self.repacks.append(Repack(m, btype.name, shape, layout))
         perm = self._permute(wname)
-        scheme = m.scheme
+        scheme, pool, nbytes = m.scheme, self.buffers, ggml_nbytes(btype.name, shape)
 
         def work(t: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            raw = encode_module(_local(m, t), scheme, btype, layout=layout)
-            return [perm(raw) if perm else raw]
+            raw = encode_module(_local(m, t), scheme, btype, layout=layout, out=pool.take(nbytes).numpy())
+            if perm is None:
+                return [raw]
+            rows = perm(raw, pool.take(nbytes).view(raw.shape))
+            pool.give([raw])                  # the unpermuted blocks were this function's alone
+            return [rows]
         return Step([(gname, btype.name, shape)], sources, work, m.prefix)
 
     def _as_f32(self, m: Module, gname: str, sources: list[str], shape) -> Step:

@@ -300,3 +300,38 @@ def test_allow_lossy_reports_count_and_error(tmp_path):
     assert count == 1 and rel == pytest.approx(abs(float(torch.tensor(exact).half()) - exact) / exact)
     d = {x.name: x for x in gguf.GGUFReader(tmp_path / "o.gguf").tensors}["blk.1.ffn_down.weight"].data
     assert d.reshape(64, 4, 18)[5, 2, :2].view(np.float16)[0] == np.float16(exact)      # group 2 = block 2 (gs 32)
+
+
+def test_recycled_buffers_write_the_bytes_fresh_memory_writes(tmp_path):
+    """convert_to_gguf reads and encodes into buffers handed back after each write; the same plan
+    run with fresh memory for every tensor writes the same file (a buffer reused too early, or a
+    block field left stale from the module before, would differ). Llama permutes q/k rows into a
+    second buffer; mixtral writes stacks expert by expert; asym g32 goes through Q5_0."""
+    from ctformat.checkpoint import open_checkpoint
+    from ctformat.pipeline import ConvertResult, run_steps
+    from ctformat.to_gguf import convert_to_gguf, gguf_plan
+    asym = {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32}
+    for arch, sj in (("llama", None), ("mixtral", None), ("qwen3", asym)):
+        ct = write_model(arch, tmp_path / f"{arch}", quantized=True, scheme_json=sj, num_hidden_layers=3)
+        recycled, fresh = tmp_path / f"{arch}-r.gguf", tmp_path / f"{arch}-f.gguf"
+        convert_to_gguf(ct, recycled, device="cpu")
+        ckpt = open_checkpoint(ct)
+        plan = gguf_plan(ckpt)
+        with GGUFOutput(fresh, plan.arch, plan.entries, plan.metadata) as w:
+            run_steps(ckpt, plan.steps, w, torch.device("cpu"), ConvertResult("gguf", "repacked", str(fresh), "cpu"))
+            w.close()
+        assert recycled.read_bytes() == fresh.read_bytes(), arch
+        assert plan.buffers._issued, "the fresh run's steps took buffers and never gave them back"
+
+
+def test_buffers_take_back_only_their_own_whole_buffers():
+    from ctformat.pipeline import Buffers
+    pool = Buffers(span=2)
+    a = pool.take(64)
+    pool.give([a[8:], torch.empty(64, dtype=torch.uint8)])      # a view into it, a stranger: neither kept
+    assert pool.take(64).data_ptr() != a.data_ptr()
+    pool.give([a.view(torch.float32).view(4, 4)])               # the whole buffer, seen as any dtype/shape
+    assert pool.take(64).data_ptr() == a.data_ptr()
+    bufs = [pool.take(64) for _ in range(3)]
+    pool.give(bufs)                                             # at most 2 x 64 bytes free: the oldest goes
+    assert {pool.take(64).data_ptr() for _ in range(3)} & {b.data_ptr() for b in bufs} == {b.data_ptr() for b in bufs[1:]}
