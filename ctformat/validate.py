@@ -144,10 +144,11 @@ def _static_issues(ckpt: Checkpoint, modules: Iterable[Module]) -> Iterator[list
     its tensors' names, dtypes and shapes alone, so one layout found clean is clean again: the
     ~70k experts of a 1 T checkpoint share a handful of layouts."""
     clean: set = set()
+    marlin = ckpt.marlin is not None
     for m in modules:
-        if m.packed and m.quantized and not m.ignored and not m.is_gptq and not (ckpt.marlin is not None
-                                                                                 and m.is_marlin):
-            key = (id(m.group), tuple(m.tensors), tuple(map(_DTYPE_SHAPE, m.tensors.values())))
+        if m.packed and m.quantized and not m.ignored and not m.is_gptq and not (marlin and m.is_marlin):
+            infos = m.tensors.values()    # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
+            key = (id(m.group), *m.tensors, *map(_DTYPE, infos), *map(_SHAPE, infos))
             if key in clean:
                 yield []
                 continue
@@ -159,7 +160,7 @@ def _static_issues(ckpt: Checkpoint, modules: Iterable[Module]) -> Iterator[list
             yield check_module(ckpt, m)
 
 
-_DTYPE_SHAPE = itemgetter(1, 2)           # of a TensorInfo
+_DTYPE, _SHAPE = itemgetter(1), itemgetter(2)           # of a TensorInfo
 
 
 def _dense_targeted(ckpt: Checkpoint, m: Module) -> list[Issue]:
