@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from itertools import groupby
 from math import prod
 from operator import itemgetter
 from typing import Any, Iterable
@@ -108,7 +109,7 @@ def _in_features(m: Module) -> int:
     return packed.shape[-1] * 32 // bits
 
 
-_DTYPE, _SHAPE = itemgetter(1), itemgetter(2)           # of a TensorInfo
+_DTYPE, _SHAPE, _FILE, _NBYTES = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(5)   # of a TensorInfo
 
 
 def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
@@ -195,10 +196,10 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
     dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
                     and getattr(ckpt.class_router(m), "linear", None) != "never"]
-    total = sum(t.nbytes for t in ckpt.tensors.values())
+    total = sum(map(_NBYTES, ckpt.tensors.values()))
     shard_sizes = defaultdict(int)
-    for t in ckpt.tensors.values():
-        shard_sizes[t.file] += t.nbytes
+    for file, infos in groupby(ckpt.tensors.values(), key=_FILE):     # a shard's tensors sit together
+        shard_sizes[file] += sum(map(_NBYTES, infos))
     data = {
         "schema": "ctformat.inspect/1",
         "path": ckpt.label,
