@@ -163,7 +163,26 @@ class Checkpoint:
                 by_prefix[prefix] = {suffixes.setdefault(suffix, suffix): info}
             else:
                 found[suffixes.setdefault(suffix, suffix)] = info
+        q = self.quant
+        if q is not None and self.gptq is None and self.marlin is None and not q.transforms and q.sparsity is None:
+            return self._plain_modules(by_prefix, q)
         return dict(zip(by_prefix, map(self._module, by_prefix, by_prefix.values())))
+
+    def _plain_modules(self, by_prefix: dict[str, dict[str, TensorInfo]], q: QuantizationConfig) -> dict[str, Module]:
+        """_module for a compressed-tensors config without transforms or legacy sparsity (no
+        rotation, no sparse format: group, format and ignore alone), each lookup hoisted out of
+        the loop over ~70k modules."""
+        family, group_for, is_ignored, formats = self.family, q.group_for, q.is_ignored, {}
+        ct_keys, looks_linear = _CT_KEYS, _looks_linear
+        out: dict[str, Module] = {}
+        for prefix, tensors in by_prefix.items():
+            group = group_for(prefix, linear=not ct_keys.isdisjoint(tensors) or looks_linear(prefix, tensors))
+            if group is None:
+                fmt = None
+            elif (fmt := formats.get(id(group), formats)) is formats:
+                fmt = formats[id(group)] = q.group_format(group) if group.weights is not None else None
+            out[prefix] = Module(prefix, tensors, group, is_ignored(prefix), fmt, family=family)
+        return out
 
     def _module(self, prefix: str, tensors: dict[str, TensorInfo]) -> Module:
         family = self.family

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from itertools import groupby
 from math import prod
 from operator import itemgetter
 from typing import Any, Iterable
@@ -38,16 +39,28 @@ _NUMBER_PART = re.compile(r"(?<![^.])([0-9]+)(?![^.])")     # a whole dot-separa
 def fold_names(names: Iterable[str]) -> list[str]:
     """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
     groups: dict[tuple[str, ...], list[list[str]]] = {}
-    for pieces in map(_NUMBER_PART.split, names):      # text, number, text, ..., text
-        key = tuple(pieces[::2])
-        found = groups.get(key)
+    # a name's parent is split once (the projections of an expert share it); a last part that
+    # holds no number only extends the parent's last text
+    parents: dict[str, tuple[tuple[str, ...], str, list[str]]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        found = parents.get(parent)
         if found is None:
-            groups[key] = [pieces[1::2]]
+            pieces = _NUMBER_PART.split(parent)         # text, number, text, ..., text
+            found = parents[parent] = (tuple(pieces[:-1:2]), pieces[-1] + ".", pieces[1::2])
+        if not parent or leaf.isdigit():                # (isdigit: every number part, and more)
+            pieces = _NUMBER_PART.split(name)
+            key, numbers = tuple(pieces[::2]), pieces[1::2]
         else:
-            found.append(pieces[1::2])
+            key, numbers = (*found[0], found[1] + leaf), found[2]
+        rows = groups.get(key)
+        if rows is None:
+            groups[key] = [numbers]
+        else:
+            rows.append(numbers)
     out = []
     for key, rows in groups.items():
-        spans = [_span(sorted({int(r[i]) for r in rows})) for i in range(len(key) - 1)]
+        spans = [_span(sorted(set(map(int, set(map(itemgetter(i), rows)))))) for i in range(len(key) - 1)]
         out.append("".join(part for pair in zip(key, spans) for part in pair) + key[-1])
     return sorted(out, key=_natural)
 
@@ -96,7 +109,7 @@ def _in_features(m: Module) -> int:
     return packed.shape[-1] * 32 // bits
 
 
-_DTYPE_SHAPE = itemgetter(1, 2)           # of a TensorInfo
+_DTYPE, _SHAPE, _FILE, _NBYTES = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(5)   # of a TensorInfo
 
 
 def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
@@ -108,8 +121,9 @@ def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
     first: dict[tuple, Module] = {}
     count: dict[tuple, int] = defaultdict(int)
     for m in modules:
-        key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, tuple(m.tensors),
-               tuple(map(_DTYPE_SHAPE, m.tensors.values())))
+        infos = m.tensors.values()        # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
+        key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, *m.tensors, *map(_DTYPE, infos),
+               *map(_SHAPE, infos))
         first.setdefault(key, m)
         count[key] += 1
     return [(m, count[key], _layout(m)) for key, m in first.items()]
@@ -182,10 +196,10 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
     dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
                     and getattr(ckpt.class_router(m), "linear", None) != "never"]
-    total = sum(t.nbytes for t in ckpt.tensors.values())
+    total = sum(map(_NBYTES, ckpt.tensors.values()))
     shard_sizes = defaultdict(int)
-    for t in ckpt.tensors.values():
-        shard_sizes[t.file] += t.nbytes
+    for file, infos in groupby(ckpt.tensors.values(), key=_FILE):     # a shard's tensors sit together
+        shard_sizes[file] += sum(map(_NBYTES, infos))
     data = {
         "schema": "ctformat.inspect/1",
         "path": ckpt.label,

@@ -144,22 +144,22 @@ def _static_issues(ckpt: Checkpoint, modules: Iterable[Module]) -> Iterator[list
     its tensors' names, dtypes and shapes alone, so one layout found clean is clean again: the
     ~70k experts of a 1 T checkpoint share a handful of layouts."""
     clean: set = set()
+    marlin = ckpt.marlin is not None
     for m in modules:
-        if m.packed and m.quantized and not m.ignored and not m.is_gptq and not (ckpt.marlin is not None
-                                                                                 and m.is_marlin):
-            key = (id(m.group), tuple(m.tensors), tuple(map(_DTYPE_SHAPE, m.tensors.values())))
-            if key in clean:
-                yield []
-                continue
-            found = check_module(ckpt, m)
-            if not found:
-                clean.add(key)
-            yield found
-        else:
-            yield check_module(ckpt, m)
+        # the key holds all that decides whether a module is judged by layout (format, ignore,
+        # family, names), so a key found clean needs no further test
+        infos = m.tensors.values()        # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
+        key = (id(m.group), m.format, m.ignored, m.family, *m.tensors, *map(_DTYPE, infos), *map(_SHAPE, infos))
+        if key in clean:
+            yield []
+            continue
+        found = check_module(ckpt, m)
+        if not found and m.packed and m.quantized and not m.ignored and not m.is_gptq and not (marlin and m.is_marlin):
+            clean.add(key)
+        yield found
 
 
-_DTYPE_SHAPE = itemgetter(1, 2)           # of a TensorInfo
+_DTYPE, _SHAPE = itemgetter(1), itemgetter(2)           # of a TensorInfo
 
 
 def _dense_targeted(ckpt: Checkpoint, m: Module) -> list[Issue]:
@@ -263,11 +263,11 @@ def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
     for prefix, m in mods.items():
         parent, _, leaf = prefix.rpartition(".")
         for family in _FIRST_SIBLING.get(leaf, ()):
-            sibs = [x for x in (mods.get(f"{parent}.{name}") for name in family) if x is not None]
-            if any(x.quantized and x.scheme is None for x in sibs):
+            sibs = [x for x in map(mods.get, [f"{parent}.{name}" for name in family]) if x is not None]
+            kinds = [x.scheme if x.quantized else None for x in sibs]     # None: dense
+            if any(k is None and x.quantized for k, x in zip(kinds, sibs)):
                 continue                      # already TEN-10
-            kinds = [(x.quantized, x.scheme if x.quantized else None) for x in sibs]
-            if any(k != kinds[0] for k in kinds):      # (equal objects first: no scheme is hashed)
+            if any(k is not kinds[0] and k != kinds[0] for k in kinds):      # (no scheme is hashed)
                 desc = ", ".join(f"{x.prefix.rpartition('.')[2]}={_precision(x)}" for x in sibs)
                 out.append(module_issue("TEN-12", m, None, f"fused siblings differ ({desc}); vLLM requires one scheme"))
     return out

@@ -108,3 +108,15 @@ def test_inspect_folds_only_ascii_numbers(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["dense_linear_modules"] == ["model.layers.{0..1}", "model.layers.²", "model.layers.٣",
                                                             "x²1", "x²2"]
+
+
+def test_fold_names_splits_each_parent_once():
+    """fold_names splits a parent once for all its children: a child that is itself a number,
+    a name without a dot, an empty last part and a non-ASCII last part fold as written."""
+    from ctformat.summary import fold_names
+    names = ["model.layers.0.mlp.experts.1.up_proj", "model.layers.0.mlp.experts.1.down_proj",
+             "model.layers.1.mlp.experts.0.up_proj", "model.layers.0.mlp.experts.0.up_proj", "h.0", "h.2", "h.1",
+             "embed", "a.b.", "a.7.", "a.8.", "m.3.²", "m.4.²", "7", "9"]
+    assert fold_names(names) == ["a.b.", "a.{7..8}.", "embed", "h.{0..2}", "m.{3..4}.²",
+                                 "model.layers.0.mlp.experts.1.down_proj",
+                                 "model.layers.{0..1}.mlp.experts.{0..1}.up_proj", "{7,9}"]
