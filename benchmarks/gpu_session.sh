@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call of a lent GPU machine (device time is scarce):
 #   bash benchmarks/gpu_session.sh [tests|dequant|marlin|inference|convert|parallel|gptq|gguf ...]   (default: all but gguf)
-# Logs go to $OUT (or /tmp/ctformat-gpu) as <step>.log and <step>.json. Expects, where the
+# Logs go to /tmp/ctformat-gpu as <step>.log and <step>.json; with $OUT set (the device tool's
+# folder, which brings back at most 8 files) they come back packed as $OUT/gpu-logs.tgz. Expects, where the
 # machine lacks them, wheels in .whl/ (compressed-tensors and its needs) and the real
 # llm-compressor checkpoints in .devshared/real-checkpoints (linked as ../shared).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/ctformat-gpu}
+out=/tmp/ctformat-gpu
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p /tmp/site && ln -sfn "$PWD/cli" /tmp/site/ctformat_cli     # the CLI's installed import name
@@ -46,3 +47,4 @@ for step in "${steps[@]}"; do
     *) echo "unknown step $step" ;;
   esac
 done
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-logs.tgz" -C "$out" .; fi
