@@ -3,7 +3,6 @@ an exception into one line and an exit code (render.EXIT_CODES)."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import re
 import sys
@@ -11,6 +10,7 @@ import time
 
 import click
 
+from ctformat.checkpoint import paused_gc
 from ctformat.errors import UsageError
 from ctformat.source import open_model
 from ctformat.summary import summarize, tensor_rows
@@ -50,7 +50,7 @@ def inspect(model: str, revision: str | None, as_json: bool, tensor_regex: str |
 
     Example: ctformat inspect fixtures/tiny-mixtral --tensors 'layers\\.0\\..*q_proj'
     """
-    with _no_gc():
+    with paused_gc():
         ckpt = open_model(model, revision)
         doc = summarize(ckpt)
         rows = tensor_rows(ckpt, tensor_regex or None) if tensor_regex is not None else None
@@ -76,7 +76,7 @@ def validate(model: str, revision: str | None, as_json: bool, deep: bool, target
     Example: ctformat validate fixtures/tiny-mixtral --deep
     """
     with render.ProgressBar("checking tensor data", unit="items", disable=as_json or not deep) as progress, \
-            _no_gc(not deep):
+            paused_gc(not deep):
         report = validate_checkpoint(model, deep=deep, revision=revision, target=target, progress=progress)
     doc = report.to_json()
     if as_json:
@@ -84,20 +84,6 @@ def validate(model: str, revision: str | None, as_json: bool, deep: bool, target
     else:
         render.report(doc)
     sys.exit(0 if report.ok else 1)
-
-
-@contextlib.contextmanager
-def _no_gc(pause: bool = True):
-    """The cycle collector paused for a command that reads headers only: it builds ~200k records
-    without cycles for a 1 T checkpoint, which each collector pass would walk again."""
-    was = gc.isenabled()
-    if pause:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _size(text: str) -> int:

@@ -28,7 +28,7 @@ from .spec import (EMBEDDING_NAMES, GPTQ_PARAMS, INDEX_NAME, KV_PARAMS, MARLIN_P
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Module", "Checkpoint", "open_checkpoint", "read_checkpoint", "CT", "MARLIN", "GPTQ_FAMILIES"]
+__all__ = ["Module", "Checkpoint", "open_checkpoint", "read_checkpoint", "paused_gc", "CT", "MARLIN", "GPTQ_FAMILIES"]
 
 CT, MARLIN = "compressed-tensors", "marlin"        # checkpoint families, beside GPTQ_METHOD and AWQ_METHOD
 GPTQ_FAMILIES = (GPTQ_METHOD, AWQ_METHOD)
@@ -149,7 +149,7 @@ class Checkpoint:
     def modules(self) -> dict[str, Module]:
         """Every module, by prefix, with the config group that targets it."""
         if self._modules is None:
-            with _no_gc():
+            with paused_gc():
                 self._modules = self._build_modules()
         return self._modules
 
@@ -284,7 +284,7 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
 
     config = _config(files, fail)
     quant, marlin, gptq = _quantization(config, _quantize_config(files, fail), fail)
-    with _no_gc():
+    with paused_gc():
         shards, index = ([single], None) if single else _find_shards(files)
         tensors = _headers(files, shards, index, fail)
     unread = {p.file for p in problems if p.rule.startswith(("HDR", "FILE-05"))}
@@ -297,12 +297,13 @@ def read_checkpoint(files: FileSource, *, strict: bool = True, single: str | Non
 
 
 @contextmanager
-def _no_gc():
-    """The cycle collector paused while ~200k records that hold no cycles are built: otherwise
-    each of its passes walks every object made so far, and a 1 T checkpoint's headers cost
-    twice as long."""
+def paused_gc(pause: bool = True):
+    """The cycle collector paused (when `pause`) while ~200k records that hold no cycles are
+    built: otherwise each of its passes walks every object made so far, and a 1 T checkpoint's
+    headers cost twice as long."""
     was = gc.isenabled()
-    gc.disable()
+    if pause:
+        gc.disable()
     try:
         yield
     finally:
