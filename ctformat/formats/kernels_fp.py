@@ -1,18 +1,20 @@
-"""Triton dequantization of the float formats (spec/formats.md §3.2, §4.2): FP8 E4M3 weights with
-tensor/channel/group scales (flat kernel) or block scales (tiled kernel), and FP4 E2M1 weights
-with NVFP4 (FP8 scale / F32 global scale) or MXFP4 (E8M0) group scales. Imported only where it
-runs: on CUDA, or on the CPU under TRITON_INTERPRET=1.
+"""Triton dequantization of the float formats (spec/formats.md §3.2, §4.2, §8): FP8 E4M3 weights
+with tensor, channel, group or block scales, and FP4 E2M1 weights with NVFP4 (FP8 scale / F32
+global scale) or MXFP4 (E8M0) group scales. Imported only where it runs: on CUDA, or on the CPU
+under TRITON_INTERPRET=1.
 
-Same bits as the torch path (numerics.dequantize), by construction: E4M3, E2M1 and E8M0 values
-are decoded from their bits with integer operations (exact); an FP8 value (4 significant bits)
-times a BF16/F16 scale (8/11 bits) is exact in F32, so rounding the F32 product once to the
-scale dtype is what torch computes; FP4 values (2 bits) times an F32 scale round once in F32, as
-torch's F32 product does, then once to BF16. NaN payloads are not part of the format: NaNs land
-on the same elements, their bits may differ.
+Same bits as the torch path (numerics.dequantize), by construction: E4M3 values come from the
+hardware conversion (SM89 and newer, exact) or are decoded from their bits with integer
+operations (exact), as E2M1 and E8M0 always are; an FP8 value (4 significant bits) times a
+BF16/F16 scale (8/11 bits) is exact in F32, so rounding the F32 product once to the scale dtype
+is what torch computes; FP4 values (2 bits) times an F32 scale round once in F32, as torch's F32
+product does, then once to BF16. NaN payloads are not part of the format: NaNs land on the same
+elements, their bits may differ.
 
-Bandwidth: every program reads each stored byte once (contiguous, vectorizable) and writes the
-values it expands to as contiguous runs; scale indices come from the flat index by one shift or
-division, so scales stay in L2.
+Bandwidth: a program covers a run of one row (rows of stacked experts one after another), so
+each stored byte is read once and its values written as one contiguous run; the row's scale
+position and expert are per-program scalars, and a scale is decoded once per group, so no lane
+does a division.
 """
 from __future__ import annotations
 
@@ -24,20 +26,18 @@ from ..kernels import _INTERPRET, _KIND, _bits_view, _round
 
 __all__ = ["dequantize_fp8", "dequantize_fp4"]
 
-FLAT_BLOCK = 2048        # values (FP8) or bytes (FP4) per program of the flat kernels
-TILE = (16, 256)         # rows x columns per program of the FP8 block kernel
+FLAT_BLOCK = 2048        # values (FP8, at most, per row) or bytes (FP4) per program
 
 
 @triton.jit
 def _e4m3_to_f32(b):
-    """E4M3 byte (int32 0..255) -> its exact F32 value; 0x7F/0xFF -> NaN."""
-    sign = (b >> 7) << 31
+    """E4M3 byte (int32 0..255) -> its exact F32 value; 0x7F/0xFF -> NaN. The sign is applied by
+    negation, not by setting bit 31 of an int32 (a signed overflow compilers may exploit)."""
     e = (b >> 3) & 0xF
     m = b & 0x7
-    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125                      # m * 2^-9
-    sub = tl.where(sign != 0, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)        # subnormal: m * 2^-9
+    v = tl.where((b & 0x80) != 0, -v, v)
     return tl.where((e == 0xF) & (m == 0x7), float("nan"), v)
 
 
@@ -65,32 +65,29 @@ def _store(ptr, w, mask, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_flat_kernel(q_ptr, s_ptr, out_ptr, N, SPAN, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-                     NATIVE: tl.constexpr, BLOCK: tl.constexpr):
-    # value i uses scale i // SPAN: SPAN = in (channel), group_size (group), out*in (tensor,
-    # per expert) or everything (one scale)
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < N
-    b = tl.load(q_ptr + i, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32) & 0xFF
-    s = _load_scale(s_ptr, i // SPAN, mask, SCALE_KIND, NATIVE)
-    w = _round(_round(_e4m3_to_f32(b) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
-    _store(out_ptr + i, w, mask, OUT_KIND, NATIVE)
-
-
-@triton.jit
-def _fp8_block_kernel(q_ptr, s_ptr, out_ptr, ROWS, COLS, TOTAL_ROWS, NBR, NBC,
-                      BH: tl.constexpr, BW: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-                      NATIVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # rows of all experts stacked; row r is row r % ROWS of expert r // ROWS, whose scales are
-    # [NBR, NBC]; blocks at the right and bottom edges may be partial
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r < TOTAL_ROWS)[:, None] & (c < COLS)[None, :]
-    at = r[:, None] * COLS + c[None, :]
-    b = tl.load(q_ptr + at, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32) & 0xFF
-    srow = (r // ROWS) * NBR + (r % ROWS) // BH
-    s = _load_scale(s_ptr, srow[:, None] * NBC + (c // BW)[None, :], mask, SCALE_KIND, NATIVE)
-    w = _round(_round(_e4m3_to_f32(b) * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
+def _fp8_rows_kernel(q_ptr, s_ptr, out_ptr, COLS, ROWS, BH, EXP_STRIDE, ROW_STRIDE,
+                     CDIV: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
+                     HW: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK columns of one row (rows of all experts stacked). Row r is row r % ROWS
+    # of expert r // ROWS; its scales start at (r // ROWS) * EXP_STRIDE + (r % ROWS) // BH *
+    # ROW_STRIDE and column c adds c // CDIV (group or block width; 0: one scale per row). Index
+    # arithmetic is per program (scalars), so no lane divides: a 64-bit division per value cost
+    # the flat kernel a fifth of the copy rate.
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < COLS
+    base = (r // ROWS) * EXP_STRIDE + ((r % ROWS) // BH) * ROW_STRIDE
+    at = r * COLS + c
+    raw = tl.load(q_ptr + at, mask=mask, other=0, eviction_policy="evict_first")
+    if HW:      # the hardware's E4M3 conversion (SM89 and newer): exact, as the bit decode is
+        v = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        v = _e4m3_to_f32(raw.to(tl.int32) & 0xFF)
+    if CDIV == 0:
+        s = _load_scale(s_ptr, base, True, SCALE_KIND, NATIVE)
+    else:
+        s = _load_scale(s_ptr, base + c // CDIV, mask, SCALE_KIND, NATIVE)
+    w = _round(_round(v * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
     _store(out_ptr + at, w, mask, OUT_KIND, NATIVE)
 
 
@@ -99,28 +96,33 @@ def _e2m1_to_f32(code):
     """4-bit E2M1 code (int32) -> its exact F32 value; code 8 is -0.0."""
     idx = code & 0x7
     mag = tl.where(idx >= 2, (((idx >> 1) + 126) << 23) | ((idx & 1) << 22), tl.where(idx == 1, 126 << 23, 0))
-    return (mag | ((code >> 3) << 31)).to(tl.float32, bitcast=True)
+    v = mag.to(tl.float32, bitcast=True)
+    return tl.where((code & 0x8) != 0, -v, v)
 
 
 @triton.jit
-def _fp4_kernel(p_ptr, s_ptr, g_ptr, out_ptr, NB, GSHIFT, EXPERT_BYTES, G_STRIDE,
-                MX: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr, BLOCK: tl.constexpr):
-    # byte i holds values 2i (low nibble) and 2i+1; a group of 2**(GSHIFT+1) values shares scale
-    # i >> GSHIFT (rows hold whole groups). A program writes its 2*BLOCK values as one run.
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < NB
-    byte = tl.load(p_ptr + i, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32) & 0xFF
-    sb = tl.load(s_ptr + (i >> GSHIFT), mask=mask, other=0).to(tl.int32) & 0xFF
+def _fp4_rows_kernel(p_ptr, s_ptr, g_ptr, out_ptr, CB, NG_ROW, ROWS, G_STRIDE,
+                     GB: tl.constexpr, MX: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
+                     NG: tl.constexpr):
+    # one program: NG groups of GB bytes (2*GB values, one scale each) of one row r; the row's
+    # expert r // ROWS gives the global scale, once per program. Scales are decoded per group,
+    # not per byte, and no lane divides.
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    gmask = g < NG_ROW
+    c = g[:, None] * GB + tl.arange(0, GB)[None, :]                       # byte of the row
+    at = r * CB + c
+    byte = tl.load(p_ptr + at, mask=gmask[:, None], other=0, eviction_policy="evict_first").to(tl.int32) & 0xFF
+    sb = tl.load(s_ptr + r * NG_ROW + g, mask=gmask, other=0).to(tl.int32) & 0xFF
     if MX:      # E8M0: 2^(e-127) exactly (e = 0: 2^-127, e = 255: +inf, as the BF16 decode gives)
         s = tl.where(sb == 0, 1 << 22, sb << 23).to(tl.float32, bitcast=True)
-    else:       # FP8 E4M3 scale over the F32 global scale of its expert
-        g = tl.load(g_ptr + (i // EXPERT_BYTES) * G_STRIDE, mask=mask, other=1)
-        s = tl.div_rn(_e4m3_to_f32(sb), g)
+    else:       # FP8 E4M3 scale over the F32 global scale of the row's expert
+        s = tl.div_rn(_e4m3_to_f32(sb), tl.load(g_ptr + (r // ROWS) * G_STRIDE))
     lane = tl.arange(0, 2)
-    code = (byte[:, None] >> (lane[None, :] * 4)) & 0xF
-    w = _round(_round(_e2m1_to_f32(code) * s[:, None], 2, NATIVE), 0, NATIVE)     # F32 product, then BF16
+    code = (byte[:, :, None] >> (lane[None, None, :] * 4)) & 0xF            # low nibble first
+    w = _round(_round(_e2m1_to_f32(code) * s[:, None, None], 2, NATIVE), 0, NATIVE)   # F32 product, then BF16
     w = _round(w, OUT_KIND, NATIVE)
-    _store(out_ptr + i[:, None] * 2 + lane[None, :], w, mask[:, None], OUT_KIND, NATIVE)
+    _store(out_ptr + at[:, :, None] * 2 + lane[None, None, :], w, gmask[:, None, None], OUT_KIND, NATIVE)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, *, strategy: str, group_size: int | None = None,
@@ -135,19 +137,42 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, *, strategy: str, 
     q = weight.contiguous().view(torch.uint8)
     s = scale.contiguous()
     rows, cols = weight.shape[-2:]
-    kinds = dict(SCALE_KIND=_KIND[s.dtype], OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET)
-    if strategy == "block":
-        bh, bw = block_structure
-        total = weight.numel() // cols
-        grid = (triton.cdiv(total, TILE[0]), triton.cdiv(cols, TILE[1]))
-        _fp8_block_kernel[grid](q, _bits_view(s), _bits_view(out), rows, cols, total, -(-rows // bh), -(-cols // bw),
-                                BH=bh, BW=bw, BLOCK_R=TILE[0], BLOCK_C=TILE[1], **kinds)
-        return out
-    span = {"channel": cols, "group": group_size, "tensor": rows * cols if s.numel() > 1 else weight.numel()}[strategy]
-    n = weight.numel()
-    _fp8_flat_kernel[(triton.cdiv(n, FLAT_BLOCK),)](q, _bits_view(s), _bits_view(out), n, span, BLOCK=FLAT_BLOCK,
-                                                    **kinds)
+    total = weight.numel() // cols
+    bh, cdiv, exp_stride, row_stride = _fp8_scale_walk(strategy, rows, cols, s, group_size, block_structure)
+    block = _row_block(cols, FLAT_BLOCK)
+    _fp8_rows_kernel[(total, triton.cdiv(cols, block))](
+        q, _bits_view(s), _bits_view(out), cols, rows, bh, exp_stride, row_stride, CDIV=cdiv,
+        SCALE_KIND=_KIND[s.dtype], OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, HW=_hw_fp8(q.device),
+        BLOCK=block)
     return out
+
+
+def _fp8_scale_walk(strategy: str, rows: int, cols: int, s: torch.Tensor, group_size: int | None,
+                    block_structure: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(BH, CDIV, EXP_STRIDE, ROW_STRIDE) of _fp8_rows_kernel for a scale layout."""
+    if strategy == "block":
+        nbr, nbc = s.shape[-2:]
+        return block_structure[0], block_structure[1], nbr * nbc, nbc
+    if strategy == "group":
+        groups = s.shape[-1]
+        return 1, group_size, rows * groups, groups
+    if strategy == "channel":
+        return 1, 0, rows, 1
+    return 1, 0, int(s.numel() > 1), 0        # tensor: one scale, or one per expert
+
+
+def _row_block(n: int, cap: int) -> int:
+    """Lanes per program along a row of n: the largest power of two <= cap dividing n (no
+    masked tail) if it is at least cap/8, else the power of two covering n, capped."""
+    b = min(cap, triton.next_power_of_2(n))
+    for d in (b, b // 2, b // 4, b // 8):
+        if d >= cap // 8 and n % d == 0:
+            return d
+    return b
+
+
+def _hw_fp8(device: torch.device) -> bool:
+    return not _INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None, *,
@@ -167,9 +192,12 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torc
     s = scale.contiguous().view(torch.uint8)
     mx = global_scale is None
     g = p if mx else global_scale.to(torch.float32).contiguous().reshape(-1)
-    nb = p.numel()
-    per_expert = nb if mx or g.numel() == 1 else nb // g.numel()
-    _fp4_kernel[(triton.cdiv(nb, FLAT_BLOCK),)](
-        p, s, g, _bits_view(out), nb, (group_size // 2).bit_length() - 1, per_expert, 0 if mx or g.numel() == 1 else 1,
-        MX=mx, OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, BLOCK=FLAT_BLOCK)
+    cb = p.shape[-1]
+    total = p.numel() // cb
+    gb = group_size // 2
+    ng_row = cb // gb
+    ng = _row_block(ng_row, FLAT_BLOCK // gb)
+    _fp4_rows_kernel[(total, triton.cdiv(ng_row, ng))](
+        p, s, g, _bits_view(out), cb, ng_row, p.shape[-2], 0 if mx or g.numel() == 1 else 1, GB=gb, MX=mx,
+        OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, NG=ng)
     return out
