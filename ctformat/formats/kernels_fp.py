@@ -11,10 +11,9 @@ is what torch computes; FP4 values (2 bits) times an F32 scale round once in F32
 product does, then once to BF16. NaN payloads are not part of the format: NaNs land on the same
 elements, their bits may differ.
 
-Bandwidth: a program covers a run of one row (rows of stacked experts one after another), so
-each stored byte is read once and its values written as one contiguous run; the row's scale
-position and expert are per-program scalars, and a scale is decoded once per group, so no lane
-does a division.
+Bandwidth: each stored byte is read once and its values written as contiguous runs; scale
+positions and experts are worked out once per row (FP8) or per group (FP4), and FP4 scales are
+decoded once per group, so no value costs a division.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from ..kernels import _INTERPRET, _KIND, _bits_view, _round
 
 __all__ = ["dequantize_fp8", "dequantize_fp4"]
 
-FLAT_BLOCK = 2048        # values (FP8, at most, per row) or bytes (FP4) per program
+FLAT_BLOCK = 2048        # values (FP8) or bytes (FP4) per program
 
 
 @triton.jit
@@ -65,28 +64,29 @@ def _store(ptr, w, mask, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_rows_kernel(q_ptr, s_ptr, out_ptr, COLS, ROWS, BH, EXP_STRIDE, ROW_STRIDE,
+def _fp8_rows_kernel(q_ptr, s_ptr, out_ptr, TOTAL, COLS, ROWS, BH, EXP_STRIDE, ROW_STRIDE,
                      CDIV: tl.constexpr, SCALE_KIND: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
-                     HW: tl.constexpr, BLOCK: tl.constexpr):
-    # one program: BLOCK columns of one row (rows of all experts stacked). Row r is row r % ROWS
-    # of expert r // ROWS; its scales start at (r // ROWS) * EXP_STRIDE + (r % ROWS) // BH *
-    # ROW_STRIDE and column c adds c // CDIV (group or block width; 0: one scale per row). Index
-    # arithmetic is per program (scalars), so no lane divides: a 64-bit division per value cost
-    # the flat kernel a fifth of the copy rate.
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < COLS
+                     HW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one program: BLOCK_C columns of BLOCK_R rows (rows of all experts stacked). Row r is row
+    # r % ROWS of expert r // ROWS; its scales start at (r // ROWS) * EXP_STRIDE + (r % ROWS) // BH
+    # * ROW_STRIDE and column c adds c // CDIV (group or block width; 0: one scale per row). The
+    # divisions run once per row, not per value: a 64-bit division per value cost a flat kernel
+    # a fifth of the copy rate.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = r < TOTAL
+    mask = rmask[:, None] & (c < COLS)[None, :]
     base = (r // ROWS) * EXP_STRIDE + ((r % ROWS) // BH) * ROW_STRIDE
-    at = r * COLS + c
+    at = r[:, None] * COLS + c[None, :]
     raw = tl.load(q_ptr + at, mask=mask, other=0, eviction_policy="evict_first")
     if HW:      # the hardware's E4M3 conversion (SM89 and newer): exact, as the bit decode is
         v = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
         v = _e4m3_to_f32(raw.to(tl.int32) & 0xFF)
     if CDIV == 0:
-        s = _load_scale(s_ptr, base, True, SCALE_KIND, NATIVE)
+        s = _load_scale(s_ptr, base, rmask, SCALE_KIND, NATIVE)[:, None]
     else:
-        s = _load_scale(s_ptr, base + c // CDIV, mask, SCALE_KIND, NATIVE)
+        s = _load_scale(s_ptr, base[:, None] + (c // CDIV)[None, :], mask, SCALE_KIND, NATIVE)
     w = _round(_round(v * s, SCALE_KIND, NATIVE), OUT_KIND, NATIVE)
     _store(out_ptr + at, w, mask, OUT_KIND, NATIVE)
 
@@ -101,23 +101,23 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
-def _fp4_rows_kernel(p_ptr, s_ptr, g_ptr, out_ptr, CB, NG_ROW, ROWS, G_STRIDE,
-                     GB: tl.constexpr, MX: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr,
-                     NG: tl.constexpr):
-    # one program: NG groups of GB bytes (2*GB values, one scale each) of one row r; the row's
-    # expert r // ROWS gives the global scale, once per program. Scales are decoded per group,
-    # not per byte, and no lane divides.
-    r = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * NG + tl.arange(0, NG)
-    gmask = g < NG_ROW
-    c = g[:, None] * GB + tl.arange(0, GB)[None, :]                       # byte of the row
-    at = r * CB + c
+def _fp4_kernel(p_ptr, s_ptr, g_ptr, out_ptr, NG, EXPERT_GROUPS, GB: tl.constexpr, MX: tl.constexpr,
+                PER_EXPERT: tl.constexpr, OUT_KIND: tl.constexpr, NATIVE: tl.constexpr, BLOCK_G: tl.constexpr):
+    # groups are contiguous in the file, rows holding whole groups: group q is bytes q*GB ..
+    # q*GB+GB-1 (2*GB values) and its scale is scale q. A program decodes BLOCK_G scales once
+    # each (and the expert of each group: the only division, per group, not per byte) and
+    # writes its 2*GB*BLOCK_G values as one run.
+    q = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = q < NG
+    at = q[:, None] * GB + tl.arange(0, GB)[None, :]
     byte = tl.load(p_ptr + at, mask=gmask[:, None], other=0, eviction_policy="evict_first").to(tl.int32) & 0xFF
-    sb = tl.load(s_ptr + r * NG_ROW + g, mask=gmask, other=0).to(tl.int32) & 0xFF
+    sb = tl.load(s_ptr + q, mask=gmask, other=0).to(tl.int32) & 0xFF
     if MX:      # E8M0: 2^(e-127) exactly (e = 0: 2^-127, e = 255: +inf, as the BF16 decode gives)
         s = tl.where(sb == 0, 1 << 22, sb << 23).to(tl.float32, bitcast=True)
-    else:       # FP8 E4M3 scale over the F32 global scale of the row's expert
-        s = tl.div_rn(_e4m3_to_f32(sb), tl.load(g_ptr + (r // ROWS) * G_STRIDE))
+    elif PER_EXPERT:    # FP8 E4M3 scale over the F32 global scale of the group's expert
+        s = tl.div_rn(_e4m3_to_f32(sb), tl.load(g_ptr + q // EXPERT_GROUPS, mask=gmask, other=1))
+    else:
+        s = tl.div_rn(_e4m3_to_f32(sb), tl.load(g_ptr))
     lane = tl.arange(0, 2)
     code = (byte[:, :, None] >> (lane[None, None, :] * 4)) & 0xF            # low nibble first
     w = _round(_round(_e2m1_to_f32(code) * s[:, None, None], 2, NATIVE), 0, NATIVE)   # F32 product, then BF16
@@ -139,11 +139,12 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, *, strategy: str, 
     rows, cols = weight.shape[-2:]
     total = weight.numel() // cols
     bh, cdiv, exp_stride, row_stride = _fp8_scale_walk(strategy, rows, cols, s, group_size, block_structure)
-    block = _row_block(cols, FLAT_BLOCK)
-    _fp8_rows_kernel[(total, triton.cdiv(cols, block))](
-        q, _bits_view(s), _bits_view(out), cols, rows, bh, exp_stride, row_stride, CDIV=cdiv,
+    block_c = _row_block(cols, FLAT_BLOCK)
+    block_r = max(1, FLAT_BLOCK // block_c)
+    _fp8_rows_kernel[(triton.cdiv(total, block_r), triton.cdiv(cols, block_c))](
+        q, _bits_view(s), _bits_view(out), total, cols, rows, bh, exp_stride, row_stride, CDIV=cdiv,
         SCALE_KIND=_KIND[s.dtype], OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, HW=_hw_fp8(q.device),
-        BLOCK=block)
+        BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 
 
@@ -192,12 +193,11 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torc
     s = scale.contiguous().view(torch.uint8)
     mx = global_scale is None
     g = p if mx else global_scale.to(torch.float32).contiguous().reshape(-1)
-    cb = p.shape[-1]
-    total = p.numel() // cb
     gb = group_size // 2
-    ng_row = cb // gb
-    ng = _row_block(ng_row, FLAT_BLOCK // gb)
-    _fp4_rows_kernel[(total, triton.cdiv(ng_row, ng))](
-        p, s, g, _bits_view(out), cb, ng_row, p.shape[-2], 0 if mx or g.numel() == 1 else 1, GB=gb, MX=mx,
-        OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, NG=ng)
+    ng = p.numel() // gb
+    per_expert = not mx and g.numel() > 1
+    block_g = FLAT_BLOCK // gb
+    _fp4_kernel[(triton.cdiv(ng, block_g),)](
+        p, s, g, _bits_view(out), ng, ng // g.numel() if per_expert else 1, GB=gb, MX=mx, PER_EXPERT=per_expert,
+        OUT_KIND=_KIND[out_dtype], NATIVE=not _INTERPRET, BLOCK_G=block_g)
     return out
