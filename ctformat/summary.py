@@ -33,36 +33,73 @@ _GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales"
 
 # ASCII digits only: str.isdigit() and \d also take '²' (int() refuses it) and '٣' (int() reads 3)
 _NUMBER = re.compile(r"([0-9]+)")
-_NUMBER_PART = re.compile(r"(?<![^.])([0-9]+)(?![^.])")     # a whole dot-separated part of ASCII digits
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
-    """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
-    groups: dict[tuple[str, ...], list[list[str]]] = {}
-    # a name's parent is split once (the projections of an expert share it); a last part that
-    # holds no number only extends the parent's last text
-    parents: dict[str, tuple[tuple[str, ...], str, list[str]]] = {}
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        found = parents.get(parent)
-        if found is None:
-            pieces = _NUMBER_PART.split(parent)         # text, number, text, ..., text
-            found = parents[parent] = (tuple(pieces[:-1:2]), pieces[-1] + ".", pieces[1::2])
-        if not parent or leaf.isdigit():                # (isdigit: every number part, and more)
-            pieces = _NUMBER_PART.split(name)
-            key, numbers = tuple(pieces[::2]), pieces[1::2]
-        else:
-            key, numbers = (*found[0], found[1] + leaf), found[2]
-        rows = groups.get(key)
-        if rows is None:
-            groups[key] = [numbers]
-        else:
-            rows.append(numbers)
+    """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable).
+
+    A number part is a whole dot-separated part of ASCII digits. Names are grouped by their
+    template (every ASCII digit read as '0'), found in C for every name; each template is split
+    once, and its number parts are sliced out of all its names at the same places (a 1 T
+    checkpoint's ~70k expert names have a few hundred templates)."""
+    names = list(names)
+    templates = _templates(names)
+    order = sorted(range(len(names)), key=templates.__getitem__)        # stable: first-seen order inside
+    groups: dict[tuple[str, ...], tuple[int, list[set[str]]]] = {}      # text pieces -> (first index, numbers)
+    for template, members in groupby(order, key=templates.__getitem__):
+        members = list(members)
+        numbers, texts, fixed = _template_slices(template)
+        group_names = list(map(names.__getitem__, members))
+        if not fixed:                                 # the text between number parts has no digit
+            parts = [(tuple(template[sl] for sl in texts), members[0], group_names)]
+        else:                                         # digits inside a part are text: split by them
+            by_text: dict[tuple[str, ...], tuple[int, list[str]]] = {}
+            for i, name in zip(members, group_names):
+                by_text.setdefault(tuple(name[sl] for sl in texts), (i, []))[1].append(name)
+            parts = [(key, i, sub) for key, (i, sub) in by_text.items()]
+        for key, first, sub in parts:
+            found = groups.get(key)
+            if found is None:
+                found = groups[key] = (first, [set() for _ in numbers])
+            elif first < found[0]:
+                groups[key] = found = (first, found[1])
+            for column, sl in zip(found[1], numbers):
+                column.update(map(itemgetter(sl), sub))
     out = []
-    for key, rows in groups.items():
-        spans = [_span(sorted(set(map(int, set(map(itemgetter(i), rows)))))) for i in range(len(key) - 1)]
+    for key, (first, columns) in sorted(groups.items(), key=lambda kv: kv[1][0]):     # first-seen order
+        spans = [_span(sorted(set(map(int, column)))) for column in columns]
         out.append("".join(part for pair in zip(key, spans) for part in pair) + key[-1])
     return sorted(out, key=_natural)
+
+
+_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")    # ASCII digits only (see _NUMBER)
+
+
+def _templates(names: list[str]) -> list[str]:
+    """Each name with every ASCII digit read as '0', in one C pass over all names joined (UTF-8
+    never holds an ASCII byte inside a multi-byte character, so the characters stay in place)."""
+    found = "\n".join(names).encode("utf-8", "surrogatepass").translate(_AS_ZERO).decode("utf-8", "surrogatepass")
+    found = found.split("\n")
+    if len(found) == len(names):
+        return found
+    return [n.encode("utf-8", "surrogatepass").translate(_AS_ZERO).decode("utf-8", "surrogatepass") for n in names]
+_ZERO_RUN = re.compile("0+")
+
+
+def _template_slices(template: str) -> tuple[list[slice], list[slice], bool]:
+    """A template's number parts (runs of '0' that are whole dot-separated parts), the text
+    pieces around them, and whether that text holds digits."""
+    numbers, texts, fixed, at = [], [], False, 0
+    for run in _ZERO_RUN.finditer(template):
+        a, b = run.span()
+        if (a == 0 or template[a - 1] == ".") and (b == len(template) or template[b] == "."):
+            numbers.append(slice(a, b))
+            texts.append(slice(at, a))
+            at = b
+        else:
+            fixed = True
+    texts.append(slice(at, None))
+    return numbers, texts, fixed
 
 
 def _span(values: list[int]) -> str:
