@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from itertools import groupby
+from itertools import compress, groupby
 from math import prod
 from operator import itemgetter
 from typing import Any, Iterable
 
-from .checkpoint import Checkpoint, Module
+from .checkpoint import Checkpoint, Module, ModuleClass
 from .gguf_header import GGUFModel
 from .gptq_config import AWQ_METHOD
 from .gptq_layout import in_features
@@ -149,23 +149,6 @@ def _in_features(m: Module) -> int:
 _DTYPE, _SHAPE, _FILE, _NBYTES = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(5)   # of a TensorInfo
 
 
-def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
-    """What the document counts of each module, once per layout: modules with one group, format,
-    GPTQ scheme, rotation and the same tensor names, dtypes and shapes count alike (a 1 T
-    checkpoint's ~70k modules have a few dozen layouts). (first module, how many, (bytes by
-    role, bytes by dtype, quantized, weights it stands for, bytes of its weight storage,
-    parameters outside quantization tensors))."""
-    first: dict[tuple, Module] = {}
-    count: dict[tuple, int] = defaultdict(int)
-    for m in modules:
-        infos = m.tensors.values()        # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
-        key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, *m.tensors, *map(_DTYPE, infos),
-               *map(_SHAPE, infos))
-        first.setdefault(key, m)
-        count[key] += 1
-    return [(m, count[key], _layout(m)) for key, m in first.items()]
-
-
 def _layout(m: Module) -> tuple:
     t, is_q = m.tensors, m.quantized
     roles = [(_role(m, k), x.nbytes) for k, x in t.items()]
@@ -196,12 +179,13 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     if isinstance(ckpt, GGUFModel):
         return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
-    mods = ckpt.modules()
-    layouts = _layouts(mods.values())
+    classes = ckpt.module_classes()       # counted once per class, times its members (spec §4.5)
     by_role, by_dtype = defaultdict(int), defaultdict(int)
     q_params = q_bytes = other_params = 0
     per_group: dict[int, list[int]] = defaultdict(lambda: [0, 0])      # id(group) -> [params, weight bytes]
-    for m, n, (roles, dtypes, is_q, params, weight_bytes, others) in layouts:
+    for c in classes:
+        m, n = c.first, len(c)
+        roles, dtypes, is_q, params, weight_bytes, others = _layout(m)
         for role, nbytes in roles:
             by_role[role] += n * nbytes
         for dtype, nbytes in dtypes:
@@ -213,26 +197,26 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
             tally = per_group[id(m.group)]
             tally[0] += n * params
             tally[1] += n * weight_bytes
-    quantized = [m for m in mods.values() if m.quantized]
-    groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
+    quantized = [c for c in classes if c.first.quantized]
+    groups = [] if ckpt.gptq is None else _gptq_groups(ckpt, [m for m in ckpt.modules().values() if m.quantized])
     for g in (q.groups if q else ()):
-        members = [m for m in quantized if m.group is g]
+        members = _members(ckpt, [c for c in quantized if c.first.group is g])
         w = g.weights
         gp, gb = per_group.get(id(g), (0, 0))
         groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
                        "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
                        "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
                        "actorder": w.actorder if w else None, "modules": len(members),
-                       "modules_folded": fold_names(m.prefix for m in members),
+                       "modules_folded": fold_names(members),
                        "type": w.type if w else None, "block_structure": list(w.block_structure) if w and
                        w.block_structure else None, "dynamic": w.dynamic if w else None,
                        "weights": _args(w), "input_activations": _args(g.input_activations),
                        "output_activations": _args(g.output_activations),
                        "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
-    ignored = [m.prefix for m in mods.values() if m.ignored]
+    ignored = _members(ckpt, [c for c in classes if c.first.ignored])
     # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
-    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
-                    and getattr(ckpt.class_router(m), "linear", None) != "never"]
+    dense_linear = [p for p in _members(ckpt, [c for c in classes if not c.first.quantized and c.first.is_linear])
+                    if getattr(ckpt.class_router(ckpt.module(p)), "linear", None) != "never"]
     total = sum(map(_NBYTES, ckpt.tensors.values()))
     shard_sizes = defaultdict(int)
     for file, infos in groupby(ckpt.tensors.values(), key=_FILE):     # a shard's tensors sit together
@@ -261,7 +245,7 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         "load_bytes": total,
         "shards": [{"file": f, "bytes": shard_sizes.get(f, 0)} for f in ckpt.shards],
         "tensors": len(ckpt.tensors),
-        "modules_quantized": len(quantized),
+        "modules_quantized": sum(map(len, quantized)),
     }
     if q is not None and ckpt.marlin is None:
         data.update(_beyond_pack(ckpt, quantized))
@@ -270,12 +254,23 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     return data
 
 
-def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
+def _members(ckpt: Checkpoint, classes: list[ModuleClass]) -> list[str]:
+    """The prefixes of these classes' members, in module order."""
+    if len(classes) <= 1:
+        return list(classes[0].members) if classes else []
+    wanted = {id(c) for c in classes}
+    every = ckpt.module_classes()
+    return list(compress(ckpt.module_names(), map(wanted.__contains__, map(id, map(every.__getitem__,
+                                                                                  ckpt.class_indices())))))
+
+
+def _beyond_pack(ckpt: Checkpoint, quantized: list[ModuleClass]) -> dict[str, Any]:
     """The keys of spec/formats.md's features: module formats, kv-cache, transforms, sparsity."""
-    q, mods = ckpt.quant, ckpt.modules()
+    q = ckpt.quant
     formats = defaultdict(int)
-    for m in quantized:
-        formats[m.format or "unknown"] += 1
+    for c in quantized:
+        formats[c.first.format or "unknown"] += len(c)
+    mods = ckpt.modules() if q.transforms else {}         # (transforms: every Module is built anyway)
     rotations = [m for m in mods.values() if m.rotation is not None]
     transforms = []
     for t in q.transforms:
@@ -289,11 +284,11 @@ def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
     return {
         "module_formats": dict(sorted(formats.items())),
         "kv_cache_scheme": _args(q.kv_cache),
-        "kv_cache_modules": fold_names(m.prefix for m in mods.values() if m.kv_cache),
+        "kv_cache_modules": fold_names(_members(ckpt, [c for c in ckpt.module_classes() if c.first.kv_cache])),
         "attention_modules": len(attention_prefixes(ckpt)),
         "transforms": transforms,
         "sparsity": None if s is None else {"format": s.format, "targets": list(s.targets), "ignore": list(s.ignore),
-                                            "modules": sum(1 for m in quantized if m.format == s.format)},
+                                            "modules": sum(len(c) for c in quantized if c.first.format == s.format)},
     }
 
 
