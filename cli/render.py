@@ -5,14 +5,42 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from ctformat.errors import CtFormatError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Console:
+    """A rich Console made on first use: `--json` output never imports rich (~30 ms of a
+    fresh process)."""
+
+    def __init__(self, **options: Any) -> None:
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "_console", None)
+
+    def _rich(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+            object.__setattr__(self, "_console", Console(**self._options))
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rich(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._rich(), name, value)       # (a test sets the width) the Console's own
+
+
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+    return rich_escape(text)
+
+
+def Table(*args: Any, **kwargs: Any):     # noqa: N802 (rich's class, imported when a table is drawn)
+    from rich.table import Table as RichTable
+    return RichTable(*args, **kwargs)
 
 EXIT_CODES = """\b
 Exit codes:
@@ -73,21 +101,31 @@ class ProgressBar:
     (size, speed, ETA) or "items" (done/total, elapsed, gone when finished)."""
 
     def __init__(self, label: str, *, unit: str = "bytes", disable: bool = False) -> None:
+        self.bar = None                   # disabled: a no-op callback, rich never imported
+        if disable:
+            return
         from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
         columns = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
                    if unit == "bytes" else (MofNCompleteColumn(), TimeElapsedColumn()))
         self.bar = Progress(TextColumn(label), BarColumn(), *columns, console=err, transient=unit != "bytes",
-                            disable=disable or not err.is_terminal)
+                            disable=not err.is_terminal)
         self.task = self.bar.add_task(label, total=None, note="")
 
     def __enter__(self) -> Callable[..., None]:
         """progress(done, total[, note]): note is a few words after the ETA (workers alive)."""
+        if self.bar is None:
+            return _no_progress
         self.bar.start()
         return lambda done, total, note="": self.bar.update(self.task, completed=done, total=total, note=note)
 
     def __exit__(self, *exc) -> None:
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _no_progress(done: int, total: int, note: str = "") -> None:
+    """The callback of a disabled bar."""
 
 
 # -- inspect -----------------------------------------------------------------------------

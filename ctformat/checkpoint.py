@@ -11,6 +11,8 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import count, repeat
+from operator import and_, itemgetter, not_, or_
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -28,7 +30,7 @@ from .spec import (EMBEDDING_NAMES, GPTQ_PARAMS, INDEX_NAME, KV_PARAMS, MARLIN_P
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Module", "Checkpoint", "open_checkpoint", "read_checkpoint", "paused_gc", "CT", "MARLIN", "GPTQ_FAMILIES"]
+__all__ = ["Module", "ModuleClass", "Checkpoint", "open_checkpoint", "read_checkpoint", "paused_gc", "CT", "MARLIN", "GPTQ_FAMILIES"]
 
 CT, MARLIN = "compressed-tensors", "marlin"        # checkpoint families, beside GPTQ_METHOD and AWQ_METHOD
 GPTQ_FAMILIES = (GPTQ_METHOD, AWQ_METHOD)
@@ -109,11 +111,38 @@ _CT_KEYS = frozenset(QUANT_PARAMS) | {"B"}                 # Module.quantized, b
 _GPTQ_KEYS = frozenset(GPTQ_PARAMS) | frozenset(QUANT_PARAMS)
 
 
+def _classes(names: list[str], indices: list[int], n: int, first_of) -> tuple:
+    """(classes, names, indices) from each module's class index; first_of(k, name) builds class
+    k's first member."""
+    members: list[list[str]] = [[] for _ in range(n)]
+    for name, k in zip(names, indices):
+        members[k].append(name)
+    return [ModuleClass(first_of(k, m[0]), tuple(m)) for k, m in enumerate(members)], names, indices
+
+
 def _looks_linear(prefix: str, tensors: Mapping[str, TensorInfo]) -> bool:
     """Module.is_linear of a module that is neither quantized nor a rotation (spec §4.3)."""
     w = tensors.get("weight")
     last = prefix.rpartition(".")[2]
     return w is not None and len(w.shape) in (2, 3) and last not in EMBEDDING_NAMES and not last.endswith("norm")
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleClass:
+    """Modules alike but for their names (spec §4.5): the same tensor suffixes in the same
+    order, dtypes and shapes, one config group, format, ignore verdict, Linear verdict, GPTQ
+    scheme and rotation. What the headers and config say of one member holds for all of them;
+    only the names (and the shards that hold them) differ."""
+
+    first: Module                # its first member in module order, built
+    members: tuple[str, ...]     # every member's prefix, in module order
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+_SUFFIX = itemgetter(2)                                  # of str.rpartition
+_INFO_DTYPE, _INFO_SHAPE = itemgetter(1), itemgetter(2)  # of a TensorInfo
 
 
 class Checkpoint:
@@ -129,6 +158,9 @@ class Checkpoint:
         self.root: Path | None = getattr(files, "root", None)     # None for a Hub repo
         self.label = files.label
         self._modules: dict[str, Module] | None = None
+        # module_classes(): (classes, module names in module order, each one's class index,
+        # name -> class index, each module's tensors by suffix; {} when every Module is built)
+        self._classes: tuple[list[ModuleClass], list[str], list[int], dict[str, int], dict] | None = None
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.shards)} shards, {len(self.tensors)} tensors)"
@@ -150,10 +182,102 @@ class Checkpoint:
         """Every module, by prefix, with the config group that targets it."""
         if self._modules is None:
             with paused_gc():
-                self._modules = self._build_modules()
+                if self._classes is not None and self._classes[4]:
+                    self._modules = {name: self.module(name) for name in self._classes[1]}
+                else:
+                    self._modules = self._build_modules()
         return self._modules
 
-    def _build_modules(self) -> dict[str, Module]:
+    # -- classes of modules alike but for their names (spec §4.5) --------------------------
+    def module_classes(self) -> list[ModuleClass]:
+        """Every module, as classes of modules alike but for their names, in the order of each
+        class's first member (a 1 T MoE checkpoint's ~70k modules fall into ~50 classes)."""
+        if self._classes is None:
+            with paused_gc():
+                self._classes = self._plain_classes() or self._classes_of_modules()
+        return self._classes[0]
+
+    def module_names(self) -> list[str]:
+        """Every module's prefix, in module order (the order of modules())."""
+        self.module_classes()
+        return self._classes[1]
+
+    def class_indices(self) -> list[int]:
+        """Each module's class (its index in module_classes()), aligned with module_names()."""
+        self.module_classes()
+        return self._classes[2]
+
+    def module(self, prefix: str) -> Module | None:
+        """One module by prefix, built when asked for (None: no module has that prefix)."""
+        if self._modules is not None:
+            return self._modules.get(prefix)
+        self.module_classes()
+        classes, _, _, index, by_prefix = self._classes
+        k = index.get(prefix)
+        if k is None:
+            return None
+        first = classes[k].first
+        if prefix == first.prefix:
+            return first
+        return Module(prefix, by_prefix[prefix], first.group, first.ignored, first.format, family=first.family)
+
+    def _classes_of_modules(self) -> tuple:
+        """module_classes() from every Module built (GPTQ/AWQ, Marlin, transforms, legacy
+        sparsity, no config: the configurations _plain_classes leaves to _module)."""
+        keys: dict[tuple, int] = {}
+        indices: list[int] = []
+        for m in self.modules().values():
+            infos = m.tensors.values()       # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
+            key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, m.is_linear, *m.tensors,
+                   *map(_INFO_DTYPE, infos), *map(_INFO_SHAPE, infos))
+            indices.append(keys.setdefault(key, len(keys)))
+        names, mods = list(self.modules()), self.modules()
+        return *_classes(names, indices, len(keys), lambda k, name: mods[name]), dict(zip(names, indices)), {}
+
+    def _plain_classes(self) -> tuple | None:
+        """module_classes() for a compressed-tensors config without transforms or legacy sparsity
+        (each module's group, format and ignore verdict alone: _plain_modules), without a Module
+        per module: the tests of Module.is_linear run once per layout (suffixes, dtypes,
+        shapes) and by C-level passes over the names. None for the other configurations."""
+        q = self.quant
+        if q is None or self.gptq is not None or self.marlin is not None or q.transforms or q.sparsity is not None:
+            return None
+        by_prefix = self._by_prefix()
+        names = list(by_prefix)
+        layout_ids: dict[tuple, int] = {}
+        lids = [layout_ids.setdefault((*t, *map(_INFO_DTYPE, t.values()), *map(_INFO_SHAPE, t.values())),
+                                      len(layout_ids)) for t in by_prefix.values()]
+        quantized, two_or_three_d = [False] * len(layout_ids), [False] * len(layout_ids)
+        for lid, tensors in dict(zip(reversed(lids), reversed(by_prefix.values()))).items():   # one per layout
+            w = tensors.get("weight")
+            quantized[lid] = not _CT_KEYS.isdisjoint(tensors)
+            two_or_three_d[lid] = w is not None and len(w.shape) in (2, 3)
+        lasts = list(map(_SUFFIX, map(str.rpartition, names, repeat("."))))
+        named_linear = map(and_, map(not_, map(EMBEDDING_NAMES.__contains__, lasts)),
+                           map(not_, map(str.endswith, lasts, repeat("norm"))))
+        linear = list(map(or_, map(quantized.__getitem__, lids),
+                          map(and_, map(two_or_three_d.__getitem__, lids), named_linear)))
+        groups, ignored = q.groups_for(names, linear), q.ignored_all(names)
+        class_ids: dict[tuple, int] = {}
+        indices = list(map(class_ids.setdefault, zip(lids, map(id, groups), ignored, linear), count()))
+        renumber = {k: i for i, k in enumerate(dict.fromkeys(indices))}
+        indices = list(map(renumber.__getitem__, indices))
+        family, formats = self.family, {}
+        firsts_at = dict(zip(reversed(indices), range(len(indices) - 1, -1, -1)))    # class -> its first module
+
+        def first_module(k: int, prefix: str) -> Module:
+            i = firsts_at[k]
+            group = groups[i]
+            if group is None or group.weights is None:
+                fmt = None
+            elif (fmt := formats.get(id(group), formats)) is formats:
+                fmt = formats[id(group)] = q.group_format(group)
+            return Module(prefix, by_prefix[prefix], group, ignored[i], fmt, family=family)
+
+        return (*_classes(names, indices, len(renumber), first_module), dict(zip(names, indices)), by_prefix)
+
+    def _by_prefix(self) -> dict[str, dict[str, TensorInfo]]:
+        """Each module's tensors by suffix, modules in the order their first tensor comes."""
         by_prefix: dict[str, dict[str, TensorInfo]] = {}
         suffixes: dict[str, str] = {}         # one str object per distinct suffix, not per tensor
         for name, info in self.tensors.items():
@@ -163,6 +287,10 @@ class Checkpoint:
                 by_prefix[prefix] = {suffixes.setdefault(suffix, suffix): info}
             else:
                 found[suffixes.setdefault(suffix, suffix)] = info
+        return by_prefix
+
+    def _build_modules(self) -> dict[str, Module]:
+        by_prefix = self._by_prefix()
         q = self.quant
         if q is not None and self.gptq is None and self.marlin is None and not q.transforms and q.sparsity is None:
             return self._plain_modules(by_prefix, q)

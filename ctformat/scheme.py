@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from typing import Any, Mapping
+from itertools import repeat
+from operator import itemgetter, or_
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
 from .spec import (CROSS_WORD, CROSS_WORD_SINCE, DENSE_FORMAT, DTYPES, EMBEDDING_NAMES, FLOAT_DTYPES, FORMATS,
@@ -539,6 +541,26 @@ class QuantizationConfig:
                 best, best_rank = g, rank
         return best
 
+    def groups_for(self, modules: Sequence[str], linear: Sequence[bool]) -> list[QuantGroup | None]:
+        """group_for of each module (linear: each one's Linear verdict), by C-level passes over
+        the names: one per exact-name set, one per regex, one per class name and group."""
+        lasts = list(map(_LAST, map(str.rpartition, modules, repeat("."))))
+        n, size = len(self.groups), len(modules)
+        codes = []                            # rank * n + group index (9 * n: no match): min() picks
+        for k, g in enumerate(self.groups):   # the best rank, then the first group in file order
+            table = (9 * n, n + k, 2 * n + k, 3 * n + k)
+            codes.append(list(map(table.__getitem__, _targets(g.targets).ranks(modules, linear, lasts))))
+        if not codes:
+            return [None] * size
+        best = codes[0] if n == 1 else list(map(min, *codes))
+        decode = {9 * n: None, **{r * n + k: g for k, g in enumerate(self.groups) for r in (1, 2, 3)}}
+        return list(map(decode.__getitem__, best))
+
+    def ignored_all(self, modules: Sequence[str]) -> list[bool]:
+        """is_ignored of each module, by C-level passes over the names."""
+        lasts = list(map(_LAST, map(str.rpartition, modules, repeat("."))))
+        return list(map(bool, _targets(self.ignore).ranks(modules, repeat(False), lasts)))
+
     def sparse_targets(self, module: str, *, linear: bool) -> bool:
         """The legacy sparsity_config targets `module` (and its own ignore does not)."""
         s = self.sparsity
@@ -609,6 +631,27 @@ class _Targets:
         if (self.linear and linear) or (self.embedding and module.rpartition(".")[2] in EMBEDDING_NAMES):
             return 3
         return 0
+
+    def ranks(self, modules: Sequence[str], linear, lasts: Sequence[str]) -> list[int]:
+        """rank() of each module (linear: its Linear verdicts, lasts: its names' last parts),
+        each test a C-level pass over all names."""
+        size = len(modules)
+        exact = list(map(self.exact.__contains__, modules)) if self.exact else [False] * size
+        matched = [False] * size
+        for rx in self.regexes:
+            matched = list(map(or_, matched, map(bool, map(rx.match, modules))))
+        by_class = [False] * size
+        if self.linear:
+            by_class = list(map(bool, linear))
+        if self.embedding:
+            by_class = list(map(or_, by_class, map(EMBEDDING_NAMES.__contains__, lasts)))
+        return list(map(_RANKS.__getitem__, zip(exact, matched, by_class)))
+
+
+_LAST = itemgetter(2)                        # of str.rpartition
+# (exact name, regex, class name) -> rank(): exact beats regex beats class
+_RANKS = {(e, r, c): 1 if e else 2 if r else 3 if c else 0 for e in (False, True) for r in (False, True)
+          for c in (False, True)}
 
 
 @lru_cache(maxsize=256)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from itertools import groupby
+from itertools import compress, groupby
 from math import prod
 from operator import itemgetter
 from typing import Any, Iterable
 
-from .checkpoint import Checkpoint, Module
+from .checkpoint import Checkpoint, Module, ModuleClass
 from .gguf_header import GGUFModel
 from .gptq_config import AWQ_METHOD
 from .gptq_layout import in_features
@@ -33,36 +33,73 @@ _GPTQ_ROLES = {**_ROLES, "qweight": "weights", "qzeros": "zero_points", "scales"
 
 # ASCII digits only: str.isdigit() and \d also take '²' (int() refuses it) and '٣' (int() reads 3)
 _NUMBER = re.compile(r"([0-9]+)")
-_NUMBER_PART = re.compile(r"(?<![^.])([0-9]+)(?![^.])")     # a whole dot-separated part of ASCII digits
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
-    """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable)."""
-    groups: dict[tuple[str, ...], list[list[str]]] = {}
-    # a name's parent is split once (the projections of an expert share it); a last part that
-    # holds no number only extends the parent's last text
-    parents: dict[str, tuple[tuple[str, ...], str, list[str]]] = {}
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        found = parents.get(parent)
-        if found is None:
-            pieces = _NUMBER_PART.split(parent)         # text, number, text, ..., text
-            found = parents[parent] = (tuple(pieces[:-1:2]), pieces[-1] + ".", pieces[1::2])
-        if not parent or leaf.isdigit():                # (isdigit: every number part, and more)
-            pieces = _NUMBER_PART.split(name)
-            key, numbers = tuple(pieces[::2]), pieces[1::2]
-        else:
-            key, numbers = (*found[0], found[1] + leaf), found[2]
-        rows = groups.get(key)
-        if rows is None:
-            groups[key] = [numbers]
-        else:
-            rows.append(numbers)
+    """Fold numeric path parts: layers.0.x, layers.1.x -> layers.{0..1}.x (sorted, stable).
+
+    A number part is a whole dot-separated part of ASCII digits. Names are grouped by their
+    template (every ASCII digit read as '0'), found in C for every name; each template is split
+    once, and its number parts are sliced out of all its names at the same places (a 1 T
+    checkpoint's ~70k expert names have a few hundred templates)."""
+    names = list(names)
+    templates = _templates(names)
+    order = sorted(range(len(names)), key=templates.__getitem__)        # stable: first-seen order inside
+    groups: dict[tuple[str, ...], tuple[int, list[set[str]]]] = {}      # text pieces -> (first index, numbers)
+    for template, members in groupby(order, key=templates.__getitem__):
+        members = list(members)
+        numbers, texts, fixed = _template_slices(template)
+        group_names = list(map(names.__getitem__, members))
+        if not fixed:                                 # the text between number parts has no digit
+            parts = [(tuple(template[sl] for sl in texts), members[0], group_names)]
+        else:                                         # digits inside a part are text: split by them
+            by_text: dict[tuple[str, ...], tuple[int, list[str]]] = {}
+            for i, name in zip(members, group_names):
+                by_text.setdefault(tuple(name[sl] for sl in texts), (i, []))[1].append(name)
+            parts = [(key, i, sub) for key, (i, sub) in by_text.items()]
+        for key, first, sub in parts:
+            found = groups.get(key)
+            if found is None:
+                found = groups[key] = (first, [set() for _ in numbers])
+            elif first < found[0]:
+                groups[key] = found = (first, found[1])
+            for column, sl in zip(found[1], numbers):
+                column.update(map(itemgetter(sl), sub))
     out = []
-    for key, rows in groups.items():
-        spans = [_span(sorted(set(map(int, set(map(itemgetter(i), rows)))))) for i in range(len(key) - 1)]
+    for key, (first, columns) in sorted(groups.items(), key=lambda kv: kv[1][0]):     # first-seen order
+        spans = [_span(sorted(set(map(int, column)))) for column in columns]
         out.append("".join(part for pair in zip(key, spans) for part in pair) + key[-1])
     return sorted(out, key=_natural)
+
+
+_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")    # ASCII digits only (see _NUMBER)
+
+
+def _templates(names: list[str]) -> list[str]:
+    """Each name with every ASCII digit read as '0', in one C pass over all names joined (UTF-8
+    never holds an ASCII byte inside a multi-byte character, so the characters stay in place)."""
+    found = "\n".join(names).encode("utf-8", "surrogatepass").translate(_AS_ZERO).decode("utf-8", "surrogatepass")
+    found = found.split("\n")
+    if len(found) == len(names):
+        return found
+    return [n.encode("utf-8", "surrogatepass").translate(_AS_ZERO).decode("utf-8", "surrogatepass") for n in names]
+_ZERO_RUN = re.compile("0+")
+
+
+def _template_slices(template: str) -> tuple[list[slice], list[slice], bool]:
+    """A template's number parts (runs of '0' that are whole dot-separated parts), the text
+    pieces around them, and whether that text holds digits."""
+    numbers, texts, fixed, at = [], [], False, 0
+    for run in _ZERO_RUN.finditer(template):
+        a, b = run.span()
+        if (a == 0 or template[a - 1] == ".") and (b == len(template) or template[b] == "."):
+            numbers.append(slice(a, b))
+            texts.append(slice(at, a))
+            at = b
+        else:
+            fixed = True
+    texts.append(slice(at, None))
+    return numbers, texts, fixed
 
 
 def _span(values: list[int]) -> str:
@@ -112,23 +149,6 @@ def _in_features(m: Module) -> int:
 _DTYPE, _SHAPE, _FILE, _NBYTES = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(5)   # of a TensorInfo
 
 
-def _layouts(modules: Iterable[Module]) -> list[tuple[Module, int, tuple]]:
-    """What the document counts of each module, once per layout: modules with one group, format,
-    GPTQ scheme, rotation and the same tensor names, dtypes and shapes count alike (a 1 T
-    checkpoint's ~70k modules have a few dozen layouts). (first module, how many, (bytes by
-    role, bytes by dtype, quantized, weights it stands for, bytes of its weight storage,
-    parameters outside quantization tensors))."""
-    first: dict[tuple, Module] = {}
-    count: dict[tuple, int] = defaultdict(int)
-    for m in modules:
-        infos = m.tensors.values()        # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
-        key = (id(m.group), m.format, id(m.gptq), id(m.rotation), m.ignored, *m.tensors, *map(_DTYPE, infos),
-               *map(_SHAPE, infos))
-        first.setdefault(key, m)
-        count[key] += 1
-    return [(m, count[key], _layout(m)) for key, m in first.items()]
-
-
 def _layout(m: Module) -> tuple:
     t, is_q = m.tensors, m.quantized
     roles = [(_role(m, k), x.nbytes) for k, x in t.items()]
@@ -159,12 +179,13 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     if isinstance(ckpt, GGUFModel):
         return gguf_summary(ckpt)
     cfg, q = ckpt.config or {}, ckpt.quant
-    mods = ckpt.modules()
-    layouts = _layouts(mods.values())
+    classes = ckpt.module_classes()       # counted once per class, times its members (spec §4.5)
     by_role, by_dtype = defaultdict(int), defaultdict(int)
     q_params = q_bytes = other_params = 0
     per_group: dict[int, list[int]] = defaultdict(lambda: [0, 0])      # id(group) -> [params, weight bytes]
-    for m, n, (roles, dtypes, is_q, params, weight_bytes, others) in layouts:
+    for c in classes:
+        m, n = c.first, len(c)
+        roles, dtypes, is_q, params, weight_bytes, others = _layout(m)
         for role, nbytes in roles:
             by_role[role] += n * nbytes
         for dtype, nbytes in dtypes:
@@ -176,26 +197,26 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
             tally = per_group[id(m.group)]
             tally[0] += n * params
             tally[1] += n * weight_bytes
-    quantized = [m for m in mods.values() if m.quantized]
-    groups = _gptq_groups(ckpt, quantized) if ckpt.gptq is not None else []
+    quantized = [c for c in classes if c.first.quantized]
+    groups = [] if ckpt.gptq is None else _gptq_groups(ckpt, [m for m in ckpt.modules().values() if m.quantized])
     for g in (q.groups if q else ()):
-        members = [m for m in quantized if m.group is g]
+        members = _members(ckpt, [c for c in quantized if c.first.group is g])
         w = g.weights
         gp, gb = per_group.get(id(g), (0, 0))
         groups.append({"name": g.name, "targets": list(g.targets), "format": q.group_format(g),
                        "num_bits": w.num_bits if w else None, "strategy": w.strategy.value if w else None,
                        "group_size": w.group_size if w else None, "symmetric": w.symmetric if w else None,
                        "actorder": w.actorder if w else None, "modules": len(members),
-                       "modules_folded": fold_names(m.prefix for m in members),
+                       "modules_folded": fold_names(members),
                        "type": w.type if w else None, "block_structure": list(w.block_structure) if w and
                        w.block_structure else None, "dynamic": w.dynamic if w else None,
                        "weights": _args(w), "input_activations": _args(g.input_activations),
                        "output_activations": _args(g.output_activations),
                        "bits_per_weight": round(8 * gb / gp, 3) if gp else None})
-    ignored = [m.prefix for m in mods.values() if m.ignored]
+    ignored = _members(ckpt, [c for c in classes if c.first.ignored])
     # a router the class Linear never matched is no Linear of the producer's model (spec/targets.md §5)
-    dense_linear = [m.prefix for m in mods.values() if not m.quantized and m.is_linear
-                    and getattr(ckpt.class_router(m), "linear", None) != "never"]
+    dense_linear = [p for p in _members(ckpt, [c for c in classes if not c.first.quantized and c.first.is_linear])
+                    if getattr(ckpt.class_router(ckpt.module(p)), "linear", None) != "never"]
     total = sum(map(_NBYTES, ckpt.tensors.values()))
     shard_sizes = defaultdict(int)
     for file, infos in groupby(ckpt.tensors.values(), key=_FILE):     # a shard's tensors sit together
@@ -224,7 +245,7 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
         "load_bytes": total,
         "shards": [{"file": f, "bytes": shard_sizes.get(f, 0)} for f in ckpt.shards],
         "tensors": len(ckpt.tensors),
-        "modules_quantized": len(quantized),
+        "modules_quantized": sum(map(len, quantized)),
     }
     if q is not None and ckpt.marlin is None:
         data.update(_beyond_pack(ckpt, quantized))
@@ -233,12 +254,23 @@ def summarize(ckpt: Checkpoint | GGUFModel) -> dict[str, Any]:
     return data
 
 
-def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
+def _members(ckpt: Checkpoint, classes: list[ModuleClass]) -> list[str]:
+    """The prefixes of these classes' members, in module order."""
+    if len(classes) <= 1:
+        return list(classes[0].members) if classes else []
+    wanted = {id(c) for c in classes}
+    every = ckpt.module_classes()
+    return list(compress(ckpt.module_names(), map(wanted.__contains__, map(id, map(every.__getitem__,
+                                                                                  ckpt.class_indices())))))
+
+
+def _beyond_pack(ckpt: Checkpoint, quantized: list[ModuleClass]) -> dict[str, Any]:
     """The keys of spec/formats.md's features: module formats, kv-cache, transforms, sparsity."""
-    q, mods = ckpt.quant, ckpt.modules()
+    q = ckpt.quant
     formats = defaultdict(int)
-    for m in quantized:
-        formats[m.format or "unknown"] += 1
+    for c in quantized:
+        formats[c.first.format or "unknown"] += len(c)
+    mods = ckpt.modules() if q.transforms else {}         # (transforms: every Module is built anyway)
     rotations = [m for m in mods.values() if m.rotation is not None]
     transforms = []
     for t in q.transforms:
@@ -252,11 +284,11 @@ def _beyond_pack(ckpt: Checkpoint, quantized: list[Module]) -> dict[str, Any]:
     return {
         "module_formats": dict(sorted(formats.items())),
         "kv_cache_scheme": _args(q.kv_cache),
-        "kv_cache_modules": fold_names(m.prefix for m in mods.values() if m.kv_cache),
+        "kv_cache_modules": fold_names(_members(ckpt, [c for c in ckpt.module_classes() if c.first.kv_cache])),
         "attention_modules": len(attention_prefixes(ckpt)),
         "transforms": transforms,
         "sparsity": None if s is None else {"format": s.format, "targets": list(s.targets), "ignore": list(s.ignore),
-                                            "modules": sum(1 for m in quantized if m.format == s.format)},
+                                            "modules": sum(len(c) for c in quantized if c.first.format == s.format)},
     }
 
 

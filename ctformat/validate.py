@@ -7,7 +7,8 @@ validate_marlin's, the GPTQ/AWQ rules validate_gptq's; the loader profiles (--ta
 from __future__ import annotations
 
 import os
-from operator import itemgetter
+from itertools import compress, count, repeat
+from operator import add, itemgetter, or_
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .checkpoint import Checkpoint, Module
@@ -66,18 +67,18 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
     """Every rule against an open checkpoint (opened with strict=False to see its file problems)."""
     path = ckpt.label if path is None else path
     issues = [Issue.from_error(p) for p in ckpt.problems]
-    modules = ckpt.modules()
-    quantized = [m for m in modules.values() if m.quantized]
+    checked = sum(len(c) for c in ckpt.module_classes() if c.first.quantized)
     if any(i.rule.startswith(_CONFIG_RULES) for i in issues):
-        return Report(path, tuple(issues), len(quantized), deep)   # no usable config: modules unjudgeable
+        return Report(path, tuple(issues), checked, deep)   # no usable config: modules unjudgeable
     issues += _config_warnings(ckpt) + config_issues(ckpt)
-    for found in _static_issues(ckpt, modules.values()):
+    for found in _static_issues(ckpt):
         issues += found
     issues += checkpoint_issues(ckpt)
     issues += _sibling_issues(ckpt)
     if target is not None:
         issues += PROFILES[target](ckpt)
     if deep:
+        quantized = [m for m in ckpt.modules().values() if m.quantized]
         bad = {i.where for i in issues if i.severity == "error" and i.where}
         todo = [m for m in quantized if (m.format is not None or m.is_marlin or m.gptq is not None)
                 and m.format != "marlin-24"
@@ -87,7 +88,7 @@ def validate(ckpt: Checkpoint, *, deep: bool = False, target: str | None = None,
             if progress:
                 progress(k + 1, len(todo))
         issues += checkpoint_data_issues(ckpt)
-    return Report(path, tuple(issues), len(quantized), deep)
+    return Report(path, tuple(issues), checked, deep)
 
 
 def raise_for_errors(ckpt: Checkpoint) -> None:
@@ -95,7 +96,7 @@ def raise_for_errors(ckpt: Checkpoint) -> None:
     exists: the checkpoint's file problems, then every module's static errors."""
     if ckpt.problems:
         raise ckpt.problems[0]
-    for issues in _static_issues(ckpt, ckpt.modules().values()):
+    for issues in _static_issues(ckpt):
         for found in issues:
             if found.severity == "error":
                 raise found.as_error()
@@ -139,24 +140,27 @@ def check_module(ckpt: Checkpoint, m: Module) -> list[Issue]:
     return list(_tensor_issues(ckpt, m))
 
 
-def _static_issues(ckpt: Checkpoint, modules: Iterable[Module]) -> Iterator[list[Issue]]:
-    """check_module of each module. The TEN rules judge a pack-quantized module by its group and
-    its tensors' names, dtypes and shapes alone, so one layout found clean is clean again: the
-    ~70k experts of a 1 T checkpoint share a handful of layouts."""
-    clean: set = set()
-    marlin = ckpt.marlin is not None
-    for m in modules:
-        # the key holds all that decides whether a module is judged by layout (format, ignore,
-        # family, names), so a key found clean needs no further test
-        infos = m.tensors.values()        # one flat tuple (names, then dtypes, then shapes): no tuple per tensor
-        key = (id(m.group), m.format, m.ignored, m.family, *m.tensors, *map(_DTYPE, infos), *map(_SHAPE, infos))
-        if key in clean:
-            yield []
-            continue
-        found = check_module(ckpt, m)
-        if not found and m.packed and m.quantized and not m.ignored and not m.is_gptq and not (marlin and m.is_marlin):
-            clean.add(key)
-        yield found
+def _static_issues(ckpt: Checkpoint) -> Iterator[list[Issue]]:
+    """check_module of every module that has issues, in module order, judged once per class
+    (spec §4.5): a class whose first member is clean, and whose verdict depends on headers and
+    config alone, is clean in every member; the other classes are judged member by member."""
+    classes = ckpt.module_classes()
+    by_member = {k for k, c in enumerate(classes) if _named_verdict(ckpt, c.first) or check_module(ckpt, c.first)}
+    if not by_member:
+        return
+    module = ckpt.module
+    for name in compress(ckpt.module_names(), map(by_member.__contains__, ckpt.class_indices())):
+        yield check_module(ckpt, module(name))
+
+
+def _named_verdict(ckpt: Checkpoint, m: Module) -> bool:
+    """check_module of a module like `m` may depend on its name (spec §4.5): GPTQ/AWQ and Marlin
+    checkpoints (dynamic rules, part names), and a dense module a group targets (the router
+    verdict of spec/targets.md §5 reads its name)."""
+    if ckpt.gptq is not None or ckpt.marlin is not None:
+        return True
+    return (not m.quantized and m.scheme is not None and not m.ignored and m.is_linear
+            and "weight" in m.tensors)
 
 
 _DTYPE, _SHAPE = itemgetter(1), itemgetter(2)           # of a TensorInfo
@@ -257,22 +261,47 @@ def _scheme_words(s) -> str:
 
 
 def _sibling_issues(ckpt: Checkpoint) -> list[Issue]:
-    """TEN-12: q/k/v, gate/up and w1/w3 of one block must share a scheme (vLLM fuses them)."""
-    mods = ckpt.modules()
-    out = []
-    for prefix, m in mods.items():
-        parent, _, leaf = prefix.rpartition(".")
-        for family in _FIRST_SIBLING.get(leaf, ()):
-            sibs = [x for x in map(mods.get, [f"{parent}.{name}" for name in family]) if x is not None]
-            kinds = [x.scheme if x.quantized else None for x in sibs]     # None: dense
-            if any(k is None and x.quantized for k, x in zip(kinds, sibs)):
-                continue                      # already TEN-10
-            if any(k is not kinds[0] and k != kinds[0] for k in kinds):      # (no scheme is hashed)
-                desc = ", ".join(f"{x.prefix.rpartition('.')[2]}={_precision(x)}" for x in sibs)
-                out.append(module_issue("TEN-12", m, None, f"fused siblings differ ({desc}); vLLM requires one scheme"))
-    return out
+    """TEN-12: q/k/v, gate/up and w1/w3 of one block must share a scheme (vLLM fuses them).
+    The verdict and its words depend on which classes the siblings belong to (spec §4.5): each
+    combination of classes is judged once, the siblings of every module found by C-level
+    passes over the names."""
+    names, classes = ckpt.module_names(), ckpt.module_classes()
+    index = dict(zip(names, ckpt.class_indices()))
+    found = []                                # (module, its family's place, prefix, message)
+    for leaf, families in _FIRST_SIBLING.items():
+        # a module named `…<sep>leaf` (or `leaf` alone: its parent is "", as rpartition gives)
+        cut = len(leaf) + 1
+        prefixes = list(compress(names, map(or_, map(str.endswith, names, repeat("." + leaf)),
+                                            map(leaf.__eq__, names))))
+        parents = list(map(itemgetter(slice(None, -cut)), prefixes))
+        for place, family in enumerate(families):
+            keys = list(zip(*[map(index.get, map(add, parents, repeat("." + name))) for name in family]))
+            verdicts = {k: _sibling_verdict(family, [None if c is None else classes[c].first for c in k])
+                        for k in set(keys)}
+            for prefix, key in compress(zip(prefixes, keys), map(verdicts.__getitem__, keys)):
+                found.append((prefix, place, verdicts[key]))
+    if not found:
+        return []
+    position = dict(zip(names, count()))
+    found.sort(key=lambda f: (position[f[0]], f[1]))
+    return [module_issue("TEN-12", ckpt.module(prefix), None, message) for prefix, _, message in found]
 
 
+def _sibling_verdict(family: tuple[str, ...], found: list[Module | None]) -> str | None:
+    """TEN-12's message for the siblings `family` named like these modules (None: absent; each
+    a module of the sibling's class, so its own name is not the sibling's), or None when they
+    agree."""
+    sibs = [(name, x) for name, x in zip(family, found) if x is not None]
+    kinds = [x.scheme if x.quantized else None for _, x in sibs]     # None: dense
+    if any(k is None and x.quantized for k, (_, x) in zip(kinds, sibs)):
+        return None                           # already TEN-10
+    if any(k is not kinds[0] and k != kinds[0] for k in kinds):      # (no scheme is hashed)
+        desc = ", ".join(f"{name}={_precision(x)}" for name, x in sibs)
+        return f"fused siblings differ ({desc}); vLLM requires one scheme"
+    return None
+
+
+_LAST = itemgetter(2)                                    # of str.rpartition
 _FIRST_SIBLING = {f[0]: tuple(g for g in FUSED_SIBLINGS if g[0] == f[0]) for f in FUSED_SIBLINGS}
 
 

@@ -5,6 +5,8 @@ rotations (XFM-02..04). Header and config only, except the deep checks."""
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Iterator
 
 from .checkpoint import Checkpoint, Module
@@ -87,11 +89,10 @@ def checkpoint_issues(ckpt: Checkpoint) -> list[Issue]:
     """Static rules that look at several modules at once: FMT-22, KV-02/03, XFM-02/03."""
     if ckpt.quant is None or ckpt.marlin is not None:
         return []
-    mods = ckpt.modules()
     out = []
-    marlin24 = [m for m in mods.values() if m.format == "marlin-24" and m.quantized]
-    if marlin24:
-        out.append(module_issue("FMT-22", marlin24[0], None, f"{len(marlin24)} marlin-24 module(s): no "
+    marlin24 = [c for c in ckpt.module_classes() if c.first.format == "marlin-24" and c.first.quantized]
+    if marlin24:       # (classes come in the order of their first members: marlin24[0] holds the first)
+        out.append(module_issue("FMT-22", marlin24[0].first, None, f"{sum(map(len, marlin24))} marlin-24 module(s): no "
                                 "decompressor exists (compressed-tensors <= 0.14: \"Decompression is not "
                                 "implemented for the Marlin24 Compressor\"; vLLM removed marlin-24 in 2026)"))
     return out + list(_kv_issues(ckpt)) + list(_transform_issues(ckpt))
@@ -100,9 +101,12 @@ def checkpoint_issues(ckpt: Checkpoint) -> list[Issue]:
 def attention_prefixes(ckpt: Checkpoint) -> list[str]:
     """Modules that hold attention projections (`P.k_proj` and `P.v_proj`, or `P.qkv_proj`):
     where kv-cache scales live, model-free."""
-    names = set(ckpt.modules())
-    parents = {p.rpartition(".")[0] for p in names}
-    return sorted(p for p in parents if {f"{p}.k_proj", f"{p}.v_proj"} <= names or f"{p}.qkv_proj" in names)
+    names = ckpt.module_names()
+
+    def parents(leaf: str) -> set[str]:       # P of every module named P.leaf
+        return set(map(itemgetter(slice(None, -len(leaf) - 1)), compress(names, map(str.endswith, names,
+                                                                                      repeat("." + leaf)))))
+    return sorted(parents("k_proj") & parents("v_proj") | parents("qkv_proj"))
 
 
 def _kv_heads(ckpt: Checkpoint) -> int | None:
@@ -113,8 +117,9 @@ def _kv_heads(ckpt: Checkpoint) -> int | None:
 
 
 def _kv_issues(ckpt: Checkpoint) -> Iterator[Issue]:
-    kv, mods = ckpt.quant.kv_cache, ckpt.modules()
-    holders = [m for m in mods.values() if m.kv_cache]
+    kv, module = ckpt.quant.kv_cache, ckpt.module
+    kv_classes = {k for k, c in enumerate(ckpt.module_classes()) if c.first.kv_cache}
+    holders = [module(p) for p in compress(ckpt.module_names(), map(kv_classes.__contains__, ckpt.class_indices()))]
     if kv is None:
         for m in holders:
             yield module_issue("KV-02", m, next(k for k in KV_PARAMS if k in m.tensors),
@@ -125,10 +130,10 @@ def _kv_issues(ckpt: Checkpoint) -> Iterator[Issue]:
     shape = (1,) if kv.strategy is Strategy.TENSOR else (heads, 1, 1)
     attention = attention_prefixes(ckpt)
     for prefix in attention:
-        m = mods.get(prefix)
+        m = module(prefix)
         missing = [k for k in need if m is None or k not in m.tensors]
         if missing:
-            holder = m or mods[f"{prefix}.k_proj" if f"{prefix}.k_proj" in mods else f"{prefix}.qkv_proj"]
+            holder = m or module(f"{prefix}.k_proj") or module(f"{prefix}.qkv_proj")
             yield issue("KV-02", next(iter(holder.tensors.values())).file, prefix,
                         f"kv_cache_scheme is set, but this attention module lacks {', '.join(missing)}")
     for m in holders:
@@ -167,9 +172,10 @@ def rotation_for(ckpt: Checkpoint, m: Module, t: Transform) -> tuple[int | None,
 
 
 def _transform_issues(ckpt: Checkpoint) -> Iterator[Issue]:
-    q, mods = ckpt.quant, ckpt.modules()
+    q = ckpt.quant
     if not q.transforms:
         return
+    mods = ckpt.modules()
     needed: dict[tuple[str, str], set[int]] = defaultdict(set)
     missing_seen = set()
     for m in mods.values():

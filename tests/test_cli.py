@@ -120,3 +120,39 @@ def test_fold_names_splits_each_parent_once():
     assert fold_names(names) == ["a.b.", "a.{7..8}.", "embed", "h.{0..2}", "m.{3..4}.²",
                                  "model.layers.0.mlp.experts.1.down_proj",
                                  "model.layers.{0..1}.mlp.experts.{0..1}.up_proj", "{7,9}"]
+
+
+def _fold_one_by_one(names):
+    """fold_names as spec'd, name by name: each name split by one regex into text and number parts."""
+    import re
+    part = re.compile(r"(?<![^.])([0-9]+)(?![^.])")
+    groups = {}
+    for name in names:
+        pieces = part.split(name)
+        groups.setdefault(tuple(pieces[::2]), []).append(pieces[1::2])
+    out = []
+    for key, rows in groups.items():
+        spans = []
+        for i in range(len(key) - 1):
+            v = sorted({int(r[i]) for r in rows})
+            spans.append(str(v[0]) if len(v) == 1 else f"{{{v[0]}..{v[-1]}}}" if v == list(range(v[0], v[-1] + 1))
+                         else "{" + ",".join(map(str, v)) + "}")
+        out.append("".join(p for pair in zip(key, spans) for p in pair) + key[-1])
+    return sorted(out, key=lambda s: [int(t) if k % 2 else t for k, t in enumerate(re.split("([0-9]+)", s))])
+
+
+def test_fold_names_equals_name_by_name():
+    """fold_names works on templates (digits read as '0') shared by many names; it gives what
+    splitting each name on its own gives, for digits inside parts, leading zeros, non-ASCII
+    digits, newlines and lone surrogates in names too."""
+    import random
+
+    from ctformat.summary import fold_names
+    rnd = random.Random(7)
+    parts = ["a", "fc1", "fc2", "0", "1", "2", "10", "01", "007", "x²", "٣", "", "7b", "1a1", "a\n1", "\ud8001", "é5"]
+    for _ in range(3000):
+        names = [".".join(rnd.choice(parts) for _ in range(rnd.randint(1, 4))) for _ in range(rnd.randint(0, 12))]
+        assert fold_names(names) == _fold_one_by_one(names), names
+    experts = [f"model.layers.{i}.mlp.experts.{e}.{p}_proj" for i in range(3, 61) for e in range(0, 384, 7)
+               for p in ("gate", "up", "down")]
+    assert fold_names(experts) == _fold_one_by_one(experts)
