@@ -23,7 +23,7 @@ from .writer import Piece, PieceWriter, ShardLayout, check_apart, split_pieces
 
 __all__ = ["Step", "ConvertResult", "Writer", "Execution", "EXECUTION", "Job", "resolve_device", "open_for_convert",
            "copy_step", "by_suffix", "file_order", "module_sources", "run_conversion", "run_steps", "run_pieces",
-           "compute", "PIECE_SIZE", "Buffers"]
+           "compute", "PIECE_SIZE", "Buffers", "SourceRange"]
 
 Progress = Callable[..., None]        # (bytes done, bytes in all[, note])
 PIECE_SIZE = 1 << 30                  # resumable unit: a shard is cut into pieces of about this size
@@ -43,6 +43,27 @@ class Step:
     work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
     module: str | None = None
     dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRange:
+    """A source tensor's bytes where they lie (a local shard), in place of the tensor: a step that
+    copies bytes as they are hands this to a writer with `copy_range`, which copies them file to
+    file in the kernel (os.copy_file_range), so they are never read into memory."""
+
+    path: Path
+    start: int
+    nbytes: int
+
+
+def source_range(ckpt: Checkpoint, step: Step, writer: Writer) -> SourceRange | None:
+    """The step's source as a SourceRange when it is copied as it is, the writer takes ranges and
+    the shard is a local file; else None (read as usual)."""
+    root = getattr(ckpt.files, "root", None)
+    if step.work is not None or len(step.sources) != 1 or not hasattr(writer, "copy_range") or root is None:
+        return None
+    info = ckpt.tensors[step.sources[0]]
+    return SourceRange(Path(root) / info.file, info.start, info.nbytes) if info.nbytes else None
 
 
 @dataclass
@@ -305,7 +326,9 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
                 if stop.is_set():
                     return
                 into = (lambda n: buffers.take(ckpt.tensors[n].nbytes)) if buffers else (lambda n: None)
-                _put(loaded, (step, {n: ckpt.load(n, buffer=into(n)) for n in step.sources}), stop)
+                ranged = source_range(ckpt, step, writer)
+                _put(loaded, (step, {step.sources[0]: ranged} if ranged else
+                              {n: ckpt.load(n, buffer=into(n)) for n in step.sources}), stop)
         except BaseException as err:  # handed to the main thread, which raises it
             errors.append(err)
         finally:
@@ -317,9 +340,12 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             while (item := computed.get()) is not None:
                 step, tensors, nbytes, inputs = item
                 for (name, _, _), t in zip(step.outputs, tensors):
-                    writer.write(name, t)
+                    if isinstance(t, SourceRange):
+                        writer.copy_range(name, t)
+                    else:
+                        writer.write(name, t)
                 if buffers:
-                    buffers.give([*tensors, *inputs])
+                    buffers.give([t for t in (*tensors, *inputs) if isinstance(t, torch.Tensor)])
                 done += nbytes
                 if progress:
                     progress(done, total)
