@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from . import native as compiled
 from .errors import GGUFRefusal
 from .pack import unpack_from_int32
 from .scheme import QuantScheme, Strategy
@@ -305,7 +306,6 @@ def _native_codec(native: bool | str | None):
     """The ctypes library `native` asks for, or None for the numpy path."""
     if native is False:
         return None
-    from . import native as compiled
     variant = native if isinstance(native, str) else "auto"
     lib = compiled.codec(variant)
     if lib is None and native is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from .checkpoint import Checkpoint, Module, open_checkpoint
+from .dtypes import torch_dtype
 from .errors import CtFormatError, UsageError
 from .header import TensorInfo
 from .staging import Staging, identity, source_identity
@@ -84,7 +85,6 @@ class SourceViews:
         self._files: dict[str, Any] = {}
 
     def view(self, name: str) -> torch.Tensor | None:
-        from .dtypes import torch_dtype
         info = self.ckpt.tensors[name]
         dtype = torch_dtype(info.dtype)
         if self.root is None or not info.nbytes or info.start % dtype.itemsize:
