@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from . import native as compiled
 from .errors import GGUFRefusal
 from .pack import unpack_from_int32
 from .scheme import QuantScheme, Strategy
@@ -252,20 +253,30 @@ _M16, _M256 = np.uint64(16), np.uint16(256)
 
 
 def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btype: BlockType, *,
-                  layout: str = CROSS_WORD, out: np.ndarray | None = None) -> torch.Tensor:
+                  layout: str = CROSS_WORD, out: np.ndarray | None = None,
+                  native: bool | str | None = None) -> torch.Tensor:
     """One CT module -> uint8 blocks [..., out, in/32 * type_size], d = fp16(s) (m = fp16(-s z_u));
     written into `out` (uint8, that many bytes) when given, e.g. one expert's slice of a stack.
+
+    `native`: the compiled codec (spec/gguf.md §2.1, the same bytes) when it can be built and maps
+    the layout (None, the default), required (True, or a build variant of ctformat.native: 'auto',
+    'scalar'; RuntimeError when it cannot be had), or never (False: the numpy codec).
 
     The data checks (check_g_idx, check_fp16, check_zero_points) are the caller's, before
     any output exists; this only moves codes."""
     shape = _shape(tensors)
     nb = int(np.prod(shape)) // QK
     dest = np.empty(nb * btype.type_size, np.uint8) if out is None else out.reshape(-1)
-    out = _fields(dest, btype)
     per = _blocks_per_scale(scheme, shape)
     zp = signed_zero_points(tensors, scheme, layout)
     d16 = _fp16_bits(tensors["weight_scale"])
     m16 = _fp16_bits(minimums(tensors["weight_scale"], zp, scheme.num_bits)) if btype.name == "Q4_1" else None
+    lib = _native_codec(native)
+    if lib is not None and _native_maps(scheme.num_bits, btype, layout):
+        adds = np.zeros(1, np.uint8) if btype.name == "Q4_1" else _block_adds(zp, btype, scheme.num_bits)
+        _native_encode(lib, tensors["weight_packed"], dest, nb, scheme.num_bits, btype, d16, m16, adds, per)
+        return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
+    out = _fields(dest, btype)
 
     def meta(r: int, n: int) -> None:         # d (and m) of blocks [r, r + n), while they are in cache
         out["d"][r:r + n] = _spread(d16, per, r, n)
@@ -285,6 +296,50 @@ def encode_module(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, btyp
     else:
         _from_values(packed, zp, scheme, btype, shape, layout, out, meta)
     return torch.from_numpy(dest).reshape(*shape[:-1], shape[-1] // QK * btype.type_size)
+
+
+# -- the compiled codec (spec/gguf.md §2.1) ------------------------------------------------------
+_NATIVE_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3}
+
+
+def _native_codec(native: bool | str | None):
+    """The ctypes library `native` asks for, or None for the numpy path."""
+    if native is False:
+        return None
+    variant = native if isinstance(native, str) else "auto"
+    lib = compiled.codec(variant)
+    if lib is None and native is not None:
+        raise RuntimeError(f"the compiled GGUF codec ({variant}) is not available: CTFORMAT_NATIVE is off or "
+                           f"{compiled.SOURCE.name} does not build with the C compiler")
+    return lib
+
+
+def _native_maps(b: int, btype: BlockType, layout: str) -> bool:
+    """Blocks are whole groups of 4b bytes: the dense layout, or a width whose padded layout is
+    the same bytes (1, 2, 4, 8 bits)."""
+    return btype.name in _NATIVE_TYPES and (layout == CROSS_WORD or 8 % b == 0)
+
+
+def _native_encode(lib, packed: torch.Tensor, dest: np.ndarray, nb: int, b: int, btype: BlockType,
+                   d16: np.ndarray, m16: np.ndarray | None, adds: np.ndarray, per: int) -> None:
+    """ctf_encode over chunks of blocks (worker threads on several cores: ctypes releases the GIL)."""
+    ct = packed.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+    assert ct.size == nb * 4 * b and dest.size == nb * btype.type_size and dest.flags.c_contiguous
+    d16 = np.ascontiguousarray(d16)
+    m16 = d16 if m16 is None else np.ascontiguousarray(m16)
+    adds = np.ascontiguousarray(adds, np.uint8)
+    args = (ct.ctypes.data, dest.ctypes.data)
+    rest = (b, _NATIVE_TYPES[btype.name], d16.ctypes.data, m16.ctypes.data, adds.ctypes.data, int(adds.size == 1),
+            per)
+
+    def body(r: int, n: int, scratch: dict) -> None:
+        if lib.ctf_encode(*args, r, n, *rest):
+            raise ValueError(f"ctf_encode does not map {b}-bit codes to {btype.name}")
+    _chunks(nb, _NATIVE_CHUNK, body)
+    del ct, d16, m16, adds                    # the buffers the library read stay alive until here
+
+
+_NATIVE_CHUNK = 1 << 15        # blocks per call: ~0.6 MiB of Q4_0, a few microseconds of ctypes each
 
 
 def _fields(dest: np.ndarray, btype: BlockType) -> dict[str, np.ndarray]:

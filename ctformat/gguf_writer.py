@@ -6,6 +6,7 @@ split naming); this class adds the plan check, the streaming order and atomic pu
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -115,6 +116,26 @@ class GGUFOutput:
             self._open, self._rows = None, 0
             self._next += 1
 
+    def copy_range(self, name: str, src) -> None:
+        """The next planned tensor, whole, from bytes of a file (a pipeline.SourceRange: a source
+        tensor whose bytes are the output's): copied in the kernel, never through memory."""
+        if self.state is not _State.OPEN:
+            raise WriterError(f"copy_range({name!r}) on a GGUF output in state {self.state.value}")
+        if self._next >= len(self.plan) or self._rows:
+            raise WriterError(f"copy_range({name!r}) after the last planned tensor or inside one written in pieces")
+        want_name, ggml_type, shape = self.plan[self._next]
+        nbytes = ggml_nbytes(ggml_type, shape)
+        if name != want_name or src.nbytes != nbytes:
+            raise WriterError(f"expected {want_name} {ggml_type} {list(shape)} ({nbytes} bytes), got {name} "
+                              f"({src.nbytes} bytes)")
+        spot = _Deferred(nbytes)
+        self._w.write_tensor_data(spot)
+        spot.fout.seek(spot.start)             # flushes gguf-py's buffered bytes before the kernel writes
+        _copy_file_range(src.path, src.start, spot.fout.fileno(), spot.start, nbytes)
+        spot.fout.seek(spot.start + nbytes)
+        self._w.write_padding(spot.fout, nbytes)
+        self._next += 1
+
     def close(self, config: Any = None) -> list[Path]:
         """Finish every shard and rename it into place; `config` is accepted for the pipeline's
         writer protocol and ignored (metadata went in at the start)."""
@@ -153,3 +174,26 @@ class _Deferred:
 
     def tofile(self, fout) -> None:
         self.fout, self.start = fout, fout.tell()
+
+
+def _copy_file_range(path: Path, start: int, fd_out: int, at: int, nbytes: int) -> None:
+    """nbytes of `path` from `start` to `fd_out` at `at`: os.copy_file_range (Linux; a reflink or
+    an in-kernel copy), else pread/pwrite in 8 MiB steps where the call is missing or refused
+    (another kernel, a filesystem that does not take it)."""
+    with open(path, "rb") as src:
+        fd_in, done = src.fileno(), 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd_in, fd_out, nbytes - done, start + done, at + done)
+                    if n <= 0:
+                        break                  # the source ended early: reported below
+                    done += n
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+        while done < nbytes:
+            chunk = os.pread(fd_in, min(nbytes - done, 8 << 20), start + done)
+            if not chunk:
+                raise WriterError(f"{path.name}: ended {nbytes - done} bytes before the tensor copied from it")
+            done += os.pwrite(fd_out, chunk, at + done)

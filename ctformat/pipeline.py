@@ -5,6 +5,8 @@ with queues of depth one, so memory holds a few tensors, never the model.
 """
 from __future__ import annotations
 
+import mmap
+import os
 import queue
 import threading
 from contextvars import ContextVar
@@ -15,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from .checkpoint import Checkpoint, Module, open_checkpoint
+from .dtypes import torch_dtype
 from .errors import CtFormatError, UsageError
 from .header import TensorInfo
 from .staging import Staging, identity, source_identity
@@ -23,7 +26,7 @@ from .writer import Piece, PieceWriter, ShardLayout, check_apart, split_pieces
 
 __all__ = ["Step", "ConvertResult", "Writer", "Execution", "EXECUTION", "Job", "resolve_device", "open_for_convert",
            "copy_step", "by_suffix", "file_order", "module_sources", "run_conversion", "run_steps", "run_pieces",
-           "compute", "PIECE_SIZE", "Buffers"]
+           "compute", "PIECE_SIZE", "Buffers", "SourceRange", "SourceViews"]
 
 Progress = Callable[..., None]        # (bytes done, bytes in all[, note])
 PIECE_SIZE = 1 << 30                  # resumable unit: a shard is cut into pieces of about this size
@@ -43,6 +46,64 @@ class Step:
     work: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]] | None = None
     module: str | None = None
     dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRange:
+    """A source tensor's bytes where they lie (a local shard), in place of the tensor: a step that
+    copies bytes as they are hands this to a writer with `copy_range`, which copies them file to
+    file in the kernel (os.copy_file_range), so they are never read into memory."""
+
+    path: Path
+    start: int
+    nbytes: int
+
+
+def source_range(ckpt: Checkpoint, step: Step, writer: Writer) -> SourceRange | None:
+    """The step's source as a SourceRange when it is copied as it is, the writer takes ranges and
+    the shard is a local file; else None (read as usual)."""
+    root = getattr(ckpt.files, "root", None)
+    if step.work is not None or len(step.sources) != 1 or not hasattr(writer, "copy_range") or root is None:
+        return None
+    info = ckpt.tensors[step.sources[0]]
+    return SourceRange(Path(root) / info.file, info.start, info.nbytes) if info.nbytes else None
+
+
+class SourceViews:
+    """Source tensors as views of their local shards, mapped copy-on-write (mmap ACCESS_COPY):
+    a step that only reads its sources computes straight from the page cache, with no read into
+    a buffer (that copy cost as much CPU as the repack); a write into a view would stay private
+    to this process. Each view has its own mapping, unmapped when the view is dropped (after its
+    step is written), so resident memory stays what is in flight. The reader thread asks the
+    kernel to read each range ahead (MADV_WILLNEED), so a cold file is still read while the
+    previous step computes. view() is None where a tensor is not in a local file or not aligned
+    to its dtype (the caller reads it)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.root = getattr(ckpt.files, "root", None)
+        self._files: dict[str, Any] = {}
+
+    def view(self, name: str) -> torch.Tensor | None:
+        info = self.ckpt.tensors[name]
+        dtype = torch_dtype(info.dtype)
+        if self.root is None or not info.nbytes or info.start % dtype.itemsize:
+            return None
+        fh = self._files.get(info.file)
+        if fh is None:
+            fh = self._files[info.file] = open(Path(self.root) / info.file, "rb")     # noqa: SIM115 (held)
+        at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        if info.start + info.nbytes > os.fstat(fh.fileno()).st_size:
+            return None                      # a truncated shard: ckpt.load says so
+        m = mmap.mmap(fh.fileno(), info.start + info.nbytes - at, access=mmap.ACCESS_COPY, offset=at)
+        if hasattr(mmap, "MADV_WILLNEED"):
+            m.madvise(mmap.MADV_WILLNEED)
+        return torch.frombuffer(m, dtype=dtype, count=info.numel, offset=info.start - at).view(info.shape)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
 
 
 @dataclass
@@ -288,10 +349,13 @@ class Buffers:
 
 
 def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.device, result: ConvertResult,
-              progress: Progress | None = None, buffers: Buffers | None = None) -> None:
+              progress: Progress | None = None, buffers: Buffers | None = None, *, views: bool = False) -> None:
     """read (thread) -> compute (this thread) -> write (thread); queues of one bound memory.
     With `buffers`, sources are read into them and, once a step is written, its sources and
-    outputs go back (the writer must be done with a tensor when write() returns)."""
+    outputs go back (the writer must be done with a tensor when write() returns). With `views`,
+    the sources of computing steps are SourceViews of the mapped shards instead (the steps must
+    only read them); a step copying bytes as they are goes to the writer's copy_range when it has one."""
+    mapped = SourceViews(ckpt) if views else None
     total = sum(ckpt.tensors[n].nbytes for step in plan for n in step.sources)
     loaded: queue.Queue = queue.Queue(maxsize=1)      # one step read ahead
     computed: queue.Queue = queue.Queue(maxsize=1)    # one result waiting while another is written
@@ -299,13 +363,20 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
     stop = threading.Event()
     writer_done = threading.Event()                   # a dead writer takes no end marker
 
+    def source(step: Step, name: str) -> torch.Tensor:
+        t = mapped.view(name) if mapped is not None and step.work is not None else None
+        if t is None:
+            t = ckpt.load(name, buffer=buffers.take(ckpt.tensors[name].nbytes) if buffers else None)
+        return t
+
     def read() -> None:
         try:
             for step in plan:
                 if stop.is_set():
                     return
-                into = (lambda n: buffers.take(ckpt.tensors[n].nbytes)) if buffers else (lambda n: None)
-                _put(loaded, (step, {n: ckpt.load(n, buffer=into(n)) for n in step.sources}), stop)
+                ranged = source_range(ckpt, step, writer)
+                _put(loaded, (step, {step.sources[0]: ranged} if ranged else
+                              {n: source(step, n) for n in step.sources}), stop)
         except BaseException as err:  # handed to the main thread, which raises it
             errors.append(err)
         finally:
@@ -317,9 +388,12 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
             while (item := computed.get()) is not None:
                 step, tensors, nbytes, inputs = item
                 for (name, _, _), t in zip(step.outputs, tensors):
-                    writer.write(name, t)
+                    if isinstance(t, SourceRange):
+                        writer.copy_range(name, t)
+                    else:
+                        writer.write(name, t)
                 if buffers:
-                    buffers.give([*tensors, *inputs])
+                    buffers.give([t for t in (*tensors, *inputs) if isinstance(t, torch.Tensor)])
                 done += nbytes
                 if progress:
                     progress(done, total)
@@ -354,6 +428,8 @@ def run_steps(ckpt: Checkpoint, plan: list[Step], writer: Writer, device: torch.
         stop.set()
         _drain(loaded)
         threads[0].join()
+        if mapped is not None:
+            mapped.close()                   # the files; each mapping goes with its last view
     if errors:
         raise errors[0]
 

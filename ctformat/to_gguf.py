@@ -100,7 +100,7 @@ def convert_to_gguf(model: str | Path, out: str | Path, *, outtype: str = "bf16"
     # the same plan's header and restart run_steps at the first tensor it lacks.
     with GGUFOutput(out, plan.arch, plan.entries, plan.metadata, split_max_size=split_max_size, force=force,
                     source=src) as writer:
-        run_steps(ckpt, plan.steps, writer, torch.device("cpu"), result, progress, plan.buffers)
+        run_steps(ckpt, plan.steps, writer, torch.device("cpu"), result, progress, plan.buffers, views=True)
         files = writer.close()
     types: dict[str, int] = {}
     for name, kind, _ in plan.entries:

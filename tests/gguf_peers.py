@@ -22,6 +22,23 @@ def need(module: str):
     return pytest.importorskip(module)
 
 
+def need_native(variant: str = "auto"):
+    """The compiled GGUF codec's `native` argument for encode_module (spec/gguf.md §2.1); without a
+    C compiler a skip, which in CI (where gcc is present) is a failure (conftest)."""
+    from ctformat import native
+    if native.codec(variant) is None:
+        pytest.skip(f"the compiled GGUF codec ({variant}) did not build (no C compiler, or CTFORMAT_NATIVE=0)")
+    return variant
+
+
+CODECS = ("numpy", "native", "scalar")      # encode_module's codecs: numpy (the reference), SSE2, portable C
+
+
+def codec_arg(codec: str):
+    """encode_module's `native` for a CODECS name."""
+    return False if codec == "numpy" else need_native("auto" if codec == "native" else codec)
+
+
 def ct_dirs(real_only: bool = False) -> list[Path]:
     """Every pack-quantized fixture and real checkpoint folder (those with a quantization_config)."""
     import json

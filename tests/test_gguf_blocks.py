@@ -14,7 +14,7 @@ from ctformat.ggml import (BLOCK_TYPES, block_type_for, check_fp16, check_g_idx,
 from ctformat.pack import pack_to_int32
 from ctformat.quant import compress
 from ctformat.scheme import QuantScheme
-from gguf_peers import ct_dirs, float64_weight, need
+from gguf_peers import CODECS, codec_arg, ct_dirs, float64_weight, need
 
 gguf = need("gguf")
 
@@ -50,10 +50,12 @@ def test_nibble_order_example():
     assert peer_dequant(raw, "Q4_0").reshape(-1).tolist() == ((u.double() - 8) * 0.5).tolist()
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("folder", ct_dirs(), ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_checkpoints_exact_in_gguf_py(folder):
+def test_checkpoints_exact_in_gguf_py(folder, codec):
     """Every quantized module of every fixture and real checkpoint: repacked blocks read back by
-    gguf-py equal float64 s * (q - z); act-order that reorders columns is refused (GCV-03)."""
+    gguf-py equal float64 s * (q - z), by every codec; act-order that reorders columns is refused (GCV-03)."""
+    native = codec_arg(codec)
     ckpt = open_checkpoint(folder)
     seen = 0
     for m in ckpt.modules().values():
@@ -68,7 +70,7 @@ def test_checkpoints_exact_in_gguf_py(folder):
                 check_g_idx(t["weight_g_idx"], m.scheme.group_size, m.prefix)
             continue
         assert check_fp16(t["weight_scale"]).exact
-        raw = encode_module(t, m.scheme, btype, layout=layout)
+        raw = encode_module(t, m.scheme, btype, layout=layout, native=native)
         want = float64_weight(t, m.scheme, layout)
         assert raw.shape == (*want.shape[:-1], n_in // 32 * btype.type_size)
         assert np.array_equal(peer_dequant(raw, btype.name).reshape(want.shape), want.numpy()), m.prefix
@@ -80,9 +82,11 @@ CASES = [(b, sym, strat) for b in range(1, 9) for sym in (True, False) for strat
          if sym or b < 8]
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("bits,sym,strategy", CASES)
-def test_every_width_exact(bits, sym, strategy):
-    """Random stacked [E, out, in] modules of every width/symmetry/strategy (int8 -128 included)."""
+def test_every_width_exact(bits, sym, strategy, codec):
+    """Random stacked [E, out, in] modules of every width/symmetry/strategy (int8 -128 included),
+    by every codec."""
     gen = torch.Generator().manual_seed(bits * 7 + sym)
     s = scheme(bits, sym, strategy, gs=64)
     w = (torch.randn(3, 16, 128, generator=gen) * 0.05).to(torch.bfloat16)
@@ -92,7 +96,7 @@ def test_every_width_exact(bits, sym, strategy):
     assert btype.name == {1: "Q4_0", 2: "Q4_0", 3: "Q4_0", 4: "Q4_0" if sym else "Q5_0", 5: "Q5_0" if sym else "Q8_0",
                           6: "Q8_0", 7: "Q8_0", 8: "Q8_0"}[bits]
     check_zero_points(signed_zero_points(t, s) if not sym else torch.zeros(1), s, btype)
-    raw = encode_module(t, s, btype)
+    raw = encode_module(t, s, btype, native=codec_arg(codec))
     want = float64_weight(t, s, "dense")
     assert np.array_equal(peer_dequant(raw, btype.name).reshape(want.shape), want.numpy())
     assert torch.equal(dequantize_blocks(raw, btype), want)          # our reader agrees with gguf-py's
@@ -103,7 +107,8 @@ def test_every_width_exact(bits, sym, strategy):
         assert int(v.min()) == -128
 
 
-def test_q4_1_exact_where_the_minimum_is():
+@pytest.mark.parametrize("codec", CODECS)
+def test_q4_1_exact_where_the_minimum_is(codec):
     """Q4_1 (int4_asym=q4_1): d*u + m, exact in exactly the blocks whose fp16(-s*z_u) is exact;
     GCV-04 without --allow-lossy."""
     s = scheme(4, False, "group", 32)
@@ -114,7 +119,7 @@ def test_q4_1_exact_where_the_minimum_is():
     assert btype.name == "Q4_1"
     check = check_fp16(minimums(t["weight_scale"], signed_zero_points(t, s), 4))
     assert check.refusal("m").rule == "GCV-04"
-    raw = encode_module(t, s, btype)
+    raw = encode_module(t, s, btype, native=codec_arg(codec))
     got = peer_dequant(raw, "Q4_1").reshape(64, 8, 32)
     want = float64_weight(t, s, "dense").numpy().reshape(64, 8, 32)
     z_u = compress(w, s, packed_zero_point=False)["weight_zero_point"].double() + 8
@@ -173,15 +178,16 @@ def test_fp16_rule_boundaries():
     (4, False, "group", "q5_0"), (4, False, "channel", "q5_0"), (4, False, "group", "q4_1"),
     (3, True, "group", "q5_0"), (3, False, "group", "q5_0"), (2, True, "channel", "q5_0"), (5, True, "group", "q5_0"),
     (6, False, "group", "q5_0"), (7, True, "tensor", "q5_0"), (1, False, "group", "q5_0")])
-def test_byte_path_equals_value_path(bits, sym, strategy, asym):
-    """Blocks are built from the packed words directly (lane arithmetic per scheme); the plain
-    path through unpacked values (module_values, then encode) gives the same bytes."""
+@pytest.mark.parametrize("codec", CODECS)
+def test_byte_path_equals_value_path(bits, sym, strategy, asym, codec):
+    """Blocks are built from the packed words directly (lane arithmetic per scheme, numpy or
+    compiled); the plain path through unpacked values (module_values, then encode) gives the same bytes."""
     from ctformat.ggml import module_values
     s = scheme(bits, sym, strategy, gs=128)
     w = (torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
     btype = block_type_for(s, 256, int4_asym=asym)
-    fast = encode_module(t, s, btype)
+    fast = encode_module(t, s, btype, native=codec_arg(codec))
     v, d, z_u = module_values(t, s)
     if btype.name == "Q4_1":                 # stores u = (q - z) + z_u and m = -s z_u
         u = (v.unflatten(-1, (-1, 32)) + z_u.unsqueeze(-1)).flatten(-2)
@@ -191,18 +197,21 @@ def test_byte_path_equals_value_path(bits, sym, strategy, asym):
 
 
 @pytest.mark.parametrize("bits,sym", [(4, True), (8, True), (4, False), (3, True), (3, False), (2, False), (1, True)])
-def test_worker_threads_give_the_serial_bytes(bits, sym, monkeypatch):
+@pytest.mark.parametrize("codec", CODECS[:2])
+def test_worker_threads_give_the_serial_bytes(bits, sym, codec, monkeypatch):
     """A module of many chunks goes through the worker threads; the blocks equal the one-thread
     run and gguf-py's reading of them equals s * (q - z)."""
     import ctformat.ggml as ggml
+    native = codec_arg(codec)
     s = scheme(bits, sym, "group", gs=128)
     w = (torch.randn(2, 256, 8192, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
     t = compress(w, s)
     btype = block_type_for(s, 8192)
     monkeypatch.setattr(ggml, "_workers", lambda: 3)
-    threaded = encode_module(t, s, btype)
+    monkeypatch.setattr(ggml, "_NATIVE_CHUNK", 999)      # many calls, each starting inside a scale group
+    threaded = encode_module(t, s, btype, native=native)
     monkeypatch.setattr(ggml, "_workers", lambda: 1)
-    assert torch.equal(threaded, encode_module(t, s, btype))
+    assert torch.equal(threaded, encode_module(t, s, btype, native=native))
     want = float64_weight(t, s, "dense")
     assert np.array_equal(peer_dequant(threaded, btype.name).reshape(want.shape), want.numpy())
 

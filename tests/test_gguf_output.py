@@ -335,3 +335,55 @@ def test_buffers_take_back_only_their_own_whole_buffers():
     bufs = [pool.take(64) for _ in range(3)]
     pool.give(bufs)                                             # at most 2 x 64 bytes free: the oldest goes
     assert {pool.take(64).data_ptr() for _ in range(3)} & {b.data_ptr() for b in bufs} == {b.data_ptr() for b in bufs[1:]}
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "pread/pwrite"])
+def test_tensors_as_they_are_copied_file_to_file(tmp_path, monkeypatch, kernel):
+    """Tensors written with the bytes they have (bf16 embedding, lm_head, norms under --outtype
+    bf16) go file to file through GGUFOutput.copy_range, never read into memory: the file equals
+    the one written through memory (copy_range absent), with copy_file_range and with the
+    pread/pwrite fallback (a filesystem that refuses it); a split set too."""
+    import errno
+
+    import ctformat.gguf_writer as gw
+    from ctformat.pipeline import SourceRange
+    ct = write_model("llama", tmp_path / "llama", quantized=True, num_hidden_layers=2)
+    calls = []
+    real = GGUFOutput.copy_range
+
+    def counted(self, name, src):
+        calls.append((name, src))
+        return real(self, name, src)
+    if kernel != "copy_file_range":
+        def refuse(*a):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(gw.os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(GGUFOutput, "copy_range", counted)
+    write_gguf(ct, tmp_path / "ranged.gguf")
+    write_gguf(ct, tmp_path / "ranged-split.gguf", split_max_size=20_000)
+    ranged = [n for n, _ in calls]
+    assert "token_embd.weight" in ranged and "output_norm.weight" not in ranged      # bf16 norms become F32
+    assert all(isinstance(s, SourceRange) and s.path.parent == ct for _, s in calls)
+    monkeypatch.delattr(GGUFOutput, "copy_range")
+    write_gguf(ct, tmp_path / "memory.gguf")
+    write_gguf(ct, tmp_path / "memory-split.gguf", split_max_size=20_000)
+    assert (tmp_path / "ranged.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
+    split = sorted(tmp_path.glob("ranged-split-*.gguf"))
+    assert len(split) > 1
+    for f in split:
+        assert f.read_bytes() == (tmp_path / f.name.replace("ranged", "memory")).read_bytes()
+
+
+def test_copy_range_follows_the_plan(tmp_path):
+    from ctformat.pipeline import SourceRange
+    src = tmp_path / "src.bin"
+    data = torch.randn(2, 5).to(torch.bfloat16)
+    src.write_bytes(b"x" * 7 + data.view(torch.uint8).numpy().tobytes())
+    plan = [("c.weight", "BF16", (2, 5))]
+    with GGUFOutput(tmp_path / "x.gguf", "llama", plan, meta) as w:
+        with pytest.raises(WriterError, match="expected c.weight BF16 \\[2, 5\\] \\(20 bytes\\), got c.weight \\(19"):
+            w.copy_range("c.weight", SourceRange(src, 7, 19))
+        w.copy_range("c.weight", SourceRange(src, 7, 20))
+        w.close()
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}["c.weight"]
+    assert got.data.tobytes() == data.view(torch.uint8).numpy().tobytes()
