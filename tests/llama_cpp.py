@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_peers import CACHE
+from gguf_peers import CACHE, _publish
 
 WHEEL = "llama-cpp-py-sync==0.11739"
 _SHIM = r"""
@@ -80,7 +80,7 @@ def llama_cpp_runtime() -> tuple[Path, Path]:
     shim = dest / "libisoc23shim.so"
     if shim.is_file():
         return dest, shim
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.part{os.getpid()}")     # one per pytest-xdist worker
     subprocess.run(["rm", "-rf", str(part)], check=True)
     part.mkdir(parents=True)
     got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
@@ -98,7 +98,7 @@ def llama_cpp_runtime() -> tuple[Path, Path]:
                         capture_output=True, text=True)
     if cc.returncode:
         _fail(f"gcc could not build the glibc shim: {cc.stderr[-1500:]}")
-    part.rename(dest)
+    _publish(part, dest)
     return dest, shim
 
 
